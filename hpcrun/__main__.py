@@ -1,0 +1,3 @@
+from hpcrun.cli import main
+
+raise SystemExit(main())

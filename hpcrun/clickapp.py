@@ -1,0 +1,62 @@
+"""The click application: --help, usage errors and the commands without a fast path."""
+import click
+
+from hpcrun import __version__
+from hpcrun.options import OPTIONS, defaults
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+@click.group(context_settings=CONTEXT)
+@click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
+@click.option("-v", "--verbose", is_flag=True, help="Print what hpcrun does.")
+@click.option("--debug", is_flag=True, help="Print timings and tracebacks.")
+def app(quiet, verbose, debug):
+    """hpcrun: run SIF, squashfs and sandbox images without privilege, as yourself.
+
+    \b
+    Exit codes: the command's own status (128+N when killed by signal N);
+    2 usage error, 251 configuration, 252 image, 253 bind, 254 namespaces/mounts,
+    255 internal error, 126/127 command not executable/not found in the image.
+    """
+
+
+def container_command(name, summary, needs_args):
+    def callback(image, args, **kw):
+        from hpcrun.cli import guarded, run_container
+        opts = defaults()
+        opts.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()})
+        return guarded(lambda: run_container(name, opts, image, list(args)), opts["debug"])
+
+    params = []
+    for short, long, dest, kind, metavar, help_ in OPTIONS:
+        decls = [f for f in (short, long) if f] + [dest]
+        if kind == "flag":
+            params.append(click.Option(decls, is_flag=True, help=help_))
+        else:
+            params.append(click.Option(decls, multiple=kind == "multi", metavar=metavar, help=help_))
+    params.append(click.Argument(["image"]))
+    params.append(click.Argument(["args"], nargs=-1 if not needs_args else -1, required=needs_args,
+                                 type=click.UNPROCESSED))
+    cmd = click.Command(name, callback=callback, params=params, help=summary,
+                        context_settings={**CONTEXT, "allow_interspersed_args": False,
+                                          "ignore_unknown_options": False})
+    app.add_command(cmd)
+
+
+container_command("exec", "Run COMMAND (ARGS) in IMAGE (a SIF, squashfs or sandbox directory).", True)
+container_command("run", "Run IMAGE's runscript (/.singularity.d/runscript) with ARGS, else /bin/sh.", False)
+container_command("shell", "Start an interactive shell (/bin/bash, else /bin/sh) in IMAGE.", False)
+
+
+@app.command()
+def version():
+    """Print hpcrun's version."""
+    click.echo(__version__)
+
+
+@app.command()
+def check():
+    """Diagnose whether hpcrun can work on this node, and how to fix what cannot."""
+    from hpcrun.check import run_checks
+    return run_checks()

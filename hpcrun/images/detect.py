@@ -1,0 +1,77 @@
+"""Tell what an image is by its content (never its name) and check it can be mounted."""
+import os
+import stat
+import struct
+
+from hpcrun.errors import ImageError
+
+SUPERBLOCK = struct.Struct("<IIIIIHHHHHHQQQQQQQQ")  # 96 bytes, squashfs 4.0
+
+
+class Image:
+    """An image ready to mount: kind is 'sif', 'squashfs' or 'sandbox'.
+
+    fd stays open (inheritable later) so that what was checked is what gets mounted.
+    """
+
+    def __init__(self, path, kind, fd=None, offset=0, size=None, warning=None):
+        self.path, self.kind, self.fd, self.offset, self.size, self.warning = (
+            path, kind, fd, offset, size, warning)
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def check_squashfs(path, fd, offset, limit):
+    """Validate the squashfs superblock at offset; limit = bytes available from offset."""
+    sb = os.pread(fd, SUPERBLOCK.size, offset)
+    if len(sb) < SUPERBLOCK.size:
+        raise ImageError(f"{path}: truncated squashfs image", "copy or build it again")
+    (magic, _inodes, _mtime, block_size, _frags, compression, block_log, _flags, _ids,
+     major, _minor, _root, bytes_used, *tables) = SUPERBLOCK.unpack(sb)
+    if magic != 0x73717368:
+        raise ImageError(f"{path}: no squashfs data at offset {offset}")
+    if major != 4:
+        raise ImageError(f"{path}: squashfs version {major} is not supported (only 4)",
+                         "rebuild it with a current mksquashfs")
+    if (block_size != 1 << block_log or not 4096 <= block_size <= 1 << 20
+            or not 1 <= compression <= 6):
+        raise ImageError(f"{path}: corrupt squashfs image (bad superblock)", "copy or build it again")
+    if bytes_used > limit:
+        raise ImageError(f"{path}: truncated squashfs image ({limit} of {bytes_used} bytes present)",
+                         "the file was cut short: copy or build it again")
+    if any(t != 0xFFFFFFFFFFFFFFFF and t > bytes_used for t in tables):
+        raise ImageError(f"{path}: corrupt squashfs image (tables outside the image)", "copy or build it again")
+
+
+def open_image(path):
+    """Open and identify the image at path; the caller owns the returned Image."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ImageError(f"image not found: {path}", "check the path") from None
+    except PermissionError:
+        raise ImageError(f"image not readable: {path}", "check its permissions") from None
+    except OSError as e:
+        raise ImageError(f"cannot open image {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            return Image(os.path.abspath(path), "sandbox", fd)
+        head = os.pread(fd, 64, 0)
+        if head[32:42] == b"SIF_MAGIC\0":
+            from hpcrun.images import sif
+            sf = sif.SifFile(path, fd)
+            offset, size, warning = sif.runnable_partition(sf, fd)
+            check_squashfs(path, fd, offset, size)
+            return Image(path, "sif", fd, offset, size, warning)
+        if head[:4] == b"hsqs":
+            check_squashfs(path, fd, 0, st.st_size)
+            return Image(path, "squashfs", fd, 0, st.st_size)
+        raise ImageError(f"{path}: not a container image (neither SIF, squashfs nor a directory)",
+                         "give a .sif or squashfs file, or a sandbox directory")
+    except BaseException:
+        os.close(fd)
+        raise

@@ -1,0 +1,180 @@
+"""Turn a request (command line + config + host facts) into a container plan.
+
+Pure code: no system calls, so every decision here is unit-tested and printable with
+--dry-run. Plain classes, not dataclasses: importing dataclasses costs ~10 ms of start-up.
+"""
+import os
+
+from hpcrun import binds as bindspec
+from hpcrun import envvars
+from hpcrun.errors import UsageError
+
+# Apptainer's default mounts as data: (name, host path, needs nodev). The home,
+# working directory and scratch entries are added from the request.
+SYSTEM_MOUNTS = [
+    ("proc", "/proc", True),
+    ("sys", "/sys", True),
+    ("dev", "/dev", False),          # device nodes must work: nosuid only
+    ("hosts", "/etc/hosts", True),
+    ("localtime", "/etc/localtime", True),
+    ("resolv", "/etc/resolv.conf", True),
+    ("tmp", "/tmp", True),
+    ("tmp", "/var/tmp", True),
+]
+MOUNT_NAMES = {"home", "tmp", "cwd", "proc", "sys", "dev", "hosts", "localtime", "resolv", "scratch"}
+# The working directory is not bound when it is (inside) one of these.
+SYSTEM_DIRS = ("/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32",
+               "/proc", "/root", "/run", "/sbin", "/sys", "/usr", "/var")
+
+
+class Mount:
+    """kind: bind | tmpfs | proc. optional: skip quietly when the source is missing.
+    if_missing: skip when the destination already exists in the image."""
+    __slots__ = ("name", "kind", "src", "dst", "readonly", "nodev", "optional", "if_missing")
+
+    def __init__(self, name, kind, src, dst, readonly=False, nodev=True, optional=False,
+                 if_missing=False):
+        self.name, self.kind, self.src, self.dst = name, kind, src, dst
+        self.readonly, self.nodev, self.optional, self.if_missing = readonly, nodev, optional, if_missing
+
+    def to_dict(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+class Host:
+    """Facts about the caller, gathered once by hpcrun.host.gather()."""
+    def __init__(self, uid, gid, user, group, home, cwd, gecos="", shell="/bin/sh", env=None,
+                 subuid=None, subgid=None, existing=None):
+        self.uid, self.gid, self.user, self.group = uid, gid, user, group
+        self.home, self.cwd, self.gecos, self.shell = home, cwd, gecos, shell
+        self.env = env if env is not None else {}
+        self.subuid, self.subgid = subuid, subgid
+        # existing(path) -> bool: does the host path exist (injected, for purity)
+        self.existing = existing or (lambda path: False)
+
+
+class Plan:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    def to_dict(self):
+        d = dict(self.__dict__)
+        d["mounts"] = [m.to_dict() for m in self.mounts]
+        return d
+
+
+def expand_scratch(entries, env):
+    out = []
+    for e in entries:
+        if e.startswith("$"):
+            value = env.get(e[1:].strip("{}"))
+            if not value:
+                continue
+            e = value
+        e = os.path.normpath(e)
+        if e.startswith("/") and e not in out:
+            out.append(e)
+    return out
+
+
+def under(path, top):
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=()):
+    """opts: parsed options (options.defaults() shape). Returns a Plan."""
+    contain = opts["contain"] or opts["containall"]
+    skip = set()
+    for item in opts["no_mount"]:
+        for name in item.split(","):
+            name = name.strip()
+            if name and name not in MOUNT_NAMES and not name.startswith("/"):
+                raise UsageError(f"--no-mount {name!r}: unknown mount",
+                                 f"use a path or one of {', '.join(sorted(MOUNT_NAMES))}")
+            skip.add(name.rstrip("/") or "/")
+    skip |= {k for k, on in cfg["mounts"].items() if not on}
+    if contain:
+        skip |= {"home", "tmp", "cwd"}
+
+    fakeroot = opts["fakeroot"]
+    if fakeroot:
+        uid = gid = 0
+        user, group, home = "root", "root", "/root"
+    else:
+        uid, gid, user, group, home = host.uid, host.gid, host.user, host.group, host.home
+
+    def wanted(name, dst):
+        return name not in skip and dst not in skip
+
+    mounts = []
+    for name, src, nodev in SYSTEM_MOUNTS:
+        if wanted(name, src):
+            mounts.append(Mount(name, "bind", src, src, nodev=nodev, optional=True))
+    if contain:
+        for d in ("/tmp", "/var/tmp"):
+            mounts.append(Mount("tmp", "tmpfs", None, d))
+
+    # Home: -H SRC[:DST] or $HOME at its own path ( /root under --fakeroot ).
+    home_src = host.home
+    if opts["home"]:
+        src, _, dst = opts["home"].partition(":")
+        home_src = os.path.normpath(os.path.join(host.cwd, src))
+        home = os.path.normpath(dst) if dst else home_src
+        if not home.startswith("/"):
+            raise UsageError(f"--home {opts['home']!r}: destination is relative", "use an absolute path")
+    if opts["no_home"] or "home" in skip and not opts["home"]:
+        if contain and not opts["no_home"]:
+            mounts.append(Mount("home", "tmpfs", None, home))
+    else:
+        mounts.append(Mount("home", "bind", home_src, home))
+
+    cwd = opts["pwd"] or (host.cwd if not fakeroot or not under(host.cwd, host.home)
+                          else home + host.cwd[len(host.home):])
+
+    def covered(path):  # already visible through a bind at the same path
+        return any(under(path, m.src) and m.src == m.dst for m in mounts if m.kind == "bind")
+
+    in_system = host.cwd == "/" or any(under(host.cwd, d) for d in SYSTEM_DIRS[1:])
+    if wanted("cwd", host.cwd) and not opts["pwd"] and not in_system and not covered(host.cwd):
+        mounts.append(Mount("cwd", "bind", host.cwd, host.cwd, if_missing=True))
+
+    if wanted("scratch", "scratch"):
+        for path in expand_scratch(cfg["scratch"], host.env):
+            if path not in skip and host.existing(path) and not covered(path):
+                mounts.append(Mount("scratch", "bind", path, path, optional=True))
+
+    binds = opts["bind"] + [v for k in ("HPCRUN_BIND", "APPTAINER_BIND") if host.env.get(k)
+                            for v in [host.env[k]]]
+    for b in bindspec.parse(binds, host.cwd):
+        mounts.append(Mount("user", "bind", b.src, b.dst, readonly=b.readonly))
+
+    extra = {"HPCRUN_CONTAINER": image_path, "HPCRUN_NAME": os.path.basename(image_path.rstrip("/")),
+             "APPTAINER_CONTAINER": image_path, "APPTAINER_NAME": os.path.basename(image_path.rstrip("/"))}
+    if action == "shell":
+        extra["PS1"] = "hpcrun> "
+    if fakeroot:
+        extra.update(USER="root", LOGNAME="root")
+    env, forced = envvars.build(
+        host.env, cleanenv=opts["cleanenv"] or opts["containall"], keep=set(cfg["cleanenv_keep"]),
+        env_files=list(env_files), env_opts=envvars.parse_env_opts(opts["env"]), home=home,
+        default_path=cfg["default_path"], extra=extra)
+
+    if fakeroot:
+        idmap = {"mode": "subid" if host.subuid and host.subgid else "root",
+                 "uid": host.uid, "gid": host.gid, "subuid": host.subuid, "subgid": host.subgid}
+    else:
+        idmap = {"mode": "self", "uid": host.uid, "gid": host.gid, "subuid": None, "subgid": None}
+
+    pid = opts["pid"] or opts["containall"]
+    return Plan(
+        action=action, args=list(args), image=image_path, image_kind=image_kind,
+        namespaces={"pid": pid, "ipc": opts["ipc"] or opts["containall"],
+                    "uts": opts["uts"] or bool(opts["hostname"]), "net": opts["net"]},
+        hostname=opts["hostname"], idmap=idmap, uid=uid, gid=gid, user=user, group=group,
+        home=home, gecos=host.gecos, shell=host.shell,
+        passwd_line=f"{user}:x:{uid}:{gid}:{host.gecos}:{home}:{host.shell}" if not fakeroot else None,
+        group_line=f"{group}:x:{gid}:{user}" if not fakeroot else None,
+        mounts=mounts, writable=opts["writable_tmpfs"], cwd=cwd, pwd_given=bool(opts["pwd"]),
+        env=env, forced=forced, unsquash=opts["unsquash"] or cfg["fuse"] == "never",
+        tmpfs_size=cfg["tmpfs_size"], new_proc=pid and "proc" not in skip,
+    )

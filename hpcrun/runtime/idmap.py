@@ -1,0 +1,57 @@
+"""User namespace id maps: our own uid only, root only, or a subuid range via newuidmap."""
+import os
+
+from hpcrun.errors import RuntimeSetupError
+
+
+def write_self(idmap):
+    """Map the caller to itself (mode self) or to root (mode root); no helper needed."""
+    inside_uid = 0 if idmap["mode"] == "root" else idmap["uid"]
+    inside_gid = 0 if idmap["mode"] == "root" else idmap["gid"]
+    try:
+        with open("/proc/self/setgroups", "w") as f:
+            f.write("deny")
+        with open("/proc/self/uid_map", "w") as f:
+            f.write(f"{inside_uid} {idmap['uid']} 1")
+        with open("/proc/self/gid_map", "w") as f:
+            f.write(f"{inside_gid} {idmap['gid']} 1")
+    except OSError as e:
+        raise RuntimeSetupError(f"cannot write user namespace id maps: {e.strerror}",
+                                "run `hpcrun check`") from None
+
+
+def start_helper(idmap):
+    """Fork, before unshare, the process that will run newuidmap/newgidmap on us.
+
+    Returns (pid, write end): write one byte once unshared, then wait for pid.
+    """
+    r, w = os.pipe()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid:
+        os.close(r)
+        return pid, w
+    try:
+        os.close(w)
+        if os.read(r, 1) != b"x":
+            os._exit(1)
+        us, uc = idmap["subuid"]
+        gs, gc = idmap["subgid"]
+        for tool, own, start, count in (("newuidmap", idmap["uid"], us, uc),
+                                        ("newgidmap", idmap["gid"], gs, gc)):
+            args = [tool, str(parent), "0", str(own), "1", "1", str(start), str(count)]
+            child = os.posix_spawnp(tool, args, os.environ)
+            if os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) != 0:
+                os._exit(2)
+        os._exit(0)
+    except BaseException:
+        os._exit(3)
+
+
+def finish_helper(pid, w):
+    os.write(w, b"x")
+    os.close(w)
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if status != 0:
+        raise RuntimeSetupError("newuidmap/newgidmap could not map your subordinate id range",
+                                "check /etc/subuid and /etc/subgid, or run `hpcrun check`")

@@ -1,0 +1,351 @@
+"""Execute a Plan: one linear sequence of system calls, top to bottom.
+
+  unshare user+mount(+ipc,uts,net) -> id maps -> private mounts -> staging tmpfs and
+  pivot_root (the host stays reachable under /oldroot) -> image (FUSE or sandbox) ->
+  overlay root on tmpfs (so missing mount points can be made) -> binds, each resolved
+  inside the root -> /etc/passwd, /etc/group -> root read-only -> pivot_root into it ->
+  hostname, loopback -> fork the command (chdir, no_new_privs, exec) -> supervise.
+
+This process stays alive as the supervisor: it forwards signals, reaps, kills what
+is left and the FUSE daemon, and exits with the command's status.
+"""
+import os
+import signal
+import sys
+
+from hpcrun import envvars
+from hpcrun.errors import BindError, RuntimeSetupError, NOT_EXECUTABLE, NOT_FOUND
+from hpcrun.runtime import fuse, idmap as idmaps, safepath, syscalls as sc
+
+OLD = "/oldroot"          # the host's root, during setup
+PROC = OLD + "/proc"      # our /proc during setup
+IMAGE_DIR = "/image"      # the read-only image (FUSE mount or sandbox)
+RW = "/rw"                # tmpfs: overlay upper and work directories
+ROOT = "/root"            # the container root being built
+FORWARD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+           signal.SIGUSR2, signal.SIGALRM, signal.SIGWINCH, signal.SIGCONT)
+SI_KERNEL = 0x80          # si_code of signals the terminal sends to the whole foreground group
+
+
+def say(msg):
+    sys.stderr.write(f"hpcrun: {msg}\n")
+
+
+def launch(plan, image, timer, verbose=False, daemon=None, sandbox=None, keep=()):
+    """Run the plan; returns the exit status for hpcrun. `sandbox` is an extracted tree
+    used instead of the image (FUSE unavailable); `keep` are our children that are not
+    the container's (they survive the final clean-up)."""
+    helper = None
+    if plan.idmap["mode"] == "subid":
+        helper = idmaps.start_helper(plan.idmap)
+    flags = sc.CLONE_NEWUSER | sc.CLONE_NEWNS
+    ns = plan.namespaces
+    flags |= (sc.CLONE_NEWIPC if ns["ipc"] else 0) | (sc.CLONE_NEWUTS if ns["uts"] else 0)
+    flags |= sc.CLONE_NEWNET if ns["net"] else 0
+    sc.unshare(flags, "unprivileged user namespaces may be disabled here: run `hpcrun check`")
+    if helper:
+        idmaps.finish_helper(*helper)
+    else:
+        idmaps.write_self(plan.idmap)
+    timer("namespaces")
+
+    # Staging area: a tmpfs over /tmp becomes our root; the host moves to /oldroot
+    # (and its /tmp reappears there: pivot_root moved our tmpfs away from it).
+    sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+    sc.mount("hpcrun", "/tmp", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755")
+    os.mkdir("/tmp" + OLD)
+    sc.pivot_root("/tmp", "/tmp" + OLD)
+    os.chdir("/")
+    for d in (IMAGE_DIR, RW, ROOT):
+        os.mkdir(d)
+    sc.mount("hpcrun-rw", RW, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, f"mode=0755,size={plan.tmpfs_size}")
+    os.mkdir(RW + "/upper")
+    os.mkdir(RW + "/work")
+
+    daemon_pid = None
+    if sandbox is not None:
+        lower = OLD + sandbox
+    elif image.kind == "sandbox":
+        lower = f"{PROC}/self/fd/{image.fd}"
+    else:
+        devfd = fuse.open_device(OLD + "/dev/fuse")   # opened in the namespace, or the kernel refuses it
+        if devfd is None:
+            raise RuntimeSetupError("cannot open /dev/fuse inside the user namespace", "run `hpcrun check`")
+        daemon_pid = fuse.mount(devfd, image.fd, image.path, image.offset, IMAGE_DIR, daemon,
+                                plan.idmap["uid"] if plan.idmap["mode"] == "self" else 0,
+                                plan.idmap["gid"] if plan.idmap["mode"] == "self" else 0, OLD)
+        lower = IMAGE_DIR
+    timer("image")
+    try:
+        return _container(plan, lower, daemon_pid, timer, verbose, keep)
+    except BaseException:
+        if daemon_pid:
+            _stop(daemon_pid)
+        raise
+
+
+def _container(plan, lower, daemon_pid, timer, verbose, keep):
+    # Mount points and /etc/passwd are made in the overlay's upper directory *before*
+    # the overlay is mounted: we own that tmpfs, while image directories owned by an
+    # unmapped root would refuse us. Paths follow the image's symlinks, inside it.
+    mounts = [m for m in plan.mounts if m.kind == "tmpfs" or _source_ok(m)]
+    ready = []
+    for m in mounts:
+        is_dir = m.kind == "tmpfs" or os.path.isdir(OLD + m.src)
+        try:
+            comps, exists = safepath.canonical(lower, m.dst)
+        except OSError as e:
+            if m.optional:
+                continue
+            raise BindError(f"bind destination {m.dst}: {e.strerror or e} in the image",
+                            "choose another destination") from None
+        if exists and m.if_missing:
+            continue
+        if not exists:
+            safepath.make_in_upper(RW + "/upper", comps, "dir" if is_dir else "file")
+        ready.append(m)
+    _write_identity(plan, lower)
+    sc.mount("overlay", ROOT, "overlay", sc.MS_NOSUID | sc.MS_NODEV,
+             f"lowerdir={lower},upperdir={RW}/upper,workdir={RW}/work",
+             what="cannot mount the overlay root (kernel without unprivileged overlayfs? run `hpcrun check`)")
+    for m in ready:
+        _apply(m, verbose)
+    if not plan.writable:
+        sc.mount(None, ROOT, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV)
+    timer("mounts")
+
+    if plan.namespaces["net"]:  # imported before our package's files go out of reach
+        import fcntl
+        import socket
+        import struct
+    try:  # our children list, to find the command's orphans at the end
+        children = open(f"{PROC}/self/task/{os.getpid()}/children", "rb", buffering=0)
+    except OSError:
+        children = None
+    os.chdir(ROOT)
+    sc.pivot_root(".", ".")          # stack the container root over the staging root...
+    sc.umount2(".", sc.MNT_DETACH)   # ...and drop the staging root and the host with it
+    os.chdir("/")
+    if plan.hostname:
+        sc.sethostname(plan.hostname)
+    if plan.namespaces["net"]:
+        _loopback_up(fcntl, socket, struct)
+    argv = resolve_argv(plan, os.path.exists, os.access)
+    _chdir(plan)
+    timer("pivot")
+    return supervise(plan, argv, daemon_pid, children, timer, keep)
+
+
+def _source_ok(m):
+    if os.path.exists(OLD + m.src):
+        return True
+    if m.optional or m.if_missing:
+        return False
+    raise BindError(f"bind source {m.src} does not exist", "create it or fix the --bind argument")
+
+
+def _apply(m, verbose):
+    try:
+        fd = safepath.open_in_root(ROOT, m.dst)
+    except OSError:
+        raise BindError(f"bind destination {m.dst} does not exist in the container",
+                        "a destination inside another bind must exist in that bind's source") from None
+    try:
+        target = safepath.fd_path(fd, PROC)
+        if m.kind == "tmpfs":
+            sc.mount("tmpfs", target, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=1777")
+            return
+        src = OLD + m.src
+        if os.path.isdir(target) != os.path.isdir(src):
+            raise BindError(f"bind {m.src} -> {m.dst}: one is a directory, the other is not",
+                            "bind a directory onto a directory and a file onto a file")
+        if verbose:
+            say(f"bind {m.src} -> {m.dst}{' (ro)' if m.readonly else ''}")
+        sc.mount(src, target, None, sc.MS_BIND | sc.MS_REC, what=f"cannot bind {m.src} to {m.dst}")
+        real = os.readlink(target)   # where the fd landed: inside ROOT by construction
+        want = (sc.MS_NOSUID | (sc.MS_NODEV if m.nodev else 0) | (sc.MS_RDONLY if m.readonly else 0))
+        sc.mount(None, real, None, sc.MS_REMOUNT | sc.MS_BIND | want | sc.current_flags(real),
+                 what=f"cannot make {m.dst} nosuid/nodev")
+    finally:
+        os.close(fd)
+
+
+def _write_identity(plan, lower):
+    """Put the caller's passwd/group entries, after the image's own, in the upper layer."""
+    for rel, line, key in (("/etc/passwd", plan.passwd_line, plan.user),
+                           ("/etc/group", plan.group_line, plan.group)):
+        comps, exists = safepath.canonical(lower, rel)
+        old = []
+        if exists:
+            fd = safepath.open_in_root(lower, rel)
+            try:
+                with open(safepath.fd_path(fd, PROC), encoding="utf-8", errors="surrogateescape") as f:
+                    old = f.read().splitlines()
+            finally:
+                os.close(fd)
+        if plan.uid == 0:
+            if any(ln.split(":", 1)[0] == "root" for ln in old):
+                continue        # the image's own root entry stays
+            line = "root:x:0:0:root:/root:/bin/sh" if rel == "/etc/passwd" else "root:x:0:"
+            key = "root"
+        kept = [ln for ln in old if ln.split(":", 1)[0] != key]
+        safepath.make_in_upper(RW + "/upper", comps, "file")
+        with open(RW + "/upper/" + "/".join(comps), "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write("\n".join(kept + [line]) + "\n")
+
+
+def _loopback_up(fcntl, socket, struct):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        ifr = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s, 0x8913, ifr))[1]      # SIOCGIFFLAGS
+        fcntl.ioctl(s, 0x8914, struct.pack("16sH14x", b"lo", flags | 1))     # SIOCSIFFLAGS, IFF_UP
+    finally:
+        s.close()
+
+
+def resolve_argv(plan, exists, access):
+    """The argv to exec inside the container, for exec/run/shell."""
+    if plan.action == "exec":
+        argv = list(plan.args)
+    elif plan.action == "run":
+        script = "/.singularity.d/runscript"
+        argv = ([script] if exists(script) and access(script, os.X_OK) else ["/bin/sh"]) + plan.args
+    else:
+        sh = "/bin/bash" if exists("/bin/bash") else "/bin/sh"
+        argv = [sh] + (["--norc"] if sh.endswith("bash") else []) + plan.args
+    try:
+        has_env = any(n.endswith(".sh") for n in os.listdir(envvars.ENV_DIR))
+    except OSError:
+        has_env = False
+    if has_env:
+        argv = ["/bin/sh", "-c", envvars.wrapper_script(plan.forced), "hpcrun"] + argv
+    return argv
+
+
+def _chdir(plan):
+    try:
+        os.chdir(plan.cwd)
+    except OSError:
+        if plan.pwd_given:
+            raise RuntimeSetupError(f"--pwd {plan.cwd}: no such directory in the container") from None
+        if not os.path.isdir(plan.home):
+            os.chdir("/")
+        else:
+            os.chdir(plan.home)
+
+
+def _exec(argv, env):
+    """In the container child: never returns."""
+    try:
+        sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+        os.execvpe(argv[0], argv, env)
+    except FileNotFoundError:
+        sys.stderr.write(f"hpcrun: error: {argv[0]}: command not found in the container\n")
+        os._exit(NOT_FOUND)
+    except PermissionError:
+        sys.stderr.write(f"hpcrun: error: {argv[0]}: permission denied (not executable)\n")
+        os._exit(NOT_EXECUTABLE)
+    except OSError as e:
+        sys.stderr.write(f"hpcrun: error: {argv[0]}: cannot execute: {e.strerror}\n")
+        os._exit(NOT_EXECUTABLE)
+    except BaseException:
+        os._exit(NOT_EXECUTABLE)
+    os._exit(NOT_EXECUTABLE)
+
+
+def _child_start(parent):
+    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def supervise(plan, argv, daemon_pid, children, timer, keep):
+    waited = set(FORWARD) | {signal.SIGCHLD}
+    signal.pthread_sigmask(signal.SIG_BLOCK, waited)
+    sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
+    if plan.namespaces["pid"]:
+        sc.unshare(sc.CLONE_NEWPID)
+    me = os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _child_start(me)
+            if plan.namespaces["pid"]:
+                _init(plan, argv, waited)
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            _exec(argv, plan.env)
+        finally:
+            os._exit(NOT_EXECUTABLE)
+    timer("fork")
+    status = _wait(pid, waited, daemon_pid)
+    _cleanup(children, daemon_pid, keep)
+    return status
+
+
+def _wait(pid, waited, daemon_pid):
+    """Forward signals to pid until it exits; return its exit status (128+N if killed)."""
+    while True:
+        info = signal.sigwaitinfo(waited)
+        if info.si_signo != signal.SIGCHLD:
+            if info.si_code != SI_KERNEL:   # the terminal already sent it to the command
+                try:
+                    os.kill(pid, info.si_signo)
+                except ProcessLookupError:
+                    pass
+            continue
+        while True:
+            try:
+                got, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return 255
+            if got == 0:
+                break
+            if got == pid:
+                code = os.waitstatus_to_exitcode(status)
+                return 128 - code if code < 0 else code
+
+
+def _cleanup(children, daemon_pid, keep):
+    """Kill what the command left behind (orphans came to us as subreaper), then the daemon."""
+    for _ in range(100 if children else 0):
+        children.seek(0)
+        pids = [int(p) for p in children.read().split()]
+        rest = [p for p in pids if p != daemon_pid and p not in keep]
+        if not rest:
+            break
+        for p in rest:
+            try:
+                os.kill(p, signal.SIGKILL)
+                os.waitpid(p, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+    if children:
+        children.close()
+    if daemon_pid:
+        _stop(daemon_pid)
+
+
+def _stop(pid):
+    try:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+def _init(plan, argv, waited):
+    """PID 1 of a new PID namespace: mount its /proc, run the command, forward signals
+    (the kernel drops signals to PID 1 it has no handler for), exit with its status."""
+    if plan.new_proc:
+        sc.mount("proc", "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+    me = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        _child_start(me)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        _exec(argv, plan.env)
+    status = _wait(pid, waited, None)
+    os._exit(status)
