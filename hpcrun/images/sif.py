@@ -137,3 +137,42 @@ def runnable_partition(sif, fd):
                              f"use an image built for {host}")
         warning = f"image architecture {part.arch} differs from host {host}; running it in compatibility mode"
     return part.offset, part.size, warning
+
+
+def arch_code(arch):
+    return next((code for code, name in ARCHES.items() if name == arch), "00")
+
+
+def write_sif(out, squashfs, arch=None, now=None, uuid_bytes=None):
+    """Write a SIF holding `squashfs` as its primary system partition, laid out as
+    Apptainer's SIF library does: 48 descriptors at 4096, the partition 4096-aligned."""
+    import time
+    import uuid as uuidmod
+    arch = arch or host_arch()
+    now = int(time.time()) if now is None else now
+    uuid_bytes = uuidmod.uuid4().bytes if uuid_bytes is None else uuid_bytes
+    size = os.path.getsize(squashfs)
+    total, doffset = 48, 4096
+    data_offset = doffset + total * DESCRIPTOR.size
+    part_offset = (data_offset + 4095) // 4096 * 4096
+    storelen = part_offset - data_offset + size
+    code = arch_code(arch).encode() + b"\0"
+    extra = struct.pack("<ii3s", FS_SQUASH, PRIMSYS, code)
+    desc = DESCRIPTOR.pack(PARTITION, True, 1, 0xF0000000 | 1, 0, part_offset, size, storelen,
+                           now, now, 0, 0, b"", extra)
+    header = HEADER.pack(b"#!/usr/bin/env run-singularity\n", MAGIC, b"01\0", code, uuid_bytes,
+                         now, now, total - 1, total, doffset, total * DESCRIPTOR.size, data_offset,
+                         storelen)
+    tmp = out + ".tmp"
+    with open(tmp, "wb") as f, open(squashfs, "rb") as src:
+        f.write(header)
+        f.seek(doffset)
+        f.write(desc)
+        f.write(b"\0" * (total - 1) * DESCRIPTOR.size)
+        f.seek(part_offset)
+        while True:
+            chunk = src.read(1 << 20)
+            if not chunk:
+                break
+            f.write(chunk)
+    os.replace(tmp, out)

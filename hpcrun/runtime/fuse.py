@@ -65,6 +65,10 @@ def mount(devfd, image_fd, image_path, offset, mountpoint, daemon, uid, gid, hos
     try:
         os.listdir(mountpoint)   # blocks until the daemon serves, ENOTCONN if it died
     except OSError as e:
+        try:
+            os.kill(pid, 9)        # it may still be serving a broken image
+        except ProcessLookupError:
+            pass
         status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         os.lseek(log, 0, 0)
         said = os.read(log, 4096).decode(errors="replace").strip().splitlines()

@@ -131,9 +131,14 @@ def _container(plan, lower, daemon_pid, timer, verbose, keep):
     if plan.namespaces["net"]:
         _loopback_up(fcntl, socket, struct)
     argv = resolve_argv(plan, os.path.exists, os.access)
+    program = find_program(argv[0], plan.env.get("PATH", ""))
+    if program is None:
+        sys.stderr.write(f"hpcrun: error: {argv[0]}: command not found in the container\n")
+        _cleanup(children, daemon_pid, keep)
+        return NOT_FOUND
     _chdir(plan)
     timer("pivot")
-    return supervise(plan, argv, daemon_pid, children, timer, keep)
+    return supervise(plan, program, argv, daemon_pid, children, timer, keep)
 
 
 def _source_ok(m):
@@ -235,11 +240,23 @@ def _chdir(plan):
             os.chdir(plan.home)
 
 
-def _exec(argv, env):
+def find_program(name, path):
+    """Look the command up in the container's PATH (done here, not by os.execvpe, which
+    imports modules that are out of reach after pivot_root)."""
+    if "/" in name:
+        return name
+    for d in path.split(":"):
+        cand = os.path.join(d or ".", name)
+        if os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def _exec(program, argv, env):
     """In the container child: never returns."""
     try:
         sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
-        os.execvpe(argv[0], argv, env)
+        os.execve(program, argv, env)
     except FileNotFoundError:
         sys.stderr.write(f"hpcrun: error: {argv[0]}: command not found in the container\n")
         os._exit(NOT_FOUND)
@@ -260,7 +277,7 @@ def _child_start(parent):
         os._exit(1)
 
 
-def supervise(plan, argv, daemon_pid, children, timer, keep):
+def supervise(plan, program, argv, daemon_pid, children, timer, keep):
     waited = set(FORWARD) | {signal.SIGCHLD}
     signal.pthread_sigmask(signal.SIG_BLOCK, waited)
     sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
@@ -274,9 +291,9 @@ def supervise(plan, argv, daemon_pid, children, timer, keep):
         try:
             _child_start(me)
             if plan.namespaces["pid"]:
-                _init(plan, argv, waited)
+                _init(plan, program, argv, waited)
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
-            _exec(argv, plan.env)
+            _exec(program, argv, plan.env)
         finally:
             os._exit(NOT_EXECUTABLE)
     timer("fork")
@@ -336,7 +353,7 @@ def _stop(pid):
         pass
 
 
-def _init(plan, argv, waited):
+def _init(plan, program, argv, waited):
     """PID 1 of a new PID namespace: mount its /proc, run the command, forward signals
     (the kernel drops signals to PID 1 it has no handler for), exit with its status."""
     if plan.new_proc:
@@ -346,6 +363,6 @@ def _init(plan, argv, waited):
     if pid == 0:
         _child_start(me)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        _exec(argv, plan.env)
+        _exec(program, argv, plan.env)
     status = _wait(pid, waited, None)
     os._exit(status)

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up the machine (idempotent) and run the whole test suite as root; the
+# integration tests run hpcrun as the unprivileged test user.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+bash "$here/tests/setup-host.sh"
+cd "$here"
+exec /opt/hpcrun-venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Prepare a Debian 12 machine for hpcrun (idempotent; run as root):
+# system packages, a venv in /opt/hpcrun-venv with hpcrun installed from this tree,
+# an unprivileged user with /etc/subuid and /etc/subgid ranges, usable /dev/fuse.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+VENV=${HPCRUN_VENV:-/opt/hpcrun-venv}
+TEST_USER=${HPCRUN_TEST_USER:-hpctest}
+
+if [ "$(id -u)" != 0 ]; then
+    echo "setup-host.sh: run as root (it installs packages and creates the test user)" >&2
+    exit 2
+fi
+
+pkgs="squashfuse squashfs-tools fuse3 uidmap busybox-static python3-venv python3-dev util-linux"
+missing=$(dpkg-query -W -f='${Package} ${Status}\n' $pkgs 2>/dev/null | awk '$4 != "installed" {print $1}' || true)
+if ! dpkg-query -W $pkgs >/dev/null 2>&1 || [ -n "$missing" ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $pkgs >/dev/null
+fi
+
+# Debian's python3, not a per-user interpreter: the test user must be able to run it.
+[ -x "$VENV/bin/python" ] || /usr/bin/python3 -m venv "$VENV"
+"$VENV/bin/pip" install -q --disable-pip-version-check "$here[test]" 2>&1 | grep -v '^WARNING: Location' || true
+"$VENV/bin/python" -m compileall -q "$VENV/lib" >/dev/null || true
+
+if ! id "$TEST_USER" >/dev/null 2>&1; then
+    useradd -m -s /bin/bash "$TEST_USER"
+fi
+uid=$(id -u "$TEST_USER")
+grep -q "^$TEST_USER:" /etc/subuid 2>/dev/null || echo "$TEST_USER:$((100000 + uid * 65536)):65536" >> /etc/subuid
+grep -q "^$TEST_USER:" /etc/subgid 2>/dev/null || echo "$TEST_USER:$((100000 + uid * 65536)):65536" >> /etc/subgid
+
+# Clusters ship /dev/fuse as 0666; a fresh VM may have 0600.
+[ -e /dev/fuse ] && chmod 0666 /dev/fuse
+echo "setup-host.sh: ready (venv $VENV, test user $TEST_USER)"

@@ -1,0 +1,315 @@
+"""hpcrun.plan.build_plan: pure planning from options + config + host facts."""
+import json
+import os
+
+import pytest
+import yaml
+
+from hpcrun import options
+from hpcrun.errors import UsageError
+from hpcrun.plan import Host, build_plan, expand_scratch, under
+
+CONF = os.path.join(os.path.dirname(__file__), "..", "..", "conf", "hpcrun.yaml")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@pytest.fixture
+def cfg():
+    with open(CONF, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def host(cwd="/data/proj", env=None, existing=(), **kw):
+    env = {"HOME": "/home/u", "USER": "u", "LANG": "C.UTF-8", "TERM": "xterm",
+           "SECRET": "s", **(env or {})}
+    exists = set(existing)
+    return Host(1000, 100, "u", "users", "/home/u", cwd, gecos="U Ser", shell="/bin/bash",
+                env=env, existing=lambda p: p in exists, **kw)
+
+
+def plan(cfg, h=None, action="exec", image="/images/app.sif", args=("true",), env_files=(), **opts):
+    o = options.defaults()
+    for k, v in opts.items():
+        assert k in o, k
+        o[k] = v
+    return build_plan(o, action, image, "sif", list(args), cfg, h or host(), env_files)
+
+
+def by_dst(p):
+    return {m.dst: m for m in p.mounts}
+
+
+def names(p):
+    return [m.name for m in p.mounts]
+
+
+def test_default_mounts(cfg):
+    p = plan(cfg)
+    m = by_dst(p)
+    for name, path in [("proc", "/proc"), ("sys", "/sys"), ("dev", "/dev"), ("hosts", "/etc/hosts"),
+                       ("localtime", "/etc/localtime"), ("resolv", "/etc/resolv.conf"),
+                       ("tmp", "/tmp"), ("tmp", "/var/tmp")]:
+        assert m[path].name == name and m[path].kind == "bind" and m[path].src == path
+        assert m[path].optional is True
+    assert m["/dev"].nodev is False and m["/proc"].nodev is True
+    assert m["/home/u"].name == "home" and m["/home/u"].src == "/home/u" and m["/home/u"].kind == "bind"
+    assert m["/data/proj"].name == "cwd" and m["/data/proj"].if_missing is True
+    assert sorted(names(p)) == sorted(["proc", "sys", "dev", "hosts", "localtime", "resolv",
+                                       "tmp", "tmp", "home", "cwd"])
+    assert all(not x.readonly for x in p.mounts)
+
+
+def test_plan_basics(cfg):
+    p = plan(cfg, args=["ls", "-l"])
+    assert p.action == "exec" and p.args == ["ls", "-l"] and p.image == "/images/app.sif"
+    assert p.image_kind == "sif"
+    assert (p.uid, p.gid, p.user, p.group, p.home) == (1000, 100, "u", "users", "/home/u")
+    assert p.passwd_line == "u:x:1000:100:U Ser:/home/u:/bin/bash"
+    assert p.group_line == "users:x:100:u"
+    assert p.idmap == {"mode": "self", "uid": 1000, "gid": 100, "subuid": None, "subgid": None}
+    assert p.cwd == "/data/proj" and p.pwd_given is False
+    assert p.namespaces == {"pid": False, "ipc": False, "uts": False, "net": False}
+    assert p.writable is False and p.unsquash is False and p.tmpfs_size == "64m"
+    assert p.new_proc is False
+    assert p.env["HOME"] == "/home/u" and p.env["PATH"] == DEFAULT_PATH
+    assert p.env["HPCRUN_CONTAINER"] == "/images/app.sif" and p.env["HPCRUN_NAME"] == "app.sif"
+    assert p.env["APPTAINER_NAME"] == "app.sif"
+    assert "PS1" not in p.env
+    d = p.to_dict()
+    assert json.loads(json.dumps(d))["mounts"][0]["dst"] == "/proc"
+
+
+def test_shell_sets_prompt(cfg):
+    assert plan(cfg, action="shell").env["PS1"] == "hpcrun> "
+
+
+def test_no_mount_home_tmp(cfg):
+    p = plan(cfg, no_mount=["home,tmp"])
+    dsts = by_dst(p)
+    assert "/home/u" not in dsts and "/tmp" not in dsts and "/var/tmp" not in dsts
+    assert "proc" in names(p) and "cwd" in names(p)
+    p = plan(cfg, no_mount=["home", "tmp"])
+    assert "home" not in names(p) and "tmp" not in names(p)
+
+
+def test_no_mount_by_path(cfg):
+    p = plan(cfg, no_mount=["/etc/hosts,/var/tmp/"])
+    dsts = by_dst(p)
+    assert "/etc/hosts" not in dsts and "/var/tmp" not in dsts and "/tmp" in dsts
+
+
+@pytest.mark.parametrize("name", ["homes", "TMP", "devpts", "x/y"])
+def test_no_mount_unknown_name(cfg, name):
+    with pytest.raises(UsageError) as ei:
+        plan(cfg, no_mount=[f"home,{name}"])
+    assert name in ei.value.message
+
+
+def test_config_mounts_false_skips(cfg):
+    cfg["mounts"]["sys"] = False
+    cfg["mounts"]["cwd"] = False
+    p = plan(cfg)
+    assert "sys" not in names(p) and "cwd" not in names(p) and "proc" in names(p)
+
+
+@pytest.mark.parametrize("flag", ["contain", "containall"])
+def test_contain(cfg, flag):
+    p = plan(cfg, **{flag: True})
+    tmpfs = {m.dst for m in p.mounts if m.kind == "tmpfs"}
+    assert {"/tmp", "/var/tmp"} <= tmpfs
+    binds = {m.dst for m in p.mounts if m.kind == "bind"}
+    assert "/tmp" not in binds and "/var/tmp" not in binds
+    assert "/home/u" not in binds and "/data/proj" not in binds
+    assert "cwd" not in names(p)
+    # home is an empty in-memory directory, as in Apptainer
+    assert by_dst(p)["/home/u"].kind == "tmpfs"
+    assert "proc" in names(p) and "dev" in names(p)
+
+
+def test_contain_with_no_home_has_no_home_at_all(cfg):
+    p = plan(cfg, contain=True, no_home=True)
+    assert "/home/u" not in by_dst(p)
+
+
+def test_contain_with_home_option_binds_it(cfg):
+    p = plan(cfg, contain=True, home="/scratch/u/h:/home/u")
+    m = by_dst(p)["/home/u"]
+    assert (m.kind, m.src) == ("bind", "/scratch/u/h")
+
+
+def test_containall(cfg):
+    p = plan(cfg, containall=True)
+    assert p.namespaces["pid"] and p.namespaces["ipc"]
+    assert p.new_proc is True
+    assert "SECRET" not in p.env and p.env["TERM"] == "xterm" and p.env["LANG"] == "C.UTF-8"
+
+
+def test_no_home(cfg):
+    p = plan(cfg, no_home=True)
+    assert "home" not in names(p)
+    assert p.env["HOME"] == "/home/u"
+
+
+def test_home_option_src_dst(cfg):
+    p = plan(cfg, home="/data/myhome:/home/other")
+    m = by_dst(p)["/home/other"]
+    assert (m.name, m.kind, m.src) == ("home", "bind", "/data/myhome")
+    assert "/home/u" not in by_dst(p)
+    assert p.env["HOME"] == "/home/other" and p.home == "/home/other"
+    assert p.passwd_line.endswith(":/home/other:/bin/bash")
+
+
+def test_home_option_src_only_relative(cfg):
+    p = plan(cfg, home="h")
+    m = by_dst(p)["/data/proj/h"]
+    assert m.name == "home" and m.src == "/data/proj/h"
+    assert p.env["HOME"] == "/data/proj/h"
+
+
+def test_home_option_relative_destination(cfg):
+    with pytest.raises(UsageError):
+        plan(cfg, home="/data/h:rel")
+
+
+def test_cwd_under_home_not_bound_separately(cfg):
+    p = plan(cfg, host(cwd="/home/u/src/x"))
+    assert "cwd" not in names(p)
+    assert p.cwd == "/home/u/src/x"
+
+
+@pytest.mark.parametrize("cwd", ["/usr/share", "/usr", "/etc/x", "/", "/var/lib/y", "/root"])
+def test_cwd_in_system_dir_not_bound(cfg, cwd):
+    p = plan(cfg, host(cwd=cwd))
+    assert "cwd" not in names(p)
+    assert p.cwd == cwd
+
+
+def test_cwd_under_tmp_covered(cfg):
+    p = plan(cfg, host(cwd="/tmp/job"))
+    assert "cwd" not in names(p)
+
+
+def test_cwd_similar_prefix_is_not_system(cfg):
+    # /usrdata is not under /usr; /home/u2 is not under /home/u
+    assert [m.src for m in plan(cfg, host(cwd="/usrdata")).mounts if m.name == "cwd"] == ["/usrdata"]
+    assert [m.src for m in plan(cfg, host(cwd="/home/u2")).mounts if m.name == "cwd"] == ["/home/u2"]
+
+
+def test_pwd_option_disables_cwd_bind(cfg):
+    p = plan(cfg, pwd="/work")
+    assert p.cwd == "/work" and p.pwd_given is True
+    assert "cwd" not in names(p)
+
+
+def test_scratch(cfg):
+    h = host(env={"TMPDIR": "/local/job1", "SCRATCH": "/gpfs/u"},
+             existing={"/scratch", "/local/job1", "/gpfs/u"})
+    p = plan(cfg, h)
+    scratch = [m for m in p.mounts if m.name == "scratch"]
+    assert [m.src for m in scratch] == ["/scratch", "/gpfs/u", "/local/job1"]
+    assert all(m.src == m.dst and m.optional and m.kind == "bind" for m in scratch)
+
+
+def test_scratch_nonexistent_and_unset_skipped(cfg):
+    p = plan(cfg, host(env={}, existing={"/lustre"}))
+    assert [m.src for m in p.mounts if m.name == "scratch"] == ["/lustre"]
+    p = plan(cfg, host(env={"TMPDIR": "/nope"}, existing=set()))
+    assert "scratch" not in names(p)
+
+
+def test_scratch_tmpdir_under_tmp_is_covered(cfg):
+    p = plan(cfg, host(env={"TMPDIR": "/tmp/job"}, existing={"/tmp/job"}))
+    assert "scratch" not in names(p)
+
+
+def test_scratch_skipped_by_no_mount(cfg):
+    h = host(existing={"/scratch", "/lustre"})
+    assert "scratch" not in names(plan(cfg, h, no_mount=["scratch"]))
+    p = plan(cfg, h, no_mount=["/scratch"])
+    assert [m.src for m in p.mounts if m.name == "scratch"] == ["/lustre"]
+
+
+def test_expand_scratch():
+    env = {"A": "/x/../y", "B": "", "C": "rel"}
+    assert expand_scratch(["/s", "$A", "${A}", "$B", "$C", "$UNSET", "/s/"], env) == ["/s", "/y"]
+
+
+def test_under():
+    assert under("/a/b", "/a") and under("/a", "/a") and under("/a", "/")
+    assert not under("/ab", "/a") and not under("/a", "/a/b")
+
+
+def test_fakeroot_with_subids(cfg):
+    h = host(cwd="/home/u/proj", subuid=(100000, 65536), subgid=(200000, 65536))
+    p = plan(cfg, h, fakeroot=True)
+    assert (p.uid, p.gid, p.user, p.group, p.home) == (0, 0, "root", "root", "/root")
+    assert p.env["HOME"] == "/root" and p.env["USER"] == "root" and p.env["LOGNAME"] == "root"
+    assert p.idmap == {"mode": "subid", "uid": 1000, "gid": 100,
+                       "subuid": (100000, 65536), "subgid": (200000, 65536)}
+    home = by_dst(p)["/root"]
+    assert (home.kind, home.src) == ("bind", "/home/u")
+    assert p.cwd == "/root/proj"
+    assert p.passwd_line is None and p.group_line is None
+
+
+@pytest.mark.parametrize("subuid,subgid", [(None, None), ((100000, 65536), None), (None, (1, 2))])
+def test_fakeroot_without_subids(cfg, subuid, subgid):
+    p = plan(cfg, host(subuid=subuid, subgid=subgid), fakeroot=True)
+    assert p.uid == 0 and p.idmap["mode"] == "root"
+    assert p.cwd == "/data/proj"
+
+
+def test_user_binds_from_options_and_env(cfg):
+    h = host(env={"HPCRUN_BIND": "/e1:/mnt/e1:ro", "APPTAINER_BIND": "/e2,rel:/r"})
+    p = plan(cfg, h, bind=["/o1", "/o2:/mnt/o2:ro"])
+    user = [(m.src, m.dst, m.readonly) for m in p.mounts if m.name == "user"]
+    assert user == [("/o1", "/o1", False), ("/o2", "/mnt/o2", True), ("/e1", "/mnt/e1", True),
+                    ("/e2", "/e2", False), ("/data/proj/rel", "/r", False)]
+    assert all(m.kind == "bind" and not m.optional for m in p.mounts if m.name == "user")
+    # the bind variables themselves are not passed into the container
+    assert "HPCRUN_BIND" not in p.env and "APPTAINER_BIND" not in p.env
+
+
+def test_bad_user_bind(cfg):
+    with pytest.raises(UsageError):
+        plan(cfg, bind=["/a:rel"])
+    with pytest.raises(UsageError):
+        plan(cfg, host(env={"HPCRUN_BIND": "/a:/b:bad"}))
+
+
+def test_pid_and_namespaces(cfg):
+    p = plan(cfg, pid=True)
+    assert p.namespaces == {"pid": True, "ipc": False, "uts": False, "net": False}
+    assert p.new_proc is True
+    assert plan(cfg, pid=True, no_mount=["proc"]).new_proc is False
+    assert plan(cfg, ipc=True, net=True, uts=True).namespaces == {
+        "pid": False, "ipc": True, "uts": True, "net": True}
+
+
+def test_hostname_implies_uts(cfg):
+    p = plan(cfg, hostname="node1")
+    assert p.hostname == "node1" and p.namespaces["uts"] is True
+
+
+def test_env_options_and_files(cfg):
+    p = build_plan({**options.defaults(), "env": ["A=1", "B=2"]}, "exec", "/i/x", "squashfs", ["t"],
+                   cfg, host(env={"HPCRUN_ENV_A": "0", "C": "host"}), [{"B": "file", "D": "file"}])
+    assert p.env["A"] == "1" and p.env["B"] == "2" and p.env["D"] == "file" and p.env["C"] == "host"
+    assert p.forced == {"A": "1", "B": "2", "D": "file"}
+
+
+def test_bad_env_option(cfg):
+    with pytest.raises(UsageError):
+        plan(cfg, env=["1BAD=x"])
+
+
+def test_fuse_never_and_unsquash(cfg):
+    assert plan(cfg, unsquash=True).unsquash is True
+    cfg["fuse"] = "never"
+    assert plan(cfg).unsquash is True
+
+
+def test_image_name_from_directory(cfg):
+    o = options.defaults()
+    p = build_plan(o, "run", "/images/rootfs/", "sandbox", [], cfg, host())
+    assert p.env["HPCRUN_NAME"] == "rootfs"
