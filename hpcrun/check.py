@@ -20,8 +20,9 @@ def _in_child(fn):
 
 def _userns():
     from hpcrun.runtime import idmap, syscalls as sc
+    uid, gid = os.getuid(), os.getgid()   # before unshare: unmapped ids read as 65534 after
     sc.unshare(sc.CLONE_NEWUSER | sc.CLONE_NEWNS)
-    idmap.write_self({"mode": "self", "uid": os.getuid(), "gid": os.getgid()})
+    idmap.write_self({"mode": "self", "uid": uid, "gid": gid})
 
 
 def _overlay():

@@ -130,7 +130,7 @@ def _start(plan, image, cfg, opts, timer):
     top, root = unsquash.extract(image, reason, quiet=opts["quiet"])
     remover, pipe = unsquash.start_remover(top)
     try:
-        return launcher.launch(plan, image, timer, opts["verbose"], sandbox=root, keep=(remover,))
+        return launcher.launch(plan, image, timer, opts["verbose"], sandbox=root)
     finally:
         os.close(pipe)
         os.waitpid(remover, 0)

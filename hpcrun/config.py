@@ -43,6 +43,8 @@ def merge(base, over, source):
         if not isinstance(value, SCHEMA[key]):
             raise ConfigError(f"{source}: key {key!r} must be a {SCHEMA[key].__name__}, "
                               f"not {type(value).__name__}")
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{source}: key {key!r} must be a list of strings")
         if isinstance(value, dict):
             for k, v in value.items():
                 if k not in base.get(key, {}):

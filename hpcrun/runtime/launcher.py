@@ -25,16 +25,18 @@ ROOT = "/root"            # the container root being built
 FORWARD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
            signal.SIGUSR2, signal.SIGALRM, signal.SIGWINCH, signal.SIGCONT)
 SI_KERNEL = 0x80          # si_code of signals the terminal sends to the whole foreground group
+GUARD = signal.SIGRTMIN + 1   # PDEATHSIG of the guardian: hpcrun is gone, clean up
 
 
 def say(msg):
     sys.stderr.write(f"hpcrun: {msg}\n")
 
 
-def launch(plan, image, timer, verbose=False, daemon=None, sandbox=None, keep=()):
+def launch(plan, image, timer, verbose=False, daemon=None, sandbox=None):
     """Run the plan; returns the exit status for hpcrun. `sandbox` is an extracted tree
-    used instead of the image (FUSE unavailable); `keep` are our children that are not
-    the container's (they survive the final clean-up)."""
+    used instead of the image (FUSE unavailable)."""
+    if plan.namespaces["net"]:   # needed after pivot_root, when the stdlib is out of reach
+        import fcntl, socket, struct  # noqa: F401,E401
     helper = None
     if plan.idmap["mode"] == "subid":
         helper = idmaps.start_helper(plan.idmap)
@@ -65,8 +67,8 @@ def launch(plan, image, timer, verbose=False, daemon=None, sandbox=None, keep=()
     daemon_pid = None
     if sandbox is not None:
         lower = OLD + sandbox
-    elif image.kind == "sandbox":
-        lower = f"{PROC}/self/fd/{image.fd}"
+    elif image.kind == "sandbox":   # overlayfs refuses a lower layer from another mount namespace
+        lower = OLD + os.path.realpath(f"{PROC}/self/fd/{image.fd}")
     else:
         devfd = fuse.open_device(OLD + "/dev/fuse")   # opened in the namespace, or the kernel refuses it
         if devfd is None:
@@ -77,14 +79,14 @@ def launch(plan, image, timer, verbose=False, daemon=None, sandbox=None, keep=()
         lower = IMAGE_DIR
     timer("image")
     try:
-        return _container(plan, lower, daemon_pid, timer, verbose, keep)
+        return _container(plan, lower, daemon_pid, timer, verbose)
     except BaseException:
         if daemon_pid:
             _stop(daemon_pid)
         raise
 
 
-def _container(plan, lower, daemon_pid, timer, verbose, keep):
+def _container(plan, lower, daemon_pid, timer, verbose):
     # Mount points and /etc/passwd are made in the overlay's upper directory *before*
     # the overlay is mounted: we own that tmpfs, while image directories owned by an
     # unmapped root would refuse us. Paths follow the image's symlinks, inside it.
@@ -105,8 +107,9 @@ def _container(plan, lower, daemon_pid, timer, verbose, keep):
             safepath.make_in_upper(RW + "/upper", comps, "dir" if is_dir else "file")
         ready.append(m)
     _write_identity(plan, lower)
+    escaped = lower.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
     sc.mount("overlay", ROOT, "overlay", sc.MS_NOSUID | sc.MS_NODEV,
-             f"lowerdir={lower},upperdir={RW}/upper,workdir={RW}/work",
+             f"lowerdir={escaped},upperdir={RW}/upper,workdir={RW}/work",
              what="cannot mount the overlay root (kernel without unprivileged overlayfs? run `hpcrun check`)")
     for m in ready:
         _apply(m, verbose)
@@ -114,14 +117,6 @@ def _container(plan, lower, daemon_pid, timer, verbose, keep):
         sc.mount(None, ROOT, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV)
     timer("mounts")
 
-    if plan.namespaces["net"]:  # imported before our package's files go out of reach
-        import fcntl
-        import socket
-        import struct
-    try:  # our children list, to find the command's orphans at the end
-        children = open(f"{PROC}/self/task/{os.getpid()}/children", "rb", buffering=0)
-    except OSError:
-        children = None
     os.chdir(ROOT)
     sc.pivot_root(".", ".")          # stack the container root over the staging root...
     sc.umount2(".", sc.MNT_DETACH)   # ...and drop the staging root and the host with it
@@ -129,16 +124,17 @@ def _container(plan, lower, daemon_pid, timer, verbose, keep):
     if plan.hostname:
         sc.sethostname(plan.hostname)
     if plan.namespaces["net"]:
-        _loopback_up(fcntl, socket, struct)
+        _loopback_up()
     argv = resolve_argv(plan, os.path.exists, os.access)
     program = find_program(argv[0], plan.env.get("PATH", ""))
     if program is None:
         sys.stderr.write(f"hpcrun: error: {argv[0]}: command not found in the container\n")
-        _cleanup(children, daemon_pid, keep)
+        if daemon_pid:
+            _stop(daemon_pid)
         return NOT_FOUND
     _chdir(plan)
     timer("pivot")
-    return supervise(plan, program, argv, daemon_pid, children, timer, keep)
+    return supervise(plan, program, argv, daemon_pid, timer)
 
 
 def _source_ok(m):
@@ -199,7 +195,10 @@ def _write_identity(plan, lower):
             f.write("\n".join(kept + [line]) + "\n")
 
 
-def _loopback_up(fcntl, socket, struct):
+def _loopback_up():
+    import fcntl   # imported in launch(), before the host's files went out of reach
+    import socket
+    import struct
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         ifr = struct.pack("16sH14x", b"lo", 0)
@@ -271,16 +270,11 @@ def _exec(program, argv, env):
     os._exit(NOT_EXECUTABLE)
 
 
-def _child_start(parent):
-    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:
-        os._exit(1)
-
-
-def supervise(plan, program, argv, daemon_pid, children, timer, keep):
+def supervise(plan, program, argv, daemon_pid, timer):
+    """Fork the guardian (which runs the command), forward signals to it, wait, stop
+    the FUSE daemon, and return the command's status."""
     waited = set(FORWARD) | {signal.SIGCHLD}
-    signal.pthread_sigmask(signal.SIG_BLOCK, waited)
-    sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
+    signal.pthread_sigmask(signal.SIG_BLOCK, waited | {GUARD})
     if plan.namespaces["pid"]:
         sc.unshare(sc.CLONE_NEWPID)
     me = os.getpid()
@@ -289,27 +283,25 @@ def supervise(plan, program, argv, daemon_pid, children, timer, keep):
     pid = os.fork()
     if pid == 0:
         try:
-            _child_start(me)
-            if plan.namespaces["pid"]:
-                _init(plan, program, argv, waited)
-            signal.pthread_sigmask(signal.SIG_SETMASK, [])
-            _exec(program, argv, plan.env)
+            _guardian(plan, program, argv, waited, me)
         finally:
             os._exit(NOT_EXECUTABLE)
     timer("fork")
-    status = _wait(pid, waited, daemon_pid)
-    _cleanup(children, daemon_pid, keep)
+    status = _wait(pid, waited)
+    if daemon_pid:
+        _stop(daemon_pid)
     return status
 
 
-def _wait(pid, waited, daemon_pid):
-    """Forward signals to pid until it exits; return its exit status (128+N if killed)."""
+def _wait(pid, waited):
+    """Forward signals to pid until it exits; return its exit status (128+N if killed).
+    GUARD (our parent died) kills pid instead."""
     while True:
         info = signal.sigwaitinfo(waited)
         if info.si_signo != signal.SIGCHLD:
             if info.si_code != SI_KERNEL:   # the terminal already sent it to the command
                 try:
-                    os.kill(pid, info.si_signo)
+                    os.kill(pid, signal.SIGKILL if info.si_signo == GUARD else info.si_signo)
                 except ProcessLookupError:
                     pass
             continue
@@ -325,26 +317,6 @@ def _wait(pid, waited, daemon_pid):
                 return 128 - code if code < 0 else code
 
 
-def _cleanup(children, daemon_pid, keep):
-    """Kill what the command left behind (orphans came to us as subreaper), then the daemon."""
-    for _ in range(100 if children else 0):
-        children.seek(0)
-        pids = [int(p) for p in children.read().split()]
-        rest = [p for p in pids if p != daemon_pid and p not in keep]
-        if not rest:
-            break
-        for p in rest:
-            try:
-                os.kill(p, signal.SIGKILL)
-                os.waitpid(p, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
-    if children:
-        children.close()
-    if daemon_pid:
-        _stop(daemon_pid)
-
-
 def _stop(pid):
     try:
         os.kill(pid, signal.SIGTERM)
@@ -353,16 +325,48 @@ def _stop(pid):
         pass
 
 
-def _init(plan, program, argv, waited):
-    """PID 1 of a new PID namespace: mount its /proc, run the command, forward signals
-    (the kernel drops signals to PID 1 it has no handler for), exit with its status."""
-    if plan.new_proc:
+def _guardian(plan, program, argv, waited, parent):
+    """The command's parent inside the container. With --pid it is PID 1 (mounts the new
+    /proc; the kernel drops signals to PID 1 that it does not wait for); otherwise a
+    subreaper. Either way, when the command exits or hpcrun dies (even by SIGKILL:
+    PDEATHSIG sends GUARD), it kills every process the command left and exits."""
+    sc.prctl(sc.PR_SET_PDEATHSIG, GUARD)
+    if os.getppid() not in (parent, 0):   # 0: our parent is outside our new PID namespace
+        os._exit(1)
+    if plan.namespaces["pid"] and plan.new_proc:
         sc.mount("proc", "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+    sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
     me = os.getpid()
     pid = os.fork()
     if pid == 0:
-        _child_start(me)
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != me:
+            os._exit(1)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         _exec(program, argv, plan.env)
-    status = _wait(pid, waited, None)
+    status = _wait(pid, waited | {GUARD})
+    _kill_children()
     os._exit(status)
+
+
+def _kill_children():
+    """SIGKILL our children until none is left (orphans of the command reparent to us)."""
+    path = f"/proc/self/task/{os.getpid()}/children"
+    for _ in range(1000):
+        try:
+            with open(path, "rb") as f:
+                pids = [int(p) for p in f.read().split()]
+        except OSError:
+            return      # no /proc in the container: nothing to find them with
+        if not pids:
+            return
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for p in pids:
+            try:
+                os.waitpid(p, 0)
+            except ChildProcessError:
+                pass

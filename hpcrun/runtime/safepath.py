@@ -92,13 +92,13 @@ def canonical(root, path):
             try:
                 fd = os.open(name, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=stack[-1])
             except FileNotFoundError:
-                rest = []
+                out = list(names)
                 for n in [name] + todo:      # the missing tail is taken literally
                     if n == "..":
-                        rest = rest[:-1] if rest else rest
+                        out = out[:-1]
                     else:
-                        rest.append(n)
-                return names + rest, False
+                        out.append(n)
+                return out, False
             if stat.S_ISLNK(os.fstat(fd).st_mode):
                 target = os.readlink(name, dir_fd=stack[-1])
                 os.close(fd)

@@ -138,3 +138,16 @@ def no_leaks():
     assert wait_gone(lambda: user_processes(), 10), f"left behind: {user_processes()}"
     left = [d for d in os.listdir("/tmp") if d.startswith("hpcrun-unsquash-")]
     assert not left, f"temporary sandboxes left behind: {left}"
+
+
+@pytest.fixture
+def utmp(images, request):
+    """A fresh directory the test user can read (pytest's tmp_path is private to root)."""
+    import pathlib
+    import re
+    path = pathlib.Path(WORK) / "t" / re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    os.chmod(path.parent, 0o755)
+    os.chmod(path, 0o755)
+    return path

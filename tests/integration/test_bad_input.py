@@ -75,11 +75,11 @@ def test_command_not_found(images):
     one_line(hpcrun("exec", images["plain"], "no-such-command"), 127, "no-such-command")
 
 
-def test_malformed_config(images, tmp_path):
-    conf = tmp_path / "bad.yaml"
+def test_malformed_config(images, utmp):
+    conf = utmp / "bad.yaml"
     conf.write_text("scratch: [unclosed\n")
-    os.chmod(tmp_path, 0o755)
-    one_line(hpcrun("exec", images["sif"], "true", env={"HPCRUN_CONFIG": str(conf)}), CONFIG, str(conf))
+    os.chmod(utmp, 0o755)
+    one_line(hpcrun("exec", images["sif"], "true", env={"HPCRUN_CONFIG": str(conf)}), CONFIG, str(conf), "malformed")
     conf.write_text("no_such_key: 1\n")
     one_line(hpcrun("exec", images["sif"], "true", env={"HPCRUN_CONFIG": str(conf)}), CONFIG, "no_such_key")
 

@@ -38,12 +38,15 @@ def test_signals_reach_the_command(images, sig, pidns):
 
 
 def test_sigkill_of_hpcrun_takes_command_and_fuse_daemon(images):
-    proc = spawn("exec", images["sif"], "sh", "-c", "echo ready; sleep 300")
-    wait_ready(proc)
-    names = {c for _, c in user_processes()}
-    assert "squashfuse_ll" in names and "sleep" in names, names
-    proc.kill()
-    proc.wait()
+    proc = spawn("exec", images["sif"], "sh", "-c", "sleep 300 & sleep 300 & echo ready; wait")
+    try:
+        wait_ready(proc)
+        two = wait_gone(lambda: [c for _, c in user_processes()].count("sleep") != 2, 10)
+        names = [c for _, c in user_processes()]
+        assert two and "squashfuse_ll" in names, names
+    finally:
+        proc.kill()
+        proc.wait()
     assert wait_gone(lambda: user_processes(), 10), user_processes()
 
 

@@ -65,21 +65,21 @@ def test_passwd_and_group_hold_image_entries_and_caller(images):
     assert r.stdout.split() == ["root", "nobody", name, "root", "nogroup", r.stdout.split()[-1]]
 
 
-def test_bind_to_destination_missing_in_image(images, tmp_path):
-    src = tmp_path / "data"
+def test_bind_to_destination_missing_in_image(images, utmp):
+    src = utmp / "data"
     src.mkdir()
     (src / "f").write_text("payload")
-    os.chmod(tmp_path, 0o755)
+    os.chmod(utmp, 0o755)
     r = hpcrun("exec", "-B", f"{src}:/not/in/image", images["sif"], "cat", "/not/in/image/f")
     assert r.returncode == 0, r.stderr
     assert r.stdout == "payload"
 
 
-def test_bind_read_only_and_comma_lists(images, tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
+def test_bind_read_only_and_comma_lists(images, utmp):
+    a, b = utmp / "a", utmp / "b"
     a.mkdir()
     b.mkdir()
-    os.chmod(tmp_path, 0o777)
+    os.chmod(utmp, 0o777)
     os.chmod(a, 0o777)
     os.chmod(b, 0o777)
     r = hpcrun("exec", "--bind", f"{a}:/a:ro,{b}:/b", images["sif"], "sh", "-c",
@@ -88,21 +88,22 @@ def test_bind_read_only_and_comma_lists(images, tmp_path):
     assert (b / "ok").exists() and not (a / "no").exists()
 
 
-def test_bind_from_environment(images, tmp_path):
-    os.chmod(tmp_path, 0o755)
-    (tmp_path / "f").write_text("x")
-    r = hpcrun("exec", images["sif"], "cat", "/envbind/f", env={"HPCRUN_BIND": f"{tmp_path}:/envbind"})
+def test_bind_from_environment(images, utmp):
+    os.chmod(utmp, 0o755)
+    (utmp / "f").write_text("x")
+    r = hpcrun("exec", images["sif"], "cat", "/envbind/f", env={"HPCRUN_BIND": f"{utmp}:/envbind"})
     assert r.stdout == "x", r.stderr
-    r = hpcrun("exec", images["sif"], "cat", "/apbind/f", env={"APPTAINER_BIND": f"{tmp_path}:/apbind"})
+    r = hpcrun("exec", images["sif"], "cat", "/apbind/f", env={"APPTAINER_BIND": f"{utmp}:/apbind"})
     assert r.stdout == "x", r.stderr
 
 
-def test_symlinks_in_image_never_redirect_binds_to_host(images, tmp_path):
-    os.chmod(tmp_path, 0o755)
-    (tmp_path / "f").write_text("bound")
+def test_symlinks_in_image_never_redirect_binds_to_host(images, utmp):
+    os.chmod(utmp, 0o755)
+    (utmp / "f").write_text("bound")
     for dst, seen_at in (("/escape-abs/hpcrun-esc1", "/hpcrun-esc1"),
                          ("/opt/escape-rel/hpcrun-esc2", "/tmp/hpcrun-esc2")):
-        r = hpcrun("exec", "-B", f"{tmp_path}:{dst}", images["sif"], "cat", f"{seen_at}/f")
+        # --no-mount tmp: /tmp is the image's own, so the relative link lands in the image
+        r = hpcrun("exec", "--no-mount", "tmp", "-B", f"{utmp}:{dst}", images["sif"], "cat", f"{seen_at}/f")
         assert r.returncode == 0, r.stderr
         assert r.stdout == "bound"
         assert not os.path.exists(seen_at), f"a bind escaped onto the host at {seen_at}"
@@ -139,7 +140,7 @@ def test_contain_hides_home_and_tmp(images):
 
 def test_no_home_and_no_mount(images):
     pw = user()
-    r = hpcrun("exec", "--no-home", "--no-mount", "tmp", images["sif"], "sh", "-c",
+    r = hpcrun("exec", "--no-home", "--no-mount", "tmp", "--pwd", "/", images["sif"], "sh", "-c",
                f"test -e {pw.pw_dir}/. && echo home; ls -A /tmp | wc -l")
     assert r.stdout.split() == ["0"], (r.stdout, r.stderr)
 
@@ -151,22 +152,22 @@ def test_pwd_option(images):
     assert r.returncode == 254 and "--pwd /nonexistent" in r.stderr
 
 
-def test_scratch_directories_from_config(images, tmp_path):
-    scratch = tmp_path / "scratch"
+def test_scratch_directories_from_config(images, utmp):
+    scratch = utmp / "scratch"
     scratch.mkdir()
-    (scratch / "s").write_text("scratch!")
-    os.chmod(tmp_path, 0o755)
-    conf = tmp_path / "conf.yaml"
+    (scratch / "s").write_text("scratch!\n")
+    os.chmod(utmp, 0o755)
+    conf = utmp / "conf.yaml"
     conf.write_text(f"scratch: [{scratch}, /does/not/exist, $MYSCRATCH]\n")
-    r = hpcrun("exec", images["sif"], "sh", "-c", f"cat {scratch}/s; ls /does/not/exist 2>&1 >/dev/null || echo absent",
+    r = hpcrun("exec", images["sif"], "sh", "-c", f"cat {scratch}/s; test -e /does/not/exist || echo absent",
                env={"HPCRUN_CONFIG": str(conf)})
     assert r.stdout.split() == ["scratch!", "absent"], r.stderr
 
 
-def test_environment(images, tmp_path):
-    envfile = tmp_path / "env"
+def test_environment(images, utmp):
+    envfile = utmp / "env"
     envfile.write_text("# comment\nFROM_FILE=file\nexport BOTH='file'\n")
-    os.chmod(tmp_path, 0o755)
+    os.chmod(utmp, 0o755)
     env = {"HOST_VAR": "host", "HPCRUN_ENV_SET_BY": "hpcrun", "APPTAINERENV_AP": "ap",
            "SINGULARITYENV_SING": "sing", "HPCRUN_ENV_OVERRIDDEN": "user"}
     r = hpcrun("exec", "--env", "BOTH=flag", "--env-file", str(envfile), images["sif"], "sh", "-c",
@@ -233,10 +234,10 @@ def test_unsquash_fallback_announced_and_removed(images):
     assert not any(d.startswith("hpcrun-unsquash-") for d in os.listdir("/tmp"))
 
 
-def test_config_fuse_never_extracts(images, tmp_path):
-    conf = tmp_path / "c.yaml"
+def test_config_fuse_never_extracts(images, utmp):
+    conf = utmp / "c.yaml"
     conf.write_text("fuse: never\n")
-    os.chmod(tmp_path, 0o755)
+    os.chmod(utmp, 0o755)
     r = hpcrun("exec", images["squashfs"], "true", env={"HPCRUN_CONFIG": str(conf)})
     assert r.returncode == 0 and "extracting" in r.stderr
 
