@@ -56,6 +56,17 @@ def version():
 
 
 @app.command()
+@click.option("--force", "-F", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@click.argument("out")
+@click.argument("source", type=click.Path())
+def build(out, source, force, quiet):
+    """Build OUT (.sif, else squashfs) from the sandbox directory SOURCE."""
+    from hpcrun.build import build as run_build
+    return run_build(out, source, force, quiet)
+
+
+@app.command()
 def check():
     """Diagnose whether hpcrun can work on this node, and how to fix what cannot."""
     from hpcrun.check import run_checks

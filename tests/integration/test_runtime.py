@@ -274,3 +274,24 @@ def test_version_and_check():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "ok   unprivileged user namespaces" in r.stdout
     assert "ok   overlayfs" in r.stdout
+
+
+def test_build_sif_from_directory_then_run(images, utmp):
+    import subprocess
+    from conftest import as_user, user_env
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = os.path.join(here, "..", "..", "images", "busybox", "make-rootfs.sh")
+    os.chmod(utmp, 0o777)
+    rootfs, out = str(utmp / "rootfs"), str(utmp / "demo.sif")
+    subprocess.run(as_user(["sh", script, rootfs]), env=user_env(), check=True, cwd=str(utmp))
+    r = hpcrun("build", out, rootfs)
+    assert r.returncode == 0, r.stderr
+    from hpcrun.images.sif import SifFile
+    part = SifFile(out).primary_partition()
+    from hpcrun.images.sif import host_arch
+    assert part.offset % 4096 == 0 and part.arch == host_arch()
+    r = hpcrun("run", out, "echo", "args-passed")
+    assert r.returncode == 0, r.stderr
+    assert "Hello from the hpcrun busybox demo" in r.stdout and "args-passed" in r.stdout
+    assert hpcrun("build", out, rootfs).returncode == 2          # exists: needs --force
+    assert hpcrun("build", "--force", out, rootfs).returncode == 0
