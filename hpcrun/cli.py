@@ -102,6 +102,9 @@ def run_container(action, opts, image_path, args):
             if m.kind == "bind" and not m.optional and not m.if_missing and not os.path.exists(m.src):
                 raise errors.BindError(f"bind source {m.src} does not exist",
                                        "create it or fix the --bind argument")
+        if plan.idmap["mode"] == "root" and not opts["quiet"]:
+            sys.stderr.write(f"hpcrun: note: no range for {host.user} in /etc/subuid and /etc/subgid: "
+                             "--fakeroot maps only root (to you); chown to other ids will fail\n")
         timer("plan")
         return _start(plan, image, cfg, opts, timer)
     finally:

@@ -31,6 +31,10 @@ uid=$(id -u "$TEST_USER")
 grep -q "^$TEST_USER:" /etc/subuid 2>/dev/null || echo "$TEST_USER:$((100000 + uid * 65536)):65536" >> /etc/subuid
 grep -q "^$TEST_USER:" /etc/subgid 2>/dev/null || echo "$TEST_USER:$((100000 + uid * 65536)):65536" >> /etc/subgid
 
+# A second user without subordinate ids (--fakeroot must then map root only).
+id "${TEST_USER}2" >/dev/null 2>&1 || useradd -m -s /bin/bash -K SUB_UID_COUNT=0 -K SUB_GID_COUNT=0 "${TEST_USER}2"
+sed -i "/^${TEST_USER}2:/d" /etc/subuid /etc/subgid
+
 # Clusters ship /dev/fuse as 0666; a fresh VM may have 0600.
 [ -e /dev/fuse ] && chmod 0666 /dev/fuse
 echo "setup-host.sh: ready (venv $VENV, test user $TEST_USER)"

@@ -13,7 +13,8 @@ as_user() { setpriv --reuid="$USER_NAME" --regid="$USER_NAME" --init-groups --in
             env -i PATH=/usr/bin:/bin HOME="$(getent passwd "$USER_NAME" | cut -d: -f6)" \
             USER="$USER_NAME" LOGNAME="$USER_NAME" "$@"; }
 cd "$out"
-as_user sh "$here/images/busybox/make-rootfs.sh" "$out/rootfs"
+install -m 0755 "$here/images/busybox/make-rootfs.sh" "$out/"   # the checkout may be private
+as_user sh "$out/make-rootfs.sh" "$out/rootfs"
 as_user "$HPCRUN" build "$out/busybox.sif" "$out/rootfs"
 echo "--- hpcrun run busybox.sif"
 as_user "$HPCRUN" run "$out/busybox.sif"

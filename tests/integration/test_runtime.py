@@ -280,7 +280,10 @@ def test_build_sif_from_directory_then_run(images, utmp):
     import subprocess
     from conftest import as_user, user_env
     here = os.path.dirname(os.path.abspath(__file__))
-    script = os.path.join(here, "..", "..", "images", "busybox", "make-rootfs.sh")
+    import shutil
+    script = str(utmp / "make-rootfs.sh")   # the checkout may be unreadable to the test user
+    shutil.copy(os.path.join(here, "..", "..", "images", "busybox", "make-rootfs.sh"), script)
+    os.chmod(script, 0o755)
     os.chmod(utmp, 0o777)
     rootfs, out = str(utmp / "rootfs"), str(utmp / "demo.sif")
     subprocess.run(as_user(["sh", script, rootfs]), env=user_env(), check=True, cwd=str(utmp))
@@ -295,3 +298,33 @@ def test_build_sif_from_directory_then_run(images, utmp):
     assert "Hello from the hpcrun busybox demo" in r.stdout and "args-passed" in r.stdout
     assert hpcrun("build", out, rootfs).returncode == 2          # exists: needs --force
     assert hpcrun("build", "--force", out, rootfs).returncode == 0
+
+
+def test_fakeroot_without_subuid_maps_root_only(images):
+    import subprocess
+    from conftest import USER
+    import pwd
+    if os.getuid() != 0:
+        pytest.skip("needs root to switch to the second test user")
+    pw = pwd.getpwnam(USER + "2")
+    r = subprocess.run(["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--",
+                        os.environ.get("HPCRUN_BIN", "/opt/hpcrun-venv/bin/hpcrun"), "exec", "--fakeroot",
+                        images["sif"], "sh", "-c", "id -u; cat /proc/self/uid_map"],
+                       capture_output=True, text=True, cwd="/", env={"PATH": "/usr/bin:/bin", "HOME": pw.pw_dir})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", "0", str(pw.pw_uid), "1"]
+    assert "maps only root" in r.stderr
+
+
+def test_ipc_namespace(images):
+    host = os.readlink("/proc/self/ns/ipc")
+    assert hpcrun("exec", images["sif"], "readlink", "/proc/self/ns/ipc").stdout.strip() == host
+    assert hpcrun("exec", "--ipc", images["sif"], "readlink", "/proc/self/ns/ipc").stdout.strip() != host
+
+
+def test_no_squashfuse_binary_falls_back_to_extraction(images, utmp):
+    conf = utmp / "c.yaml"
+    conf.write_text("squashfuse: [no-such-squashfuse]\n")
+    r = hpcrun("exec", images["sif"], "cat", "/etc/group", env={"HPCRUN_CONFIG": str(conf)})
+    assert r.returncode == 0 and "root:x:0:" in r.stdout
+    assert "no squashfuse binary" in r.stderr and "extracting" in r.stderr
