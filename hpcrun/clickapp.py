@@ -36,8 +36,8 @@ def container_command(name, summary, needs_args):
         else:
             params.append(click.Option(decls, multiple=kind == "multi", metavar=metavar, help=help_))
     params.append(click.Argument(["image"]))
-    params.append(click.Argument(["args"], nargs=-1 if not needs_args else -1, required=needs_args,
-                                 type=click.UNPROCESSED))
+    params.append(click.Argument(["args"], nargs=-1, required=needs_args, type=click.UNPROCESSED,
+                                 metavar="COMMAND [ARGS]..." if needs_args else "[ARGS]..."))
     cmd = click.Command(name, callback=callback, params=params, help=summary,
                         context_settings={**CONTEXT, "allow_interspersed_args": False,
                                           "ignore_unknown_options": False})

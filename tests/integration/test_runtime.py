@@ -328,3 +328,17 @@ def test_no_squashfuse_binary_falls_back_to_extraction(images, utmp):
     r = hpcrun("exec", images["sif"], "cat", "/etc/group", env={"HPCRUN_CONFIG": str(conf)})
     assert r.returncode == 0 and "root:x:0:" in r.stdout
     assert "no squashfuse binary" in r.stderr and "extracting" in r.stderr
+
+
+def test_shell_on_a_terminal(images):
+    """`shell` under a real pseudo-terminal (util-linux `script`): interactive, TTY inside."""
+    import shutil
+    import subprocess
+    from conftest import HPCRUN, as_user, user_env
+    if not shutil.which("script"):
+        pytest.fail("util-linux `script` is missing")
+    cmd = " ".join(as_user([HPCRUN, "shell", images["sif"]]))
+    r = subprocess.run(["script", "-qec", cmd, "/dev/null"], input="tty; exit 3\n", capture_output=True,
+                       text=True, env=user_env(), cwd=WORK_USER, timeout=60)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "/dev/pts/" in r.stdout and "hpcrun> " in r.stdout
