@@ -18,65 +18,12 @@ def components(path):
     return [p for p in path.split("/") if p and p != "."]
 
 
-def open_in_root(root, path, create=None):
-    """Return an O_PATH fd for `path` inside `root` (a directory path).
+def _walk(root, path, create=None):
+    """The one resolver: returns (fd or None, components inside root, exists).
 
-    create: None (must exist), "dir" or "file": create the missing last component as
-    that, and missing parents as directories.
-    """
-    rootfd = os.open(root, O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    stack = [rootfd]
-    todo = components(path)
-    links = 0
-    try:
-        while todo:
-            name = todo.pop(0)
-            if name == "..":
-                if len(stack) > 1:
-                    os.close(stack.pop())
-                continue
-            parent = stack[-1]
-            try:
-                fd = os.open(name, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-            except FileNotFoundError:
-                if create is None:
-                    raise
-                kind = create if not todo else "dir"
-                if kind == "dir":
-                    os.mkdir(name, 0o755, dir_fd=parent)
-                else:
-                    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                                     | os.O_CLOEXEC, 0o644, dir_fd=parent))
-                fd = os.open(name, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-            if stat.S_ISLNK(os.fstat(fd).st_mode):
-                target = os.readlink(name, dir_fd=parent)
-                os.close(fd)
-                links += 1
-                if links > MAXLINKS:
-                    raise BindError(f"{path}: too many levels of symbolic links in the image")
-                if target.startswith("/"):
-                    for extra in stack[1:]:
-                        os.close(extra)
-                    del stack[1:]
-                todo = components(target) + todo
-                continue
-            if todo and not stat.S_ISDIR(os.fstat(fd).st_mode):
-                os.close(fd)
-                raise NotADirectoryError(path)
-            stack.append(fd)
-        return os.dup(stack[-1]) if len(stack) > 1 else os.dup(rootfd)
-    finally:
-        for fd in stack:
-            os.close(fd)
-
-
-def fd_path(fd, proc="/proc"):
-    return f"{proc}/self/fd/{fd}"
-
-
-def canonical(root, path):
-    """The path inside `root` that `path` names once the image's symlinks are followed
-    (clamped at root), as a list of components, and whether it exists."""
+    A missing component either ends the walk (create=None: the rest of the path is
+    taken literally, fd None) or is created (parents as directories, the last as
+    `create`)."""
     rootfd = os.open(root, O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     stack, names = [rootfd], []
     todo = components(path)
@@ -89,23 +36,30 @@ def canonical(root, path):
                     os.close(stack.pop())
                     names.pop()
                 continue
+            parent = stack[-1]
             try:
-                fd = os.open(name, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=stack[-1])
+                fd = os.open(name, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
             except FileNotFoundError:
-                out = list(names)
-                for n in [name] + todo:      # the missing tail is taken literally
-                    if n == "..":
-                        out = out[:-1]
-                    else:
-                        out.append(n)
-                return out, False
+                if create is None:
+                    for n in [name] + todo:      # the missing tail is taken literally
+                        if n == "..":
+                            names = names[:-1]
+                        else:
+                            names.append(n)
+                    return None, names, False
+                if create == "file" and not todo:
+                    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                     | os.O_CLOEXEC, 0o644, dir_fd=parent))
+                else:
+                    os.mkdir(name, 0o755, dir_fd=parent)
+                fd = os.open(name, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
             if stat.S_ISLNK(os.fstat(fd).st_mode):
-                target = os.readlink(name, dir_fd=stack[-1])
+                target = os.readlink(name, dir_fd=parent)
                 os.close(fd)
                 links += 1
                 if links > MAXLINKS:
                     raise BindError(f"{path}: too many levels of symbolic links in the image")
-                if target.startswith("/"):
+                if target.startswith("/"):       # absolute: restart at the root
                     for extra in stack[1:]:
                         os.close(extra)
                     del stack[1:]
@@ -117,10 +71,35 @@ def canonical(root, path):
                 raise NotADirectoryError(path)
             stack.append(fd)
             names.append(name)
-        return names, True
+        return os.dup(stack[-1]), names, True
     finally:
         for fd in stack:
             os.close(fd)
+
+
+def open_in_root(root, path, create=None):
+    """Return an O_PATH fd for `path` inside `root` (a directory path).
+
+    create: None (must exist), "dir" or "file": create the missing last component as
+    that, and missing parents as directories.
+    """
+    fd, _names, exists = _walk(root, path, create)
+    if not exists:
+        raise FileNotFoundError(2, "No such file or directory", path)
+    return fd
+
+
+def canonical(root, path):
+    """The path inside `root` that `path` names once the image's symlinks are followed
+    (clamped at root), as a list of components, and whether it exists."""
+    fd, names, exists = _walk(root, path)
+    if fd is not None:
+        os.close(fd)
+    return names, exists
+
+
+def fd_path(fd, proc="/proc"):
+    return f"{proc}/self/fd/{fd}"
 
 
 def make_in_upper(upper, comps, kind):
