@@ -66,6 +66,32 @@ def build(out, source, force, quiet):
     return run_build(out, source, force, quiet)
 
 
+@app.group()
+def sif():
+    """Read SIF files as Apptainer's siftool does."""
+
+
+def _sif_command(name, doc, text, data):
+    @sif.command(name, help=doc)
+    @click.option("--json", "as_json", is_flag=True, help="Print the same data as JSON.")
+    @click.argument("image")
+    def command(image, as_json):
+        from hpcrun.images import siftool
+        from hpcrun.images.sif import SifFile
+        f = SifFile(image)
+        if as_json:
+            import json
+            click.echo(json.dumps(getattr(siftool, data)(f), indent=2))
+        else:
+            click.echo(getattr(siftool, text)(f), nl=False)
+        return 0
+
+
+_sif_command("list", "List the objects of a SIF file (as `siftool list`).", "list_text", "list_rows")
+_sif_command("header", "Print the global header of a SIF file (as `siftool header`).", "header_text",
+             "header_dict")
+
+
 @app.command()
 def check():
     """Diagnose whether hpcrun can work on this node, and how to fix what cannot."""
