@@ -66,6 +66,32 @@ def build(out, source, force, quiet):
     return run_build(out, source, force, quiet)
 
 
+@app.command()
+@click.option("-l", "--labels", "which", flag_value="labels", help="Labels (the default).")
+@click.option("-e", "--environment", "which", flag_value="environment", help="Environment scripts.")
+@click.option("-r", "--runscript", "which", flag_value="runscript", help="The runscript.")
+@click.option("-d", "--deffile", "which", flag_value="deffile", help="The definition file.")
+@click.option("-H", "--helpfile", "which", flag_value="helpfile", help="The help text.")
+@click.option("-s", "--startscript", "which", flag_value="startscript", help="The startscript.")
+@click.option("-t", "--test", "which", flag_value="test", help="The test script.")
+@click.option("--all", "which", flag_value="all", help="Everything.")
+@click.option("--json", "as_json", is_flag=True, help="Apptainer-style JSON.")
+@click.argument("image")
+def inspect(image, which, as_json):
+    """Show IMAGE's metadata without mounting or running it."""
+    from hpcrun.images import inspect as insp
+    meta = insp.metadata(image)
+    keys = ["labels", "environment", "runscript", "deffile", "helpfile", "startscript", "test"]
+    which = keys if which == "all" else [which or "labels"]
+    if as_json:
+        import json
+        click.echo(json.dumps({"data": {"attributes": {k: meta[k] for k in which}}, "type": "container"},
+                              indent=2))
+    else:
+        click.echo(insp.render(meta, which), nl=False)
+    return 0
+
+
 @app.group()
 def sif():
     """Read SIF files as Apptainer's siftool does."""

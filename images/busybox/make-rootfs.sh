@@ -17,6 +17,7 @@ printf 'root:x:0:\nnogroup:x:65534:\n' > etc/group
 printf 'NAME="hpcrun busybox demo"\nID=busybox\n' > etc/os-release
 # Apptainer-style metadata, so `hpcrun run` and the image environment work as there.
 printf 'export DEMO_IMAGE=busybox\n' > .singularity.d/env/90-environment.sh
+printf '{"org.label-schema.name": "hpcrun busybox demo"}\n' > .singularity.d/labels.json
 cat > .singularity.d/runscript <<'RUN'
 #!/bin/sh
 echo "Hello from the hpcrun busybox demo: I am $(id -un) (uid $(id -u)) in $(pwd)"

@@ -98,6 +98,8 @@ def make_rootfs(root, singularity=True):
         os.makedirs(os.path.join(root, ".singularity.d/env"))
         with open(os.path.join(root, ".singularity.d/env/90-environment.sh"), "w") as f:
             f.write("export IMAGE_VAR=from_image\nexport OVERRIDDEN=image\n")
+        with open(os.path.join(root, ".singularity.d/labels.json"), "w") as f:
+            f.write('{"org.label-schema.name": "busybox-test", "maintainer": "hpcrun"}')
         with open(os.path.join(root, ".singularity.d/runscript"), "w") as f:
             f.write('#!/bin/sh\necho "runscript:$*"\n')
         os.chmod(os.path.join(root, ".singularity.d/runscript"), 0o755)

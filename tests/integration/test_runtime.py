@@ -342,3 +342,16 @@ def test_shell_on_a_terminal(images):
                        text=True, env=user_env(), cwd=WORK_USER, timeout=60)
     assert r.returncode == 3, r.stdout + r.stderr
     assert "/dev/pts/" in r.stdout and "hpcrun> " in r.stdout
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inspect_reads_metadata_without_mounting(images, kind):
+    import json
+    r = hpcrun("inspect", images[kind])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "maintainer: hpcrun\norg.label-schema.name: busybox-test\n"
+    r = hpcrun("inspect", "--all", "--json", images[kind])
+    attrs = json.loads(r.stdout)["data"]["attributes"]
+    assert attrs["runscript"] == '#!/bin/sh\necho "runscript:$*"\n'
+    assert "export IMAGE_VAR=from_image" in attrs["environment"]
+    assert attrs["deffile"] is None
