@@ -61,7 +61,8 @@ def version():
 @click.argument("out")
 @click.argument("source", type=click.Path())
 def build(out, source, force, quiet):
-    """Build OUT (.sif, else squashfs) from the sandbox directory SOURCE."""
+    """Build OUT (.sif, else squashfs) from SOURCE: a directory, a rootfs tarball,
+    docker-archive:FILE, oci:DIR[:tag] or oci-archive:FILE[:tag]."""
     from hpcrun.build import build as run_build
     return run_build(out, source, force, quiet)
 
