@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from conftest import TESTDATA, WORK, hpcrun
+from hpcrun_testlib import TESTDATA, WORK, hpcrun
 
 IMAGE, BIND, USAGE, CONFIG = 252, 253, 2, 251
 

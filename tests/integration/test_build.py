@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 
-from conftest import WORK, hpcrun
+from hpcrun_testlib import WORK, hpcrun
 
 
 def _layer(entries):

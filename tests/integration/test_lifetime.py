@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import hpcrun, spawn, user_processes, wait_gone
+from hpcrun_testlib import hpcrun, spawn, user_processes, wait_gone
 
 LOOP = 'trap "echo got-$SIG; exit 7" {sig}; echo ready; while :; do sleep 0.05; done'
 

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from conftest import WORK, WORK_USER, hpcrun, user
+from hpcrun_testlib import WORK, WORK_USER, hpcrun, user
 
 KINDS = ["sif", "squashfs", "sandbox"]
 
@@ -244,7 +244,7 @@ def test_config_fuse_never_extracts(images, utmp):
 
 def test_apptainer_sif_from_sif_library(images):
     """one-group.sif: written by Apptainer's SIF library, arch 386, no executables."""
-    from conftest import TESTDATA
+    from hpcrun_testlib import TESTDATA
     src = os.path.join(TESTDATA, "one-group.sif")
     if not os.path.exists(src):
         pytest.fail(f"test data missing: {src}")
@@ -278,7 +278,7 @@ def test_version_and_check():
 
 def test_build_sif_from_directory_then_run(images, utmp):
     import subprocess
-    from conftest import as_user, user_env
+    from hpcrun_testlib import as_user, user_env
     here = os.path.dirname(os.path.abspath(__file__))
     import shutil
     script = str(utmp / "make-rootfs.sh")   # the checkout may be unreadable to the test user
@@ -302,7 +302,7 @@ def test_build_sif_from_directory_then_run(images, utmp):
 
 def test_fakeroot_without_subuid_maps_root_only(images):
     import subprocess
-    from conftest import USER
+    from hpcrun_testlib import USER
     import pwd
     if os.getuid() != 0:
         pytest.skip("needs root to switch to the second test user")
@@ -334,7 +334,7 @@ def test_shell_on_a_terminal(images):
     """`shell` under a real pseudo-terminal (util-linux `script`): interactive, TTY inside."""
     import shutil
     import subprocess
-    from conftest import HPCRUN, as_user, user_env
+    from hpcrun_testlib import HPCRUN, as_user, user_env
     if not shutil.which("script"):
         pytest.fail("util-linux `script` is missing")
     cmd = " ".join(as_user([HPCRUN, "shell", images["sif"]]))

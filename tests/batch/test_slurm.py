@@ -1,0 +1,76 @@
+"""hpcrun inside real Slurm jobs, submitted as the unprivileged test user."""
+import os
+import shutil
+import subprocess
+import time
+
+from hpcrun_testlib import HPCRUN, WORK_USER, as_user, user_env, user_processes, wait_gone
+
+BATCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "batch", "slurm")
+
+
+def run(args, timeout=120):
+    env = user_env({"PATH": f"{os.path.dirname(HPCRUN)}:/usr/local/bin:/usr/bin:/bin"})
+    return subprocess.run(as_user(args), env=env, cwd=WORK_USER, capture_output=True, text=True, timeout=timeout)
+
+
+def script(utmp, name):
+    """Copy a batch/slurm script where the test user can read it."""
+    dst = os.path.join(str(utmp), name)
+    shutil.copy(os.path.join(BATCH, name), dst)
+    os.chmod(dst, 0o755)
+    os.chmod(utmp, 0o777)
+    return dst
+
+
+def test_srun_tasks_see_their_own_rank_variables(slurm, images):
+    r = run(["srun", "-n", "2", HPCRUN, "exec", images["sif"], "sh", "-c",
+             "echo $SLURM_PROCID $SLURM_LOCALID $SLURM_NTASKS $SLURM_JOB_ID $(id -un) $(pwd)"])
+    assert r.returncode == 0, r.stderr
+    rows = sorted(line.split() for line in r.stdout.splitlines())
+    assert [row[:3] for row in rows] == [["0", "0", "2"], ["1", "1", "2"]]
+    assert rows[0][3] == rows[1][3] and rows[0][3].isdigit()
+    assert all(row[4] == "hpctest" and row[5] == WORK_USER for row in rows)
+
+
+def test_step_exit_status_is_the_commands(slurm, images):
+    r = run(["srun", "-n", "1", HPCRUN, "exec", images["sif"], "sh", "-c", "exit 5"])
+    assert r.returncode == 5
+
+
+def test_sbatch_job_exit_status_and_output(slurm, images, utmp):
+    job = script(utmp, "single.sbatch")
+    out = os.path.join(str(utmp), "out-%j.txt")
+    r = run(["sbatch", "--wait", "-o", out, job, images["sif"], "sh", "-c", "echo in-job $SLURM_JOB_ID; exit 3"])
+    assert r.returncode == 3, r.stdout + r.stderr
+    jobid = r.stdout.split()[-1]
+    with open(out.replace("%j", jobid)) as f:
+        assert f.read().split()[:2] == ["in-job", jobid]
+
+
+def test_job_array_elements(slurm, images, utmp):
+    job = script(utmp, "array.sbatch")
+    out = os.path.join(str(utmp), "arr-%a.txt")
+    r = run(["sbatch", "--wait", "--array=0-2", "-o", out, job, images["sif"], "sh", "-c",
+             "echo task=$SLURM_ARRAY_TASK_ID"], timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for i in range(3):
+        with open(out.replace("%a", str(i))) as f:
+            assert f.read().strip() == f"task={i}"
+
+
+def test_scancel_leaves_nothing_behind(slurm, images, utmp):
+    job = script(utmp, "single.sbatch")
+    r = run(["sbatch", "-o", "/dev/null", job, images["sif"], "sh", "-c", "sleep 300 & sleep 300"])
+    assert r.returncode == 0, r.stderr
+    jobid = r.stdout.split()[-1]
+    try:
+        assert wait_gone(lambda: [c for _, c in user_processes()].count("sleep") < 2, 60), user_processes()
+        assert "squashfuse_ll" in [c for _, c in user_processes()]
+    finally:
+        subprocess.run(["scancel", jobid], check=True)
+    assert wait_gone(lambda: user_processes(), 30), user_processes()
+    end = time.monotonic() + 30
+    while time.monotonic() < end and subprocess.run(["squeue", "-h", "-j", jobid], capture_output=True,
+                                                    text=True).stdout.strip():
+        time.sleep(0.5)

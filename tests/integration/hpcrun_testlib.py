@@ -1,0 +1,155 @@
+"""Integration fixtures: real images built from busybox-static, hpcrun run as the
+unprivileged test user (tests/setup-host.sh creates it) through setpriv."""
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+HPCRUN = os.environ.get("HPCRUN_BIN", "/opt/hpcrun-venv/bin/hpcrun")
+USER = os.environ.get("HPCRUN_TEST_USER", "hpctest")
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared")
+TESTDATA = os.path.normpath(os.environ.get("HPCRUN_TESTDATA", os.path.join(SHARED, "testdata", "sif")))
+
+
+def user():
+    if os.getuid() != 0:
+        return pwd.getpwuid(os.getuid())
+    return pwd.getpwnam(USER)
+
+
+def user_env(extra=None):
+    pw = user()
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": pw.pw_dir, "USER": pw.pw_name,
+           "LOGNAME": pw.pw_name, "LANG": "C.UTF-8", "XDG_CACHE_HOME": os.path.join(WORK, "cache", pw.pw_name)}
+    env.update(extra or {})
+    return env
+
+
+def as_user(argv):
+    if os.getuid() != 0:
+        return list(argv)
+    pw = user()
+    return ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups",
+            "--inh-caps=-all", "--"] + list(argv)
+
+
+def hpcrun(*args, env=None, input=None, cwd=None, timeout=60, text=True):
+    """Run hpcrun as the test user; returns CompletedProcess."""
+    return subprocess.run(as_user([HPCRUN, *args]), env=user_env(env), input=input,
+                          capture_output=True, cwd=cwd or WORK_USER, timeout=timeout, text=text)
+
+
+def spawn(*args, env=None, **kw):
+    return subprocess.Popen(as_user([HPCRUN, *args]), env=user_env(env), cwd=WORK_USER,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def user_processes():
+    """(pid, comm) of every process of the test user other than those of pytest."""
+    uid = user().pw_uid
+    out = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit() or int(p) == os.getpid():
+            continue
+        try:
+            if os.stat(f"/proc/{p}").st_uid == uid:
+                with open(f"/proc/{p}/comm") as f:
+                    out.append((int(p), f.read().strip()))
+        except OSError:
+            pass
+    return out
+
+
+def wait_gone(pred, timeout=10):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if not pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+WORK = "/tmp/hpcrun-it"
+WORK_USER = os.path.join(WORK, "work")
+
+
+def make_rootfs(root, singularity=True):
+    os.makedirs(root)
+    for d in ("bin", "sbin", "usr/bin", "etc", "dev", "proc", "sys", "tmp", "var/tmp", "home", "root", "opt"):
+        os.makedirs(os.path.join(root, d), exist_ok=True)
+    shutil.copy("/bin/busybox", os.path.join(root, "bin/busybox"))
+    applets = subprocess.run(["/bin/busybox", "--list"], capture_output=True, text=True).stdout.split()
+    for a in applets:
+        if a != "busybox":
+            os.symlink("busybox", os.path.join(root, "bin", a))
+    with open(os.path.join(root, "etc/passwd"), "w") as f:
+        f.write("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")
+    with open(os.path.join(root, "etc/group"), "w") as f:
+        f.write("root:x:0:\nnogroup:x:65534:\n")
+    # hostile symlinks: the runtime must resolve them inside the image
+    os.symlink("/", os.path.join(root, "escape-abs"))
+    os.symlink("../../../../../../tmp", os.path.join(root, "opt/escape-rel"))
+    if singularity:
+        os.makedirs(os.path.join(root, ".singularity.d/env"))
+        with open(os.path.join(root, ".singularity.d/env/90-environment.sh"), "w") as f:
+            f.write("export IMAGE_VAR=from_image\nexport OVERRIDDEN=image\n")
+        with open(os.path.join(root, ".singularity.d/labels.json"), "w") as f:
+            f.write('{"org.label-schema.name": "busybox-test", "maintainer": "hpcrun"}')
+        with open(os.path.join(root, ".singularity.d/runscript"), "w") as f:
+            f.write('#!/bin/sh\necho "runscript:$*"\n')
+        os.chmod(os.path.join(root, ".singularity.d/runscript"), 0o755)
+
+
+@pytest.fixture(scope="session")
+def images():
+    """{'squashfs': path, 'sif': path, 'sandbox': path, 'plain': path (no .singularity.d)}"""
+    from hpcrun.images.sif import write_sif
+    if os.path.exists(WORK):
+        subprocess.run(["rm", "-rf", WORK], check=True)
+    os.makedirs(WORK_USER)
+    os.chmod(WORK, 0o755)
+    pw = user()
+    os.chown(WORK_USER, pw.pw_uid, pw.pw_gid)
+    os.makedirs(os.path.join(WORK, "cache"), mode=0o777)
+    os.chmod(os.path.join(WORK, "cache"), 0o777)
+    root = os.path.join(WORK, "rootfs")
+    plain = os.path.join(WORK, "plainfs")
+    make_rootfs(root)
+    make_rootfs(plain, singularity=False)
+    out = {"sandbox": root}
+    for name, src in (("squashfs", root), ("plain", plain)):
+        path = os.path.join(WORK, f"{name}.sqfs")
+        subprocess.run(["mksquashfs", src, path, "-noappend", "-quiet", "-all-root", "-no-progress"],
+                       check=True, stdout=subprocess.DEVNULL)
+        out[name] = path
+    out["sif"] = os.path.join(WORK, "busybox.sif")
+    write_sif(out["sif"], out["squashfs"])
+    subprocess.run(["chmod", "-R", "a+rX", WORK], check=True)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Every integration test must leave no process of the test user and no temp tree."""
+    yield
+    assert wait_gone(lambda: user_processes(), 10), f"left behind: {user_processes()}"
+    left = [d for d in os.listdir("/tmp") if d.startswith("hpcrun-unsquash-")]
+    assert not left, f"temporary sandboxes left behind: {left}"
+
+
+@pytest.fixture
+def utmp(images, request):
+    """A fresh directory the test user can read (pytest's tmp_path is private to root)."""
+    import pathlib
+    import re
+    path = pathlib.Path(WORK) / "t" / re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    os.chmod(path.parent, 0o755)
+    os.chmod(path, 0o755)
+    return path

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Start a one-node Slurm on this machine for the tests (idempotent; as root):
+# munge, slurmctld and slurmd from Debian, configured for loopback with this host's CPUs.
+set -euo pipefail
+pkgs="slurmctld slurmd slurm-client munge"
+if ! dpkg-query -W $pkgs >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $pkgs >/dev/null
+fi
+host=$(hostname -s)
+cpus=$(nproc)
+mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))
+mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge
+chown slurm: /var/spool/slurmctld /var/log/slurm 2>/dev/null || true
+cat > /etc/slurm/slurm.conf <<CONF
+ClusterName=hpcruntest
+SlurmctldHost=$host(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+StateSaveLocation=/var/spool/slurmctld
+SlurmdSpoolDir=/var/spool/slurmd
+SlurmctldPidFile=/run/slurmctld.pid
+SlurmdPidFile=/run/slurmd.pid
+SlurmctldLogFile=/var/log/slurm/slurmctld.log
+SlurmdLogFile=/var/log/slurm/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+MpiDefault=none
+ReturnToService=2
+KillWait=5
+InactiveLimit=0
+MinJobAge=30
+SlurmdTimeout=30
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
+PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:8
+CONF
+rm -f /etc/slurm/cgroup.conf
+[ -s /etc/munge/munge.key ] || (dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null)
+chown munge: /etc/munge/munge.key /run/munge /var/lib/munge /var/log/munge 2>/dev/null || true
+chmod 0400 /etc/munge/munge.key
+pgrep -x munged >/dev/null || runuser -u munge -- /usr/sbin/munged
+pgrep -x slurmctld >/dev/null || slurmctld
+pgrep -x slurmd >/dev/null || slurmd
+for _ in $(seq 60); do
+    if sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
+        echo "slurm-up.sh: one-node Slurm ready on $host ($cpus CPUs)"
+        exit 0
+    fi
+    scontrol update nodename="$host" state=resume >/dev/null 2>&1 || true
+    sleep 1
+done
+echo "slurm-up.sh: Slurm did not come up; see /var/log/slurm/" >&2
+sinfo >&2 || true
+exit 1
