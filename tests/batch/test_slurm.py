@@ -74,3 +74,10 @@ def test_scancel_leaves_nothing_behind(slurm, images, utmp):
     while time.monotonic() < end and subprocess.run(["squeue", "-h", "-j", jobid], capture_output=True,
                                                     text=True).stdout.strip():
         time.sleep(0.5)
+
+
+def test_check_as_a_job_step(slurm, images):
+    r = run(["srun", "-N", "1", HPCRUN, "check"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    host = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
+    assert f"{host}: ok   unprivileged user namespaces" in r.stdout
