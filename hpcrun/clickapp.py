@@ -58,13 +58,16 @@ def version():
 @app.command()
 @click.option("--force", "-F", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@click.option("--build-arg", "build_args", multiple=True, metavar="NAME=VALUE",
+              help="Value for {{ NAME }} in a definition file (repeatable).")
+@click.option("-T", "--notest", is_flag=True, help="Skip a definition file's %test.")
 @click.argument("out")
 @click.argument("source", type=click.Path())
-def build(out, source, force, quiet):
+def build(out, source, force, quiet, build_args, notest):
     """Build OUT (.sif, else squashfs) from SOURCE: a directory, a rootfs tarball,
-    docker-archive:FILE, oci:DIR[:tag] or oci-archive:FILE[:tag]."""
+    docker-archive:FILE, oci:DIR[:tag], oci-archive:FILE[:tag] or a definition file."""
     from hpcrun.build import build as run_build
-    return run_build(out, source, force, quiet)
+    return run_build(out, source, force, quiet, build_args, notest)
 
 
 @app.command()

@@ -23,6 +23,8 @@ OPTIONS = [
     (None, "--env-file", "env_file", "multi", "FILE", "Read K=V lines into the environment."),
     (None, "--writable-tmpfs", "writable_tmpfs", "flag", None,
      "Make the root writable; changes live in memory and vanish at exit."),
+    ("-w", "--writable", "writable", "flag", None,
+     "Write to a sandbox directory image in place (no memory layer)."),
     (None, "--fakeroot", "fakeroot", "flag", None,
      "Run as root inside, mapping your /etc/subuid range."),
     (None, "--no-mount", "no_mount", "multi", "LIST",

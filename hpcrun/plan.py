@@ -96,6 +96,9 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
     if contain:
         skip |= {"home", "tmp", "cwd"}
 
+    if opts["writable"] and image_kind != "sandbox":
+        raise UsageError(f"--writable: {image_path} is not a sandbox directory",
+                         "use --writable-tmpfs for SIF and squashfs images")
     fakeroot = opts["fakeroot"]
     if fakeroot:
         uid = gid = 0
@@ -174,7 +177,7 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
         home=home, gecos=host.gecos, shell=host.shell,
         passwd_line=f"{user}:x:{uid}:{gid}:{host.gecos}:{home}:{host.shell}" if not fakeroot else None,
         group_line=f"{group}:x:{gid}:{user}" if not fakeroot else None,
-        mounts=mounts, writable=opts["writable_tmpfs"], cwd=cwd, pwd_given=bool(opts["pwd"]),
+        mounts=mounts, writable=opts["writable_tmpfs"] or opts["writable"], in_place=opts["writable"], cwd=cwd, pwd_given=bool(opts["pwd"]),
         env=env, forced=forced, unsquash=opts["unsquash"] or cfg["fuse"] == "never",
         tmpfs_size=cfg["tmpfs_size"], new_proc=pid and "proc" not in skip,
     )

@@ -55,3 +55,35 @@ def finish_helper(pid, w):
     if status != 0:
         raise RuntimeSetupError("newuidmap/newgidmap could not map your subordinate id range",
                                 "check /etc/subuid and /etc/subgid, or run `hpcrun check`")
+
+
+def run_mapped(argv, idmap):
+    """Run a host program as root of a user namespace with these maps (no mount
+    namespace, no pivot): to read, squash or remove a tree whose files belong to
+    subordinate ids. Returns its exit status."""
+    from hpcrun.runtime import syscalls as sc
+    pid = os.fork()
+    if pid == 0:
+        try:
+            helper = start_helper(idmap) if idmap["mode"] == "subid" else None
+            sc.unshare(sc.CLONE_NEWUSER)
+            if helper:
+                finish_helper(*helper)
+            else:
+                write_self(dict(idmap, mode="root"))
+            os.execvp(argv[0], argv)
+        except BaseException as e:
+            os.write(2, f"hpcrun: error: cannot run {argv[0]} in a user namespace: {e}\n".encode())
+        finally:
+            os._exit(127)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def build_idmap():
+    """The --fakeroot map for the caller (subuid range when there is one)."""
+    import pwd
+    from hpcrun.host import subid_range
+    uid, gid = os.getuid(), os.getgid()
+    user = pwd.getpwuid(uid).pw_name
+    su, sg = subid_range("/etc/subuid", user, uid), subid_range("/etc/subgid", user, uid)
+    return {"mode": "subid" if su and sg else "root", "uid": uid, "gid": gid, "subuid": su, "subgid": sg}

@@ -90,6 +90,8 @@ def _container(plan, lower, daemon_pid, timer, verbose):
     # Mount points and /etc/passwd are made in the overlay's upper directory *before*
     # the overlay is mounted: we own that tmpfs, while image directories owned by an
     # unmapped root would refuse us. Paths follow the image's symlinks, inside it.
+    # --writable: the sandbox itself is the root, mount points are made in it directly.
+    upper = lower if plan.in_place else RW + "/upper"
     mounts = [m for m in plan.mounts if m.kind == "tmpfs" or _source_ok(m)]
     ready = []
     for m in mounts:
@@ -104,13 +106,20 @@ def _container(plan, lower, daemon_pid, timer, verbose):
         if exists and m.if_missing:
             continue
         if not exists:
-            safepath.make_in_upper(RW + "/upper", comps, "dir" if is_dir else "file")
+            safepath.make_in_upper(upper, comps, "dir" if is_dir else "file")
         ready.append(m)
-    _write_identity(plan, lower)
-    escaped = lower.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
-    sc.mount("overlay", ROOT, "overlay", sc.MS_NOSUID | sc.MS_NODEV,
-             f"lowerdir={escaped},upperdir={RW}/upper,workdir={RW}/work",
-             what="cannot mount the overlay root (kernel without unprivileged overlayfs? run `hpcrun check`)")
+    identity = _write_identity(plan, lower, upper)
+    if plan.in_place:
+        sc.mount(lower, ROOT, None, sc.MS_BIND | sc.MS_REC, what=f"cannot bind the sandbox {plan.image}")
+        sc.mount(None, ROOT, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_NOSUID | sc.MS_NODEV
+                 | sc.current_flags(ROOT))
+        for src, comps in identity:   # generated files over the image's, the image unchanged
+            sc.mount(src, ROOT + "/" + "/".join(comps), None, sc.MS_BIND)
+    else:
+        escaped = lower.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+        sc.mount("overlay", ROOT, "overlay", sc.MS_NOSUID | sc.MS_NODEV,
+                 f"lowerdir={escaped},upperdir={RW}/upper,workdir={RW}/work",
+                 what="cannot mount the overlay root (kernel without unprivileged overlayfs? run `hpcrun check`)")
     for m in ready:
         _apply(m, verbose)
     if not plan.writable:
@@ -171,8 +180,10 @@ def _apply(m, verbose):
         os.close(fd)
 
 
-def _write_identity(plan, lower):
-    """Put the caller's passwd/group entries, after the image's own, in the upper layer."""
+def _write_identity(plan, lower, upper):
+    """The caller's passwd/group entries after the image's own: written into the overlay's
+    upper layer; with --writable into our tmpfs, returned as (file, components) to bind."""
+    binds = []
     for rel, line, key in (("/etc/passwd", plan.passwd_line, plan.user),
                            ("/etc/group", plan.group_line, plan.group)):
         comps, exists = safepath.canonical(lower, rel)
@@ -189,10 +200,15 @@ def _write_identity(plan, lower):
                 continue        # the image's own root entry stays
             line = "root:x:0:0:root:/root:/bin/sh" if rel == "/etc/passwd" else "root:x:0:"
             key = "root"
-        kept = [ln for ln in old if ln.split(":", 1)[0] != key]
-        safepath.make_in_upper(RW + "/upper", comps, "file")
-        with open(RW + "/upper/" + "/".join(comps), "w", encoding="utf-8", errors="surrogateescape") as f:
-            f.write("\n".join(kept + [line]) + "\n")
+        text = "\n".join([ln for ln in old if ln.split(":", 1)[0] != key] + [line]) + "\n"
+        safepath.make_in_upper(upper, comps, "file")
+        path = upper + "/" + "/".join(comps)
+        if plan.in_place:
+            path = f"{RW}/{os.path.basename(rel)}"
+            binds.append((path, comps))
+        with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(text)
+    return binds
 
 
 def _loopback_up():

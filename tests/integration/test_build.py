@@ -186,3 +186,80 @@ def test_bad_oci_inputs(images, bdir):
     r = hpcrun("build", str(bdir / "x.sif"), f"docker-archive:{bdir / 'trunc.tar'}")
     assert r.returncode == 252 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (bdir / "x.sif").exists()
+
+
+DEF = """Bootstrap: localimage
+From: base.sif
+
+%arguments
+GREETING=hello
+
+%setup
+    touch "$APPTAINER_ROOTFS/from-setup"
+
+%files
+data.txt /opt/data.txt
+
+%post
+    echo "{{ GREETING }} from post" > /opt/post.txt
+    mkdir -p /opt/owned && chown 5:6 /opt/owned
+    id -u > /opt/postuid
+
+%environment
+    export APP_MODE=def
+
+%runscript
+    echo "app runscript: $APP_MODE $*"
+
+%labels
+    Author hpcrun-tests
+
+%help
+    This is the help.
+
+%test
+    test -f /opt/post.txt
+"""
+
+
+def test_build_from_definition_file(images, bdir):
+    import shutil
+    shutil.copy(images["sif"], bdir / "base.sif")
+    (bdir / "data.txt").write_text("payload\n")
+    (bdir / "app.def").write_text(DEF)
+    subprocess.run(["chmod", "-R", "a+rX", str(bdir)], check=True)
+    out = str(bdir / "app.sif")
+    r = hpcrun("build", "--build-arg", "GREETING=hi", out, str(bdir / "app.def"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert hpcrun("run", out, "x").stdout.strip() == "app runscript: def x"
+    r = hpcrun("exec", out, "sh", "-c", "cat /opt/post.txt /opt/data.txt /opt/postuid; test -e /from-setup && echo setup")
+    assert r.stdout.split("\n")[:4] == ["hi from post", "payload", "0", "setup"], r.stdout + r.stderr
+    # %post ran as root through the subuid range: the chown survives into the image
+    r = hpcrun("exec", "--fakeroot", out, "stat", "-c", "%u:%g", "/opt/owned")
+    assert r.stdout.strip() == "5:6", r.stdout + r.stderr
+    listing = subprocess.run(["unsquashfs", "-o", "32768", "-lln", out], capture_output=True, text=True).stdout
+    owned = [ln for ln in listing.splitlines() if ln.endswith("squashfs-root/opt/owned")]
+    assert len(owned) == 1 and " 5/6 " in owned[0], owned
+    r = hpcrun("inspect", "--all", out)
+    assert "Author: hpcrun-tests" in r.stdout and "This is the help." in r.stdout and "%post" in r.stdout
+    assert not [n for n in os.listdir(bdir) if n.startswith(".hpcrun-build-")]
+
+
+@pytest.mark.parametrize("body,code,word", [
+    ("Bootstrap: localimage\nFrom: base.sif\n%post\n    exit 7\n", 7, "%post failed with exit code 7"),
+    ("Bootstrap: localimage\nFrom: base.sif\n%bogus\n", 2, "unknown section %bogus"),
+    ("Bootstrap: nonsense\n", 2, "unknown bootstrap agent"),
+    ("Bootstrap: localimage\n", 2, "needs a 'From:'"),
+    ("Bootstrap: localimage\nFrom: base.sif\n%post\n    echo {{ MISSING }}\n", 2, "MISSING"),
+])
+def test_definition_file_errors(images, bdir, body, code, word):
+    import shutil
+    shutil.copy(images["sif"], bdir / "base.sif")
+    (bdir / "bad.def").write_text(body)
+    subprocess.run(["chmod", "-R", "a+rX", str(bdir)], check=True)
+    out = bdir / "bad.sif"
+    r = hpcrun("build", str(out), str(bdir / "bad.def"))
+    assert r.returncode == code, r.stdout + r.stderr
+    assert word in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+    assert not [n for n in os.listdir(bdir) if n.startswith(".hpcrun-build-")]

@@ -1,0 +1,161 @@
+"""Apptainer definition files: parse, and build a root file system from one.
+
+Header `Bootstrap:` agents: scratch, localimage, docker-archive, oci, oci-archive (From:
+names the source). Sections: %setup (on the host, $APPTAINER_ROOTFS names the tree),
+%files, %post (inside the image as root: --fakeroot, through the caller's subuid range
+when there is one), %environment, %runscript, %startscript, %labels, %help, %test,
+%arguments (defaults for {{ NAME }}, overridden by --build-arg NAME=VALUE)."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from hpcrun.errors import ImageError, UsageError
+
+SECTIONS = {"setup", "files", "post", "environment", "runscript", "startscript", "labels", "help",
+            "test", "arguments"}
+AGENTS = {"scratch", "localimage", "docker-archive", "oci", "oci-archive"}
+LATER = {"docker", "debootstrap", "library", "oras", "shub", "yum", "zypper", "busybox", "arch"}
+
+
+class Definition:
+    def __init__(self, header, sections, text):
+        self.header, self.sections, self.text = header, sections, text
+
+
+def parse(text, path, build_args=()):
+    args = {}
+    header, sections, current = {}, {}, None
+    lines = text.splitlines()
+    for n, line in enumerate(lines, 1):
+        m = re.match(r"^%(\w+)", line)
+        if m:
+            name = m.group(1).lower()
+            if name not in SECTIONS:
+                raise UsageError(f"{path}:{n}: unknown section %{name}",
+                                 f"known sections: {', '.join('%' + s for s in sorted(SECTIONS))}")
+            current = name
+            sections.setdefault(name, [])
+            continue
+        if current is None:
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            key, colon, value = line.partition(":")
+            if not colon:
+                raise UsageError(f"{path}:{n}: header line is not 'Key: value'")
+            header[key.strip().lower()] = value.strip()
+        else:
+            sections[current].append(line)
+    sections = {k: "\n".join(v).strip("\n") for k, v in sections.items()}
+    for line in sections.get("arguments", "").splitlines():
+        if "=" in line:
+            k, _, v = line.partition("=")
+            args[k.strip()] = v.strip()
+    for item in build_args:
+        k, eq, v = item.partition("=")
+        if not eq:
+            raise UsageError(f"--build-arg {item!r}: not NAME=VALUE")
+        args[k] = v
+
+    def subst(s):
+        def one(m):
+            if m.group(1) not in args:
+                raise UsageError(f"{path}: {{{{ {m.group(1)} }}}} has no value", "give --build-arg NAME=VALUE")
+            return args[m.group(1)]
+        return re.sub(r"\{\{\s*(\w+)\s*\}\}", one, s)
+    header = {k: subst(v) for k, v in header.items()}
+    sections = {k: subst(v) for k, v in sections.items()}
+    agent = header.get("bootstrap", "").lower()
+    if not agent:
+        raise UsageError(f"{path}: no 'Bootstrap:' header")
+    if agent in LATER:
+        raise UsageError(f"{path}: Bootstrap: {agent} is not supported yet",
+                         "use localimage, docker-archive, oci, oci-archive or scratch")
+    if agent not in AGENTS:
+        raise UsageError(f"{path}: unknown bootstrap agent {agent!r}",
+                         f"known: {', '.join(sorted(AGENTS))}")
+    if agent != "scratch" and not header.get("from"):
+        raise UsageError(f"{path}: Bootstrap: {agent} needs a 'From:' header")
+    return Definition(header, sections, subst(text))
+
+
+def source_of(d, defdir):
+    """The `hpcrun build` source string for the bootstrap agent, or None for scratch."""
+    agent, frm = d.header["bootstrap"].lower(), d.header.get("from", "")
+    if agent == "scratch":
+        return None
+    path = frm if agent == "oci" and ":" in frm and not os.path.exists(os.path.join(defdir, frm)) else frm
+    if not os.path.isabs(path.split(":")[0]):
+        path = os.path.join(defdir, path)
+    return path if agent == "localimage" else f"{agent}:{path}"
+
+
+def apply_sections(d, rootfs, defdir):
+    """%setup, %files and the metadata sections; %post and %test are run by the builder."""
+    env = dict(os.environ, APPTAINER_ROOTFS=rootfs, SINGULARITY_ROOTFS=rootfs)
+    if d.sections.get("setup"):
+        _script("%setup", ["/bin/sh", "-e", "-c", d.sections["setup"]], env, defdir)
+    from hpcrun.runtime import safepath
+    for line in d.sections.get("files", "").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        src = os.path.join(defdir, parts[0])
+        dst = parts[1] if len(parts) > 1 else parts[0]
+        if not os.path.exists(src):
+            raise ImageError(f"%files: {parts[0]} does not exist", f"paths are relative to {defdir}")
+        comps, _ = safepath.canonical(rootfs, os.path.dirname(os.path.normpath("/" + dst)))
+        parent = os.path.join(rootfs, *comps)
+        os.makedirs(parent, exist_ok=True)
+        target = os.path.join(parent, os.path.basename(os.path.normpath(dst)))
+        if os.path.isdir(src):
+            shutil.copytree(src, target, symlinks=True, dirs_exist_ok=True)
+        else:
+            shutil.copy2(src, target, follow_symlinks=True)
+    meta = os.path.join(rootfs, ".singularity.d")
+    os.makedirs(os.path.join(meta, "env"), exist_ok=True)
+    for section, name, mode in (("environment", "env/90-environment.sh", 0o644), ("runscript", "runscript", 0o755),
+                                ("startscript", "startscript", 0o755), ("help", "runscript.help", 0o644),
+                                ("test", "test", 0o755)):
+        if section in d.sections:
+            body = d.sections[section]
+            text = body + "\n" if section == "help" else "#!/bin/sh\n" + body + "\n"
+            with open(os.path.join(meta, name), "w") as f:
+                f.write(text)
+            os.chmod(os.path.join(meta, name), mode)
+    labels_path = os.path.join(meta, "labels.json")
+    labels = {}
+    if os.path.exists(labels_path):
+        with open(labels_path) as f:
+            try:
+                labels = json.load(f)
+            except ValueError:
+                labels = {}
+    for line in d.sections.get("labels", "").splitlines():
+        key, _, value = line.strip().partition(" ")
+        if key:
+            labels[key] = value.strip()
+    with open(labels_path, "w") as f:
+        json.dump(labels, f, indent=2, sort_keys=True)
+    with open(os.path.join(meta, "Singularity"), "w") as f:
+        f.write(d.text if d.text.endswith("\n") else d.text + "\n")
+
+
+def run_in_image(section, rootfs, script, writable):
+    """Run a section's script as root inside the tree with hpcrun itself (a child process:
+    the runtime takes over the process it runs in). %post writes the tree in place."""
+    args = [sys.executable, "-m", "hpcrun", "exec", "--contain", "--pwd", "/", "--fakeroot", "--quiet"]
+    args += ["--writable"] if writable else []
+    args += [rootfs, "/bin/sh", "-e", "-c", script]
+    _script(section, args, dict(os.environ), "/")
+
+
+def _script(section, argv, env, cwd):
+    sys.stdout.flush()
+    proc = subprocess.run(argv, env=env, cwd=cwd)
+    if proc.returncode != 0:
+        raise ImageError(f"{section} failed with exit code {proc.returncode}", "see its output above",
+                         code=proc.returncode if 0 < proc.returncode < 251 else None)
