@@ -13,7 +13,7 @@ import tempfile
 
 from hpcrun.errors import ImageError, UsageError
 
-PREFIXES = ("docker-archive:", "oci-archive:", "oci:")
+PREFIXES = ("docker-archive:", "oci-archive:", "oci:", "docker://", "oras://")
 
 
 def build(out, source, force=False, quiet=False, build_args=(), notest=False):
@@ -73,7 +73,10 @@ def populate(source, rootfs, work, quiet, say):
         return None
     os.makedirs(rootfs, exist_ok=True)
     config = None
-    if source.startswith("docker-archive:"):
+    if source.startswith(("docker://", "oras://")):
+        from hpcrun.builders import registry
+        paths, config = registry.pull(source, quiet)
+    elif source.startswith("docker-archive:"):
         paths, config = oci.from_docker_archive(_existing(source[15:]), work)
     elif source.startswith("oci-archive:"):
         path, tag = _split_tag(source[12:])

@@ -123,6 +123,49 @@ _sif_command("header", "Print the global header of a SIF file (as `siftool heade
 
 
 @app.command()
+@click.option("--force", "-F", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@click.argument("args", nargs=-1, required=True, metavar="[OUT] REF")
+def pull(args, force, quiet):
+    """Pull REF (docker://HOST/REPO:TAG) into OUT (default: REPO_TAG.sif)."""
+    from hpcrun.build import build as run_build
+    from hpcrun.builders.registry import parse_ref
+    if len(args) > 2:
+        raise click.UsageError("give at most OUT and REF")
+    ref = args[-1]
+    if len(args) == 2:
+        out = args[0]
+    else:
+        _host, repo, reference = parse_ref(ref)
+        out = f"{repo.rsplit('/', 1)[-1]}_{reference.replace('sha256:', '')[:12]}.sif"
+    return run_build(out, ref, force, quiet)
+
+
+@app.group()
+def cache():
+    """The layer cache ($XDG_CACHE_HOME/hpcrun/blobs)."""
+
+
+@cache.command("list")
+def cache_list():
+    """List cached blobs and their sizes."""
+    from hpcrun.builders.registry import cache_entries
+    entries = cache_entries()
+    for digest, size in entries:
+        click.echo(f"sha256:{digest}  {size}")
+    click.echo(f"{len(entries)} blobs, {sum(s for _, s in entries)} bytes")
+    return 0
+
+
+@cache.command("clean")
+def cache_clean():
+    """Remove every cached blob."""
+    from hpcrun.builders.registry import cache_clean as clean
+    click.echo(f"removed {clean()} blobs")
+    return 0
+
+
+@app.command()
 def check():
     """Diagnose whether hpcrun can work on this node, and how to fix what cannot."""
     from hpcrun.check import run_checks

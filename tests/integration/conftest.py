@@ -3,4 +3,4 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hpcrun_testlib import images, no_leaks, utmp  # noqa: E402,F401
+from hpcrun_testlib import bdir, images, no_leaks, utmp  # noqa: E402,F401

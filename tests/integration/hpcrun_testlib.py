@@ -153,3 +153,10 @@ def utmp(images, request):
     os.chmod(path.parent, 0o755)
     os.chmod(path, 0o755)
     return path
+
+
+@pytest.fixture
+def bdir(utmp):
+    """A per-test directory the test user can write (builds put OUT there)."""
+    os.chmod(utmp, 0o777)
+    return utmp

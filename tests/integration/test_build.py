@@ -103,12 +103,6 @@ def check_oci_result(out):
     assert "org.example.name: test-image" in hpcrun("inspect", out).stdout
 
 
-@pytest.fixture
-def bdir(utmp):
-    os.chmod(utmp, 0o777)
-    return utmp
-
-
 def test_build_from_oci_layout(images, bdir):
     layout = bdir / "layout"
     make_oci_layout(str(layout), images)
