@@ -16,16 +16,23 @@ from hpcrun.errors import ImageError, UsageError
 PREFIXES = ("docker-archive:", "oci-archive:", "oci:", "docker://", "oras://")
 
 
-def build(out, source, force=False, quiet=False, build_args=(), notest=False):
+COMPRESSORS = ("gzip", "zstd", "lz4", "xz")
+
+
+def build(out, source, force=False, quiet=False, build_args=(), notest=False, compress="gzip",
+          reproducible=False):
     if os.path.exists(out) and not force:
         raise UsageError(f"{out} exists", "use --force to overwrite it")
     if not shutil.which("mksquashfs"):
         raise ImageError("mksquashfs is not installed", "install squashfs-tools")
+    if compress not in COMPRESSORS:
+        raise UsageError(f"--compress {compress}: unknown", f"use one of {', '.join(COMPRESSORS)}")
+    sqopts = {"compress": compress, "reproducible": reproducible}
     say = (lambda msg: None) if quiet or not sys.stderr.isatty() else (
         lambda msg: sys.stderr.write(f"hpcrun: {msg}\n"))
     definition = _definition(source, build_args)
     if definition is None and os.path.isdir(source) and not source.startswith(PREFIXES):
-        return squash(source, out, quiet)
+        return squash(source, out, quiet, **sqopts)
     work = tempfile.mkdtemp(prefix=".hpcrun-build-", dir=os.path.dirname(os.path.abspath(out)))
     idmap = None
     try:
@@ -34,7 +41,7 @@ def build(out, source, force=False, quiet=False, build_args=(), notest=False):
         if definition is None:
             os.mkdir(rootfs)
             metadata.write(rootfs, populate(source, rootfs, work, quiet, say))
-            return squash(rootfs, out, quiet)
+            return squash(rootfs, out, quiet, **sqopts)
         from hpcrun.builders import deffile
         from hpcrun.runtime.idmap import build_idmap
         defdir = os.path.dirname(os.path.abspath(source))
@@ -56,7 +63,7 @@ def build(out, source, force=False, quiet=False, build_args=(), notest=False):
         if definition.sections.get("test") and not notest:
             say("running %test")
             deffile.run_in_image("%test", rootfs, definition.sections["test"], writable=False)
-        return squash(rootfs, out, quiet, idmap)
+        return squash(rootfs, out, quiet, idmap, **sqopts)
     finally:
         _remove(work, idmap)
 
@@ -163,13 +170,17 @@ def _remove(work, idmap):
         shutil.rmtree(work, ignore_errors=True)
 
 
-def squash(rootfs, out, quiet, idmap=None):
+def squash(rootfs, out, quiet, idmap=None, compress="gzip", reproducible=False):
     """mksquashfs with all cores. With a subuid map (a %post build) it runs as root of that
-    user namespace, so files chowned to other users keep their owners in the image."""
+    user namespace, so files chowned to other users keep their owners in the image.
+    reproducible: fixed times in the squashfs and a zero UUID and times in the SIF, so the
+    same inputs give the same bytes."""
     sif = out.endswith(".sif")
     sqfs = out + ".sqfs.tmp" if sif else out + ".tmp"
     mapped = idmap is not None and idmap["mode"] == "subid"
-    args = ["mksquashfs", rootfs, sqfs, "-noappend", "-processors", str(os.cpu_count() or 1)]
+    args = ["mksquashfs", rootfs, sqfs, "-noappend", "-processors", str(os.cpu_count() or 1), "-comp", compress]
+    if reproducible:
+        args += ["-mkfs-time", "0", "-all-time", "0"]
     args += [] if mapped else ["-all-root"]
     loud = sys.stderr.isatty() and not quiet
     if not loud:
@@ -186,7 +197,10 @@ def squash(rootfs, out, quiet, idmap=None):
                 raise ImageError(f"mksquashfs failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
         if sif:
             from hpcrun.images.sif import write_sif
-            write_sif(out, sqfs)
+            if reproducible:
+                write_sif(out, sqfs, now=-62135596800, uuid_bytes=bytes(16))  # Go's zero time
+            else:
+                write_sif(out, sqfs)
         else:
             os.replace(sqfs, out)
     finally:

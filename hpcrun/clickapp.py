@@ -61,13 +61,16 @@ def version():
 @click.option("--build-arg", "build_args", multiple=True, metavar="NAME=VALUE",
               help="Value for {{ NAME }} in a definition file (repeatable).")
 @click.option("-T", "--notest", is_flag=True, help="Skip a definition file's %test.")
+@click.option("--compress", type=click.Choice(["gzip", "zstd", "lz4", "xz"]), default="gzip", show_default=True,
+              help="squashfs compression.")
+@click.option("--reproducible", is_flag=True, help="Same inputs, same bytes: fixed times, zero UUID.")
 @click.argument("out")
 @click.argument("source", type=click.Path())
-def build(out, source, force, quiet, build_args, notest):
+def build(out, source, force, quiet, build_args, notest, compress, reproducible):
     """Build OUT (.sif, else squashfs) from SOURCE: a directory, a rootfs tarball,
     docker-archive:FILE, oci:DIR[:tag], oci-archive:FILE[:tag] or a definition file."""
     from hpcrun.build import build as run_build
-    return run_build(out, source, force, quiet, build_args, notest)
+    return run_build(out, source, force, quiet, build_args, notest, compress, reproducible)
 
 
 @app.command()

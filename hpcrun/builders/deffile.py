@@ -1,7 +1,7 @@
 """Apptainer definition files: parse, and build a root file system from one.
 
-Header `Bootstrap:` agents: scratch, localimage, docker-archive, oci, oci-archive (From:
-names the source). Sections: %setup (on the host, $APPTAINER_ROOTFS names the tree),
+Header `Bootstrap:` agents: scratch, localimage, docker, oras, docker-archive, oci,
+oci-archive (From: names the source). Sections: %setup (on the host, $APPTAINER_ROOTFS names the tree),
 %files, %post (inside the image as root: --fakeroot, through the caller's subuid range
 when there is one), %environment, %runscript, %startscript, %labels, %help, %test,
 %arguments (defaults for {{ NAME }}, overridden by --build-arg NAME=VALUE)."""
@@ -16,8 +16,8 @@ from hpcrun.errors import ImageError, UsageError
 
 SECTIONS = {"setup", "files", "post", "environment", "runscript", "startscript", "labels", "help",
             "test", "arguments"}
-AGENTS = {"scratch", "localimage", "docker-archive", "oci", "oci-archive"}
-LATER = {"docker", "debootstrap", "library", "oras", "shub", "yum", "zypper", "busybox", "arch"}
+AGENTS = {"scratch", "localimage", "docker-archive", "oci", "oci-archive", "docker", "oras"}
+LATER = {"debootstrap", "library", "shub", "yum", "zypper", "busybox", "arch"}
 
 
 class Definition:
@@ -72,7 +72,7 @@ def parse(text, path, build_args=()):
         raise UsageError(f"{path}: no 'Bootstrap:' header")
     if agent in LATER:
         raise UsageError(f"{path}: Bootstrap: {agent} is not supported yet",
-                         "use localimage, docker-archive, oci, oci-archive or scratch")
+                         "use localimage, docker, oras, docker-archive, oci, oci-archive or scratch")
     if agent not in AGENTS:
         raise UsageError(f"{path}: unknown bootstrap agent {agent!r}",
                          f"known: {', '.join(sorted(AGENTS))}")
@@ -86,6 +86,8 @@ def source_of(d, defdir):
     agent, frm = d.header["bootstrap"].lower(), d.header.get("from", "")
     if agent == "scratch":
         return None
+    if agent in ("docker", "oras"):
+        return frm if "://" in frm else f"{agent}://{frm}"
     path = frm if agent == "oci" and ":" in frm and not os.path.exists(os.path.join(defdir, frm)) else frm
     if not os.path.isabs(path.split(":")[0]):
         path = os.path.join(defdir, path)

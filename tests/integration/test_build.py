@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import tarfile
+import time
 
 import pytest
 
@@ -257,3 +258,24 @@ def test_definition_file_errors(images, bdir, body, code, word):
     assert word in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
     assert not [n for n in os.listdir(bdir) if n.startswith(".hpcrun-build-")]
+
+
+def test_compression_choices_and_reproducible_builds(images, bdir):
+    import struct
+    from hpcrun.images.sif import SifFile
+    for name, comp_id in (("gzip", 1), ("xz", 4), ("lz4", 5), ("zstd", 6)):
+        out = str(bdir / f"{name}.sif")
+        r = hpcrun("build", "--compress", name, out, images["sandbox"])
+        assert r.returncode == 0, r.stderr
+        part = SifFile(out).primary_partition()
+        with open(out, "rb") as f:
+            f.seek(part.offset + 20)
+            assert struct.unpack("<H", f.read(2))[0] == comp_id
+        assert hpcrun("run", out, "z").stdout.strip() == "runscript:z"
+    a, b = str(bdir / "r1.sif"), str(bdir / "r2.sif")
+    for out in (a, b):
+        assert hpcrun("build", "--reproducible", out, images["sandbox"]).returncode == 0
+        time.sleep(1.1)   # a different wall-clock second must not matter
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        assert fa.read() == fb.read()
+    assert hpcrun("build", "--compress", "rar", str(bdir / "x.sif"), images["sandbox"]).returncode == 2

@@ -140,3 +140,14 @@ def test_pull_missing_image_and_default_name(registry, bdir):
                env=user_env(cache_env("name")), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (bdir / "busybox_v1.sif").exists()
+
+
+def test_definition_file_bootstrap_docker(registry, bdir):
+    (bdir / "d.def").write_text(f"Bootstrap: docker\nFrom: {registry}/test/busybox:v1\n\n"
+                                "%post\n    echo built > /opt/built\n")
+    os.chmod(bdir / "d.def", 0o644)
+    out = str(bdir / "d.sif")
+    r = hpcrun("build", out, str(bdir / "d.def"), env=cache_env("def"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert hpcrun("exec", out, "cat", "/opt/built").stdout.strip() == "built"
+    assert hpcrun("run", out).stdout.strip() == "entry default-cmd"
