@@ -12,7 +12,7 @@ if [ "$(id -u)" != 0 ]; then
     exit 2
 fi
 
-pkgs="squashfuse squashfs-tools fuse3 uidmap busybox-static python3-venv python3-dev util-linux zstd docker-registry skopeo"
+pkgs="squashfuse squashfs-tools fuse3 uidmap busybox-static python3-venv python3-dev util-linux zstd docker-registry skopeo mmdebstrap"
 missing=$(dpkg-query -W -f='${Package} ${Status}\n' $pkgs 2>/dev/null | awk '$4 != "installed" {print $1}' || true)
 if ! dpkg-query -W $pkgs >/dev/null 2>&1 || [ -n "$missing" ]; then
     apt-get update -qq

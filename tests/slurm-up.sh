@@ -2,7 +2,7 @@
 # Start a one-node Slurm on this machine for the tests (idempotent; as root):
 # munge, slurmctld and slurmd from Debian, configured for loopback with this host's CPUs.
 set -euo pipefail
-pkgs="slurmctld slurmd slurm-client munge"
+pkgs="slurmctld slurmd slurm-client munge libpmix-dev"   # libpmix: srun --mpi=pmix
 if ! dpkg-query -W $pkgs >/dev/null 2>&1; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $pkgs >/dev/null
