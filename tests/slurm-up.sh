@@ -46,13 +46,22 @@ chmod 0400 /etc/munge/munge.key
 pgrep -x munged >/dev/null || runuser -u munge -- /usr/sbin/munged
 pgrep -x slurmctld >/dev/null || slurmctld
 pgrep -x slurmd >/dev/null || slurmd
-for _ in $(seq 60); do
-    if sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
+# Ready means a job step really runs; a slurmd left from before (or still shutting
+# down) is replaced once.
+for attempt in 1 2 3; do
+    for _ in $(seq 30); do
+        sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)$' && break
+        scontrol update nodename="$host" state=resume >/dev/null 2>&1 || true
+        sleep 1
+    done
+    if timeout 30 srun -N1 -n1 -t 1 true >/dev/null 2>&1; then
         echo "slurm-up.sh: one-node Slurm ready on $host ($cpus CPUs)"
         exit 0
     fi
-    scontrol update nodename="$host" state=resume >/dev/null 2>&1 || true
-    sleep 1
+    pkill -x slurmd || true
+    for _ in $(seq 20); do pgrep -x slurmd >/dev/null || break; sleep 0.5; done
+    slurmd
+    sleep 2
 done
 echo "slurm-up.sh: Slurm did not come up; see /var/log/slurm/" >&2
 sinfo >&2 || true

@@ -59,7 +59,7 @@ def open_image(path):
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
-            return Image(os.path.abspath(path), "sandbox", fd)
+            return Image(os.path.realpath(path), "sandbox", fd)   # host path, symlinks resolved
         head = os.pread(fd, 64, 0)
         if head[32:42] == b"SIF_MAGIC\0":
             from hpcrun.images import sif

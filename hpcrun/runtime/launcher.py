@@ -67,8 +67,8 @@ def launch(plan, image, timer, verbose=False, daemon=None, sandbox=None):
     daemon_pid = None
     if sandbox is not None:
         lower = OLD + sandbox
-    elif image.kind == "sandbox":   # overlayfs refuses a lower layer from another mount namespace
-        lower = OLD + os.path.realpath(f"{PROC}/self/fd/{image.fd}")
+    elif image.kind == "sandbox":   # by path: overlayfs refuses a lower layer from another mount namespace
+        lower = OLD + image.path
     else:
         devfd = fuse.open_device(OLD + "/dev/fuse")   # opened in the namespace, or the kernel refuses it
         if devfd is None:
