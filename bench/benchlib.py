@@ -159,6 +159,17 @@ def print_table(rows, refs):
         print(line(b))
 
 
+def print_trouble(notes, problems, failures, runs):
+    """The closing lines of a report: fallbacks taken, tools unavailable, failed runs."""
+    for n in notes:
+        print(f"note: {n}")
+    for n, why in problems.items():
+        print(f"UNAVAILABLE {n}: {why}")
+    for n, f in failures.items():
+        if f:
+            print(f"FAILED {n}: {len(f)} of {runs} runs, e.g. {f[0]}")
+
+
 def dump_json(obj):
     json.dump(obj, sys.stdout, indent=2)
     print()

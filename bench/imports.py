@@ -225,12 +225,7 @@ def bench(args, hpcrun, work):
     print()
     for n in places:
         print(f"  {n:10} {commands.get(n, '')}")
-    for n in notes:
-        print(f"note: {n}")
-    for n, why in problems.items():
-        print(f"UNAVAILABLE {n}: {why}")
-    for n, f in failures.items():
-        print(f"FAILED {n}: {len(f)} of {args.runs} runs, e.g. {f[0]}")
+    benchlib.print_trouble(notes, problems, failures, args.runs)
     return 1 if problems else 0
 
 

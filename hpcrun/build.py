@@ -162,12 +162,8 @@ def _remove(work, idmap):
         from hpcrun.runtime.idmap import run_mapped   # files owned by subordinate ids
         run_mapped(["rm", "-rf", work], idmap)
     if os.path.exists(work):
-        from hpcrun.builders.layers import make_removable
-        try:
-            make_removable(work)
-        except OSError:
-            pass
-        shutil.rmtree(work, ignore_errors=True)
+        from hpcrun import trees
+        trees.remove(work)
 
 
 def squash(rootfs, out, quiet, idmap=None, compress="gzip", reproducible=False):

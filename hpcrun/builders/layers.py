@@ -9,10 +9,10 @@ deletes NAME from the layers below, `.wh..wh..opq` empties its directory of them
 """
 import os
 import shutil
-import stat
 import subprocess
 import tarfile
 
+from hpcrun import trees
 from hpcrun.errors import ImageError
 
 WH = ".wh."
@@ -126,16 +126,7 @@ def apply(tar, dest, label, skipped):
 
 def _remove(path):
     if os.path.isdir(path) and not os.path.islink(path):
-        make_removable(path)
+        trees.make_removable(path)
         shutil.rmtree(path)
     elif os.path.lexists(path):
         os.unlink(path)
-
-
-def make_removable(top):
-    for dirpath, dirnames, _ in os.walk(top):
-        for d in dirnames:
-            p = os.path.join(dirpath, d)
-            if not os.path.islink(p):
-                os.chmod(p, stat.S_IRWXU)
-    os.chmod(top, stat.S_IRWXU)

@@ -80,11 +80,3 @@ def mount(devfd, image_fd, image_path, offset, mountpoint, daemon, uid, gid, hos
                          "the image is corrupt: copy or build it again") from None
     os.close(log)
     return pid
-
-
-def require_daemon(names):
-    path = which(names)
-    if not path:
-        raise RuntimeSetupError(f"no squashfuse binary found (looked for {', '.join(names)})",
-                                "install squashfuse, or use --unsquash")
-    return path

@@ -4,7 +4,6 @@ The tree is removed by a small process forked before we enter the namespaces: it
 for our end of a pipe to close, so the tree goes even when hpcrun is SIGKILLed."""
 import os
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
@@ -34,20 +33,8 @@ def extract(image, reason, quiet=False):
 
 
 def remove(top):
-    def onerror(func, path, _exc):
-        try:  # read-only directories from the image: make them writable, retry
-            os.chmod(os.path.dirname(path), stat.S_IRWXU)
-            os.chmod(path, stat.S_IRWXU) if os.path.isdir(path) else None
-            func(path)
-        except OSError:
-            pass
-    for dirpath, dirnames, _files in os.walk(top):
-        for d in dirnames:
-            try:
-                os.chmod(os.path.join(dirpath, d), stat.S_IRWXU)
-            except OSError:
-                pass
-    shutil.rmtree(top, onerror=onerror)
+    from hpcrun import trees
+    trees.remove(top)
 
 
 def start_remover(top):
