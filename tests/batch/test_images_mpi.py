@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from hpcrun_testlib import HPCRUN, WORK, as_user, hpcrun, user_env
+from hpcrun_testlib import HPCRUN, WORK, as_user, hpcrun, user, user_env
 
 IMAGES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "images")
 
@@ -37,7 +37,7 @@ def test_debian_python_image(images):
     out = build_recipe("debian", os.path.join(WORK, "recipes", "debian.sif"))
     r = hpcrun("exec", out, "python3", "-c", "import getpass, sys; print(sys.version_info[0], getpass.getuser())")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["3", "hpctest"]
+    assert r.stdout.split() == ["3", user().pw_name]
 
 
 def test_mpi_hello_under_srun_pmix(slurm, mpi_image):

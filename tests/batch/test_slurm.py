@@ -4,7 +4,7 @@ import shutil
 import subprocess
 import time
 
-from hpcrun_testlib import HPCRUN, WORK_USER, as_user, user_env, user_processes, wait_gone
+from hpcrun_testlib import HPCRUN, WORK_USER, as_user, user, user_env, user_processes, wait_gone
 
 BATCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "batch", "slurm")
 
@@ -30,7 +30,7 @@ def test_srun_tasks_see_their_own_rank_variables(slurm, images):
     rows = sorted(line.split() for line in r.stdout.splitlines())
     assert [row[:3] for row in rows] == [["0", "0", "2"], ["1", "1", "2"]]
     assert rows[0][3] == rows[1][3] and rows[0][3].isdigit()
-    assert all(row[4] == "hpctest" and row[5] == WORK_USER for row in rows)
+    assert all(row[4] == user().pw_name and row[5] == WORK_USER for row in rows)
 
 
 def test_step_exit_status_is_the_commands(slurm, images):

@@ -74,7 +74,7 @@ def wait_gone(pred, timeout=10):
     return False
 
 
-WORK = "/tmp/hpcrun-it"
+WORK = os.environ.get("HPCRUN_TEST_WORK", "/tmp/hpcrun-it")   # separate runs may use their own
 WORK_USER = os.path.join(WORK, "work")
 
 
