@@ -128,6 +128,9 @@ def _start(plan, image, cfg, opts, timer):
     if devfd is not None:
         os.close(devfd)
     if reason is None:
+        if plan.share:
+            from hpcrun.runtime import share
+            return share.run(plan, image, daemon, timer, opts["verbose"])
         return launcher.launch(plan, image, timer, opts["verbose"], daemon)
     from hpcrun.runtime import unsquash   # subprocess, shutil, tempfile: slow imports
     top, root = unsquash.extract(image, reason, quiet=opts["quiet"])

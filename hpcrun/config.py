@@ -12,8 +12,9 @@ from hpcrun.errors import ConfigError
 
 SCHEMA = {
     "mounts": dict, "scratch": list, "squashfuse": list, "fuse": str, "default_path": str,
-    "tmpfs_size": str, "cleanenv_keep": list,
+    "tmpfs_size": str, "cleanenv_keep": list, "share": str, "share_idle_timeout": int,
 }
+SHARE_MODES = ("auto", "always", "never")
 SITE = "/etc/hpcrun/hpcrun.yaml"
 
 
@@ -55,6 +56,10 @@ def merge(base, over, source):
             out[key] = {**base.get(key, {}), **value}
         else:
             out[key] = value
+    if out.get("share", "auto") not in SHARE_MODES:
+        raise ConfigError(f"{source}: key 'share' must be one of {', '.join(SHARE_MODES)}")
+    if isinstance(out.get("share_idle_timeout"), bool) or out.get("share_idle_timeout", 0) < 0:
+        raise ConfigError(f"{source}: key 'share_idle_timeout' must be a number of seconds >= 0")
     return out
 
 

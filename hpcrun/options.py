@@ -36,6 +36,10 @@ OPTIONS = [
     (None, "--uts", "uts", "flag", None, "New UTS namespace."),
     (None, "--hostname", "hostname", "value", "NAME", "Host name inside (implies --uts)."),
     (None, "--net", "net", "flag", None, "New network namespace with loopback only."),
+    (None, "--sharens", "sharens", "flag", None,
+     "Share one container (namespaces, image mount) with other tasks of yours on this node "
+     "that run the same image with the same options (automatic in Slurm steps)."),
+    (None, "--no-sharens", "no_sharens", "flag", None, "Never share the container, also in Slurm steps."),
     (None, "--dry-run", "dry_run", "flag", None, "Print the container plan as JSON; run nothing."),
     ("-q", "--quiet", "quiet", "flag", None, "Print errors only."),
     ("-v", "--verbose", "verbose", "flag", None, "Print what hpcrun does."),

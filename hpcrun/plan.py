@@ -169,6 +169,12 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
         idmap = {"mode": "self", "uid": host.uid, "gid": host.gid, "subuid": None, "subgid": None}
 
     pid = opts["pid"] or opts["containall"]
+    unsquash = opts["unsquash"] or cfg["fuse"] == "never"
+    if opts["no_sharens"] or unsquash:   # an extracted tree lives with its own process
+        share = False
+    else:
+        mode = cfg.get("share", "auto")
+        share = opts["sharens"] or mode == "always" or (mode == "auto" and "SLURM_STEP_ID" in host.env)
     return Plan(
         action=action, args=list(args), image=image_path, image_kind=image_kind,
         namespaces={"pid": pid, "ipc": opts["ipc"] or opts["containall"],
@@ -178,6 +184,23 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
         passwd_line=f"{user}:x:{uid}:{gid}:{host.gecos}:{home}:{host.shell}" if not fakeroot else None,
         group_line=f"{group}:x:{gid}:{user}" if not fakeroot else None,
         mounts=mounts, writable=opts["writable_tmpfs"] or opts["writable"], in_place=opts["writable"], cwd=cwd, pwd_given=bool(opts["pwd"]),
-        env=env, forced=forced, unsquash=opts["unsquash"] or cfg["fuse"] == "never",
+        env=env, forced=forced, unsquash=unsquash,
         tmpfs_size=cfg["tmpfs_size"], new_proc=pid and "proc" not in skip,
+        share=share, share_idle=cfg.get("share_idle_timeout", 10),
     )
+
+
+# What a task may differ in and still join another's container: its command, its
+# environment, its working directory and its own PID namespace. Everything else
+# shapes the container and must be equal.
+PER_TASK = ("action", "args", "env", "forced", "cwd", "pwd_given", "new_proc", "share", "share_idle")
+
+
+def share_key(plan, image_id):
+    """A stable text naming the container a plan describes (hashed by the caller).
+    repr of sorted items, not json: importing json costs ~6 ms per start."""
+    d = {k: v for k, v in plan.to_dict().items() if k not in PER_TASK}
+    d["namespaces"] = sorted((k, v) for k, v in plan.namespaces.items() if k != "pid")
+    d["mounts"] = [sorted(m.items()) for m in d["mounts"]]
+    d["image_id"] = list(image_id)
+    return repr(sorted(d.items()))

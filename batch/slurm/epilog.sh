@@ -1,16 +1,25 @@
 #!/bin/sh
-# Slurm Epilog: report (and remove) anything a job's hpcrun left on the node. hpcrun
-# leaves no mounts on the host (they live in the container's namespace) and removes its
-# --unsquash trees itself, so this should find nothing; it logs what it finds.
+# Slurm Epilog: report (and, where safe, remove) anything a job's hpcrun left on the node.
+# hpcrun leaves no mounts on the host (they live in the container's namespace) and removes
+# its --unsquash trees itself, so this should find nothing but warm shared containers:
+# a keeper (process name hpcrun-keeper) stays share_idle_timeout seconds after its last
+# task so that the user's next step or job finds the image mounted; it leaves by itself.
+# With END_KEEPERS=1 below, keepers and their squashfuse daemons are ended at once when
+# the user has no other job on this node (no warm mounts between jobs, then).
 # Install: Epilog=/path/to/epilog.sh in slurm.conf.
+END_KEEPERS=${HPCRUN_EPILOG_END_KEEPERS:-0}
 user=${SLURM_JOB_USER:-}
 [ -n "$user" ] || exit 0
+log() { logger -t hpcrun-epilog "job ${SLURM_JOB_ID:-?}: $*" 2>/dev/null || true; }
+others=$(squeue -h -u "$user" -w "$(hostname -s)" -t R,CG -o %A 2>/dev/null | grep -vx "${SLURM_JOB_ID:-x}" | head -1)
+[ -z "$others" ] || exit 0      # the user still runs something here: touch nothing
 for d in "${TMPDIR:-/tmp}"/hpcrun-unsquash-* /tmp/hpcrun-unsquash-*; do
     [ -d "$d" ] || continue
     [ "$(stat -c %U "$d")" = "$user" ] || continue
-    logger -t hpcrun-epilog "job ${SLURM_JOB_ID:-?}: removing leftover $d" 2>/dev/null || true
+    log "removing leftover $d"
     chmod -R u+rwX "$d" 2>/dev/null; rm -rf "$d"
 done
-pkill -KILL -u "$user" -x squashfuse_ll 2>/dev/null && \
-    logger -t hpcrun-epilog "job ${SLURM_JOB_ID:-?}: killed leftover squashfuse_ll" 2>/dev/null
+if [ "$END_KEEPERS" = 1 ]; then
+    pkill -TERM -u "$user" -x hpcrun-keeper 2>/dev/null && log "ended warm shared containers"
+fi
 exit 0

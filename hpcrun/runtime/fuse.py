@@ -1,7 +1,8 @@
 """squashfuse lifecycle: we mount the FUSE file system ourselves (we hold the user
 namespace's CAP_SYS_ADMIN, the daemon would not after exec), then hand the open
 /dev/fuse to squashfuse as `/dev/fd/N`, as Apptainer does. The daemon dies with us
-(PDEATHSIG) and never outlives the container."""
+(PDEATHSIG) and never outlives the container; a shared container's daemon instead
+lives exactly as long as the mount (see `detach`)."""
 import os
 
 from hpcrun.errors import ImageError, RuntimeSetupError
@@ -30,11 +31,15 @@ def open_device(path="/dev/fuse"):
         return None
 
 
-def mount(devfd, image_fd, image_path, offset, mountpoint, daemon, uid, gid, host_root):
+def mount(devfd, image_fd, image_path, offset, mountpoint, daemon, uid, gid, host_root, detach=False):
     """Mount the squashfs at image_fd+offset on mountpoint; return the daemon's pid.
 
     The daemon runs chrooted to host_root (where the host's / is during setup) so that
-    its binary and libraries resolve as on the host."""
+    its binary and libraries resolve as on the host. detach: instead of dying with us,
+    the daemon serves until the mount itself is gone. It moves to a mount namespace of
+    its own without the mount, so when the last process leaves the container's
+    namespace the kernel drops the mount, aborts the FUSE connection and the daemon
+    exits (a shared container's keeper may exit before the tasks using it)."""
     sc.mount(image_path, mountpoint, "fuse.squashfuse", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_RDONLY,
              f"fd={devfd},rootmode=40000,user_id={uid},group_id={gid},allow_other",
              what=f"cannot mount {image_path} with FUSE")
@@ -43,9 +48,13 @@ def mount(devfd, image_fd, image_path, offset, mountpoint, daemon, uid, gid, hos
     pid = os.fork()
     if pid == 0:
         try:
-            sc.prctl(sc.PR_SET_PDEATHSIG, 9)
-            if os.getppid() != parent:
-                os._exit(1)
+            if detach:
+                sc.unshare(sc.CLONE_NEWNS)
+                sc.umount2(mountpoint, sc.MNT_DETACH)
+            else:
+                sc.prctl(sc.PR_SET_PDEATHSIG, 9)
+                if os.getppid() != parent:
+                    os._exit(1)
             os.setsid()   # the terminal's ^C is for the command, not the file system
             os.chroot(host_root)
             os.chdir("/")

@@ -35,6 +35,15 @@ def say(msg):
 def launch(plan, image, timer, verbose=False, daemon=None, sandbox=None):
     """Run the plan; returns the exit status for hpcrun. `sandbox` is an extracted tree
     used instead of the image (FUSE unavailable)."""
+    daemon_pid = build(plan, image, timer, verbose, daemon, sandbox)
+    return enter(plan, daemon_pid, timer)
+
+
+def build(plan, image, timer, verbose=False, daemon=None, sandbox=None, keep=None):
+    """Make the container and move into it: on return this process is inside, in its
+    root, with all capabilities of the user namespace. Returns the FUSE daemon's pid.
+    keep: a list that receives fds of the new namespaces (a shared container's keeper);
+    its FUSE daemon then lives as long as the mount, not as long as this process."""
     if plan.namespaces["net"]:   # needed after pivot_root, when the stdlib is out of reach
         import fcntl, socket, struct  # noqa: F401,E401
     helper = None
@@ -50,6 +59,11 @@ def launch(plan, image, timer, verbose=False, daemon=None, sandbox=None):
     else:
         idmaps.write_self(plan.idmap)
     timer("namespaces")
+    if keep is not None:   # /proc/self/ns/*: still the host's /proc here
+        for name, on in (("user", True), ("ipc", ns["ipc"]), ("uts", ns["uts"]), ("net", ns["net"]),
+                         ("mnt", True)):
+            if on:
+                keep.append((name, os.open(f"/proc/self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)))
 
     # Staging area: a tmpfs over /tmp becomes our root; the host moves to /oldroot
     # (and its /tmp reappears there: pivot_root moved our tmpfs away from it).
@@ -75,18 +89,39 @@ def launch(plan, image, timer, verbose=False, daemon=None, sandbox=None):
             raise RuntimeSetupError("cannot open /dev/fuse inside the user namespace", "run `hpcrun check`")
         daemon_pid = fuse.mount(devfd, image.fd, image.path, image.offset, IMAGE_DIR, daemon,
                                 plan.idmap["uid"] if plan.idmap["mode"] == "self" else 0,
-                                plan.idmap["gid"] if plan.idmap["mode"] == "self" else 0, OLD)
+                                plan.idmap["gid"] if plan.idmap["mode"] == "self" else 0, OLD,
+                                detach=keep is not None)
         lower = IMAGE_DIR
     timer("image")
     try:
-        return _container(plan, lower, daemon_pid, timer, verbose)
+        _container(plan, lower, timer, verbose)
     except BaseException:
         if daemon_pid:
             _stop(daemon_pid)
         raise
+    return daemon_pid
 
 
-def _container(plan, lower, daemon_pid, timer, verbose):
+def enter(plan, daemon_pid, timer):
+    """In the container root: run the command and supervise it; returns its status."""
+    argv = resolve_argv(plan, os.path.exists, os.access)
+    program = find_program(argv[0], plan.env.get("PATH", ""))
+    if program is None:
+        sys.stderr.write(f"hpcrun: error: {argv[0]}: command not found in the container\n")
+        if daemon_pid:
+            _stop(daemon_pid)
+        return NOT_FOUND
+    try:
+        _chdir(plan)
+    except BaseException:
+        if daemon_pid:
+            _stop(daemon_pid)
+        raise
+    timer("pivot")
+    return supervise(plan, program, argv, daemon_pid, timer)
+
+
+def _container(plan, lower, timer, verbose):
     # Mount points and /etc/passwd are made in the overlay's upper directory *before*
     # the overlay is mounted: we own that tmpfs, while image directories owned by an
     # unmapped root would refuse us. Paths follow the image's symlinks, inside it.
@@ -134,16 +169,6 @@ def _container(plan, lower, daemon_pid, timer, verbose):
         sc.sethostname(plan.hostname)
     if plan.namespaces["net"]:
         _loopback_up()
-    argv = resolve_argv(plan, os.path.exists, os.access)
-    program = find_program(argv[0], plan.env.get("PATH", ""))
-    if program is None:
-        sys.stderr.write(f"hpcrun: error: {argv[0]}: command not found in the container\n")
-        if daemon_pid:
-            _stop(daemon_pid)
-        return NOT_FOUND
-    _chdir(plan)
-    timer("pivot")
-    return supervise(plan, program, argv, daemon_pid, timer)
 
 
 def _source_ok(m):
@@ -291,8 +316,8 @@ def supervise(plan, program, argv, daemon_pid, timer):
     the FUSE daemon, and return the command's status."""
     waited = set(FORWARD) | {signal.SIGCHLD}
     signal.pthread_sigmask(signal.SIG_BLOCK, waited | {GUARD})
-    if plan.namespaces["pid"]:
-        sc.unshare(sc.CLONE_NEWPID)
+    if plan.namespaces["pid"]:   # in a shared container, the new /proc must be ours alone
+        sc.unshare(sc.CLONE_NEWPID | (sc.CLONE_NEWNS if plan.share and plan.new_proc else 0))
     me = os.getpid()
     sys.stdout.flush()
     sys.stderr.flush()

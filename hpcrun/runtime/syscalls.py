@@ -38,6 +38,10 @@ def unshare(flags, hint=None):
     _check(_libc.unshare(ctypes.c_int(flags)), "cannot create namespaces (unshare)", hint)
 
 
+def setns(fd, nstype, what):
+    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), f"cannot join {what}")
+
+
 def mount(src, target, fstype, flags, data=None, what=None):
     _check(_libc.mount(_b(src), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data)),
            what or f"cannot mount {fstype or 'bind'} on {target}")
@@ -57,6 +61,12 @@ def pivot_root(new, old):
 def prctl(option, arg):
     _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), ctypes.c_ulong(0),
                        ctypes.c_ulong(0), ctypes.c_ulong(0)), f"prctl({option})")
+
+
+def set_name(name):
+    """The process name (comm) that ps and pkill show; PR_SET_NAME."""
+    _libc.prctl(ctypes.c_int(15), ctypes.c_char_p(_b(name)[:15]), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                ctypes.c_ulong(0))
 
 
 def sethostname(name):

@@ -81,3 +81,24 @@ def test_check_as_a_job_step(slurm, images):
     assert r.returncode == 0, r.stdout + r.stderr
     host = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
     assert f"{host}: ok   unprivileged user namespaces" in r.stdout
+
+
+NS = "echo $(readlink /proc/self/ns/user) $(readlink /proc/self/ns/mnt)"
+COUNT_FUSE = ("n=0; for d in /proc/[0-9]*; do [ \"$(stat -c %u $d 2>/dev/null)\" = $(id -u) ] && "
+              "grep -q squashfuse $d/comm 2>/dev/null && n=$((n+1)); done; echo fuse=$n")
+
+
+def test_step_tasks_share_one_container_automatically(slurm, images):
+    r = run(["srun", "-O", "-n", "4", HPCRUN, "exec", images["sif"], "sh", "-c",
+             NS + "; " + COUNT_FUSE + "; sleep 1"])
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 8
+    assert len({ln for ln in lines if ln.startswith("user:")}) == 1, lines   # one user+mount namespace
+    assert {ln for ln in lines if not ln.startswith("user:")} == {"fuse=1"}, lines  # one FUSE mount
+
+
+def test_step_tasks_without_sharing(slurm, images):
+    r = run(["srun", "-O", "-n", "4", HPCRUN, "exec", "--no-sharens", images["sif"], "sh", "-c", NS])
+    assert r.returncode == 0, r.stderr
+    assert len(set(r.stdout.splitlines())) == 4, r.stdout

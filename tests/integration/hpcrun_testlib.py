@@ -26,6 +26,8 @@ def user_env(extra=None):
     pw = user()
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": pw.pw_dir, "USER": pw.pw_name,
            "LOGNAME": pw.pw_name, "LANG": "C.UTF-8", "XDG_CACHE_HOME": os.path.join(WORK, "cache", pw.pw_name)}
+    if os.path.exists(TEST_CONFIG):   # shared containers leave 1 s after their last task
+        env["HPCRUN_CONFIG"] = TEST_CONFIG
     env.update(extra or {})
     return env
 
@@ -76,6 +78,7 @@ def wait_gone(pred, timeout=10):
 
 WORK = os.environ.get("HPCRUN_TEST_WORK", "/tmp/hpcrun-it")   # separate runs may use their own
 WORK_USER = os.path.join(WORK, "work")
+TEST_CONFIG = os.path.join(WORK, "test-config.yaml")
 
 
 def make_rootfs(root, singularity=True):
@@ -115,6 +118,8 @@ def images():
     os.chmod(WORK, 0o755)
     pw = user()
     os.chown(WORK_USER, pw.pw_uid, pw.pw_gid)
+    with open(TEST_CONFIG, "w") as f:
+        f.write("share_idle_timeout: 1\n")
     os.makedirs(os.path.join(WORK, "cache"), mode=0o777)
     os.chmod(os.path.join(WORK, "cache"), 0o777)
     root = os.path.join(WORK, "rootfs")
@@ -140,6 +145,8 @@ def no_leaks():
     assert wait_gone(lambda: user_processes(), 10), f"left behind: {user_processes()}"
     left = [d for d in os.listdir("/tmp") if d.startswith("hpcrun-unsquash-")]
     assert not left, f"temporary sandboxes left behind: {left}"
+    run_dir = f"/tmp/hpcrun-{user().pw_uid}"   # shared containers' sockets and locks
+    assert wait_gone(lambda: os.path.exists(run_dir), 5), f"left behind: {os.listdir(run_dir)}"
 
 
 @pytest.fixture

@@ -256,3 +256,13 @@ def test_errors_are_not_cached(env, site):
         config.load(env)
     with pytest.raises(ConfigError):
         config.load(env)
+
+
+@pytest.mark.parametrize("text,what", [("share: sometimes\n", "one of auto, always, never"),
+                                       ("share_idle_timeout: -1\n", ">= 0"),
+                                       ("share_idle_timeout: '5'\n", "must be a int")])
+def test_share_keys_are_checked(env, site, text, what):
+    write(site, text)
+    with pytest.raises(ConfigError) as ei:
+        config.load(env)
+    assert str(site) in ei.value.message and what in ei.value.message

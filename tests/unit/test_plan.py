@@ -313,3 +313,28 @@ def test_image_name_from_directory(cfg):
     o = options.defaults()
     p = build_plan(o, "run", "/images/rootfs/", "sandbox", [], cfg, host())
     assert p.env["HPCRUN_NAME"] == "rootfs"
+
+
+# --- node-level sharing ---------------------------------------------------------------
+
+def test_sharing_is_automatic_in_slurm_steps_only(cfg):
+    assert not plan(cfg).share
+    assert plan(cfg, host(env={"SLURM_STEP_ID": "0"})).share
+    assert not plan(cfg, host(env={"SLURM_JOB_ID": "7"})).share    # a batch script, not a step
+    assert not plan(cfg, host(env={"SLURM_STEP_ID": "0"}), no_sharens=True).share
+    assert plan(cfg, sharens=True).share
+    assert not plan(cfg, sharens=True, unsquash=True).share         # an extracted tree is per process
+    assert plan({**cfg, "share": "always"}).share
+    assert not plan({**cfg, "share": "never"}, host(env={"SLURM_STEP_ID": "0"})).share
+
+
+def test_share_key_ignores_what_each_task_may_differ_in(cfg):
+    from hpcrun.plan import share_key
+    ident = (1, 2, 3, 4, 0)
+    a = plan(cfg, host(env={"SLURM_PROCID": "0"}), args=("a",), env=["X=1"], sharens=True)
+    b = plan(cfg, host(env={"SLURM_PROCID": "1"}), action="run", args=("b", "c"), pid=True)
+    assert share_key(a, ident) == share_key(b, ident)
+    assert share_key(a, ident) != share_key(a, (1, 2, 3, 5, 0))          # image replaced
+    for other in (plan(cfg, bind=["/data:/mnt"]), plan(cfg, fakeroot=True), plan(cfg, writable_tmpfs=True),
+                  plan(cfg, net=True), plan(cfg, no_mount=["tmp"]), plan(cfg, host(cwd="/other"))):
+        assert share_key(other, ident) != share_key(a, ident)
