@@ -57,11 +57,12 @@ def test_missing_image_is_one_clear_error(slurm, images):
 
 
 def test_missing_hpcrun_is_one_clear_error(slurm, images):
-    r = run(["srun", "-n", "1", f"--hpcrun-image={images['sif']}", "true"],
-            env={"HPCRUN_SPANK_BIN": "/nonexistent/hpcrun"})
-    assert r.returncode == 127, r.stderr
-    ours = [line for line in r.stderr.splitlines() if not line.startswith("srun:")]
-    assert len(ours) == 1 and "cannot run /nonexistent/hpcrun" in ours[0], r.stderr
+    for path, msg in (("/nonexistent/hpcrun", "cannot run /nonexistent/hpcrun"),
+                      ("hpcrun", "must be an absolute path")):
+        r = run(["srun", "-n", "1", f"--hpcrun-image={images['sif']}", "true"], env={"HPCRUN_SPANK_BIN": path})
+        assert r.returncode == 127, r.stderr
+        ours = [line for line in r.stderr.splitlines() if not line.startswith("srun:")]
+        assert len(ours) == 1 and msg in ours[0], r.stderr
 
 
 def test_options_and_runscript(slurm, images):

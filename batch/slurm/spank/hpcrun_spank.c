@@ -152,6 +152,10 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
         if (spank_getenv(sp, "HPCRUN_SPANK_BIN", over, sizeof over) == ESPANK_SUCCESS && over[0])
             snprintf(bin, sizeof bin, "%s", over);
     }
+    if (bin[0] != '/') {
+        fprintf(stderr, "hpcrun (spank): HPCRUN_SPANK_BIN must be an absolute path, not '%s'\n", bin);
+        _exit(127);
+    }
     if (access(bin, X_OK) != 0) {
         fprintf(stderr, "hpcrun (spank): cannot run %s: %s (set hpcrun= in plugstack.conf "
                 "or HPCRUN_SPANK_BIN)\n", bin, strerror(errno));
