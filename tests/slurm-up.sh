@@ -2,11 +2,12 @@
 # Start a one-node Slurm on this machine for the tests (idempotent; as root):
 # munge, slurmctld and slurmd from Debian, configured for loopback with this host's CPUs.
 set -euo pipefail
-pkgs="slurmctld slurmd slurm-client munge libpmix-dev"   # libpmix: srun --mpi=pmix
+pkgs="slurmctld slurmd slurm-client munge libpmix-dev libslurm-dev gcc"   # libpmix: srun --mpi=pmix; libslurm-dev, gcc: SPANK plugin
 if ! dpkg-query -W $pkgs >/dev/null 2>&1; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $pkgs >/dev/null
 fi
+here=$(cd "$(dirname "$0")/.." && pwd)
 host=$(hostname -s)
 cpus=$(nproc)
 mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))
@@ -43,6 +44,20 @@ rm -f /etc/slurm/cgroup.conf
 [ -s /etc/munge/munge.key ] || (dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null)
 chown munge: /etc/munge/munge.key /run/munge /var/lib/munge /var/log/munge 2>/dev/null || true
 chmod 0400 /etc/munge/munge.key
+# The hpcrun SPANK plugin (srun/sbatch --hpcrun-image), before the daemons start.
+# Its own file under plugstack.conf.d, so other plugstack entries stay untouched;
+# `optional`, so a plugin that fails to load never stops srun. slurmstepd and srun
+# read plugstack.conf at every step and the plugin has no slurmd hooks, so a running
+# slurmd needs no restart for it.
+bash "$here/batch/slurm/spank/build.sh" /usr/local/lib/hpcrun/hpcrun_spank.so >/dev/null
+mkdir -p /etc/slurm/plugstack.conf.d
+include='include /etc/slurm/plugstack.conf.d/*.conf'
+grep -qxF "$include" /etc/slurm/plugstack.conf 2>/dev/null || echo "$include" >> /etc/slurm/plugstack.conf
+line='optional /usr/local/lib/hpcrun/hpcrun_spank.so hpcrun=/opt/hpcrun-venv/bin/hpcrun'
+if [ "$(cat /etc/slurm/plugstack.conf.d/hpcrun.conf 2>/dev/null)" != "$line" ]; then
+    echo "$line" > /etc/slurm/plugstack.conf.d/hpcrun.conf.new
+    mv -f /etc/slurm/plugstack.conf.d/hpcrun.conf.new /etc/slurm/plugstack.conf.d/hpcrun.conf
+fi
 pgrep -x munged >/dev/null || runuser -u munge -- /usr/sbin/munged
 pgrep -x slurmctld >/dev/null || slurmctld
 pgrep -x slurmd >/dev/null || slurmd
@@ -55,6 +70,8 @@ for attempt in 1 2 3; do
         sleep 1
     done
     if timeout 30 srun -N1 -n1 -t 1 true >/dev/null 2>&1; then
+        srun --help 2>/dev/null | grep -q -- --hpcrun-image ||
+            echo "slurm-up.sh: warning: the hpcrun SPANK plugin did not load (srun --help has no --hpcrun-image)" >&2
         echo "slurm-up.sh: one-node Slurm ready on $host ($cpus CPUs)"
         exit 0
     fi

@@ -28,7 +28,7 @@ def test_scheduler_variables_pass_through(images, name):
     assert {k: inside.get(k) for k in env} == env
 
 
-@pytest.mark.parametrize("path", ["slurm/single.sbatch", "slurm/array.sbatch", "slurm/multi.sbatch",
+@pytest.mark.parametrize("path", ["slurm/single.sbatch", "slurm/array.sbatch", "slurm/multi.sbatch", "slurm/image.sbatch",
                                   "slurm/epilog.sh", "pbs/job.pbs", "lsf/job.lsf", "flux/job.sh"])
 def test_job_scripts_parse(path):
     shell = "sh" if path.endswith("epilog.sh") else "bash"
