@@ -68,7 +68,8 @@ def version():
 @click.argument("source", type=click.Path())
 def build(out, source, force, quiet, build_args, notest, compress, reproducible):
     """Build OUT (.sif, else squashfs) from SOURCE: a directory, a rootfs tarball,
-    docker-archive:FILE, oci:DIR[:tag], oci-archive:FILE[:tag] or a definition file."""
+    docker-archive:FILE, oci:DIR[:tag], oci-archive:FILE[:tag], docker://REF, oras://REF
+    (registry credentials as for `hpcrun pull`) or a definition file."""
     from hpcrun.build import build as run_build
     return run_build(out, source, force, quiet, build_args, notest, compress, reproducible)
 
@@ -130,7 +131,12 @@ _sif_command("header", "Print the global header of a SIF file (as `siftool heade
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @click.argument("args", nargs=-1, required=True, metavar="[OUT] REF")
 def pull(args, force, quiet):
-    """Pull REF (docker://HOST/REPO:TAG) into OUT (default: REPO_TAG.sif)."""
+    """Pull REF (docker://HOST/REPO:TAG) into OUT (default: REPO_TAG.sif).
+
+    Private registries: credentials come from HPCRUN_DOCKER_USERNAME and
+    HPCRUN_DOCKER_PASSWORD (or APPTAINER_/SINGULARITY_DOCKER_*), else from
+    $REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers/auth.json or ~/.docker/config.json
+    (see `hpcrun registry login`)."""
     from hpcrun.build import build as run_build
     from hpcrun.builders.registry import parse_ref
     if len(args) > 2:
@@ -142,6 +148,62 @@ def pull(args, force, quiet):
         _host, repo, reference = parse_ref(ref)
         out = f"{repo.rsplit('/', 1)[-1]}_{reference.replace('sha256:', '')[:12]}.sif"
     return run_build(out, ref, force, quiet)
+
+
+@app.group()
+def registry():
+    """Credentials for private registries, kept in ~/.docker/config.json ($DOCKER_CONFIG)."""
+
+
+def _api_host(host):
+    """What the user typed (HOST[:PORT], docker://HOST, https://HOST/v1/) -> (key, API host)."""
+    from hpcrun.builders.auth import host_key
+    key = host_key(host)
+    if not key or any(c in key for c in "@ \t"):
+        raise click.UsageError(f"{host!r} is not a registry host")
+    return key, "registry-1.docker.io" if key == "docker.io" else key
+
+
+@registry.command()
+@click.option("-u", "--username", help="User name (asked for when not given).")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input (else it is asked for, "
+              "never on the command line).")
+@click.argument("host")
+def login(host, username, password_stdin):
+    """Check USERNAME's password with registry HOST[:PORT] (docker.io for Docker Hub) and save
+    it in ~/.docker/config.json (mode 0600). Environment credentials and $REGISTRY_AUTH_FILE
+    or $XDG_RUNTIME_DIR/containers/auth.json entries for HOST take precedence over it."""
+    import sys
+    from hpcrun.builders import auth
+    from hpcrun.builders.registry import Registry
+    from hpcrun.errors import ImageError
+    key, api = _api_host(host)
+    if not username:
+        username = click.prompt("Username", err=True)
+    if password_stdin:
+        password = sys.stdin.read().rstrip("\r\n")
+    else:
+        password = click.prompt("Password", hide_input=True, err=True)
+    if not username or not password or ":" in username:
+        raise click.UsageError("a user name (without ':') and a password are needed")
+    try:
+        Registry(api, None, creds=auth.Credentials(username, password, "registry login")).check()
+    except ImageError as e:   # the usual hint ("run hpcrun registry login") would go in circles
+        raise ImageError(e.message, "check the user name and password" if "refused" in e.message else e.hint) from None
+    path = auth.save(key, username, password)
+    click.echo(f"Login succeeded: credentials for {key} saved in {path}")
+    return 0
+
+
+@registry.command()
+@click.argument("host")
+def logout(host):
+    """Remove HOST's credentials from ~/.docker/config.json."""
+    from hpcrun.builders import auth
+    key, _api = _api_host(host)
+    path, removed = auth.forget(key)
+    click.echo(f"Removed the credentials for {key} from {path}" if removed else f"Not logged in to {key}")
+    return 0
 
 
 @app.group()

@@ -1,10 +1,13 @@
 """Pull images over the OCI distribution API (`docker://REF`, `oras://REF`).
 
-Anonymous or bearer-token auth (the WWW-Authenticate challenge), manifest lists and OCI
-indexes resolved to the host platform, every blob verified against its sha256 digest and
-kept in a content-addressed cache ($XDG_CACHE_HOME/hpcrun/blobs/sha256/HEX) that later
-pulls reuse. Registries on loopback (localhost, 127.0.0.0/8, ::1) are spoken to over
-plain HTTP, as Docker does; everything else over HTTPS."""
+Authentication answers the registry's 401 challenge: HTTP Basic with the user's credentials
+(see auth.py), or a bearer token from the challenge's realm (anonymous, or asked for with
+the credentials); the Authorization header is not sent on to redirects to other hosts.
+Manifest lists and OCI indexes are resolved to the host platform, every blob verified
+against its sha256 digest and kept in a content-addressed cache
+($XDG_CACHE_HOME/hpcrun/blobs/sha256/HEX) that later pulls reuse. Registries on loopback
+(localhost, 127.0.0.0/8, ::1) are spoken to over plain HTTP, as Docker does; everything
+else over HTTPS."""
 import hashlib
 import json
 import os
@@ -15,6 +18,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from hpcrun.builders import auth
 from hpcrun.builders.oci import GOARCH, INDEX_TYPES, LAYER_TYPES
 from hpcrun.errors import ImageError, UsageError
 
@@ -22,6 +26,24 @@ ACCEPT = ", ".join([
     "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
     "application/vnd.docker.distribution.manifest.v2+json"])
+LOOKUP = object()   # Registry(creds=LOOKUP): find the user's credentials when challenged
+
+
+class SameOriginAuth(urllib.request.HTTPRedirectHandler):
+    """Keep the Authorization header (an unredirected header) on a redirect to the same scheme,
+    host and port, as Go's client does; drop it elsewhere: blobs are often redirected to a CDN,
+    which must not see the registry's credentials or token."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        value = req.unredirected_hdrs.get("Authorization")
+        same = urllib.parse.urlsplit(newurl)[:2] == urllib.parse.urlsplit(req.full_url)[:2]
+        if new is not None and value and same:
+            new.add_unredirected_header("Authorization", value)
+        return new
+
+
+OPENER = urllib.request.build_opener(SameOriginAuth)
 
 
 def cache_dir(env=os.environ):
@@ -59,44 +81,81 @@ def _loopback(host):
 
 
 class Registry:
-    def __init__(self, host, repo, quiet=True):
-        self.base = f"{'http' if _loopback(host) else 'https'}://{host}/v2/{repo}"
-        self.repo, self.token, self.quiet = repo, None, quiet
+    """One repository (or, with repo None, just the registry's /v2/ root, for `registry login`).
+    creds: Credentials to use; by default they are looked up (auth.lookup) at the first 401."""
+
+    def __init__(self, host, repo, quiet=True, creds=LOOKUP):
+        self.root = f"{'http' if _loopback(host) else 'https'}://{host}/v2/"
+        self.base = self.root + (repo or "")
+        self.host, self.repo, self.quiet, self.creds = host, repo, quiet, creds
+        self.authorization = None   # the Authorization header once a challenge was answered
 
     def _open(self, url, accept=None):
         for attempt in range(2):
             req = urllib.request.Request(url)
             if accept:
                 req.add_header("Accept", accept)
-            if self.token:
-                req.add_header("Authorization", f"Bearer {self.token}")
+            if self.authorization:
+                req.add_unredirected_header("Authorization", self.authorization)
             try:
-                return urllib.request.urlopen(req, timeout=60)
+                return OPENER.open(req, timeout=60)
             except urllib.error.HTTPError as e:
-                if e.code == 401 and attempt == 0 and self._login(e.headers.get("WWW-Authenticate", "")):
+                if e.code == 401 and attempt == 0:
+                    self._login(e.headers.get("WWW-Authenticate", ""))
                     continue
+                if e.code in (401, 403):
+                    raise auth.refused(self.host, self._creds(), self.repo) from None
                 raise ImageError(f"{url}: registry answered {e.code} {e.reason}",
                                  "check the reference and your access") from None
             except (urllib.error.URLError, OSError) as e:
                 raise ImageError(f"{url}: cannot reach the registry ({getattr(e, 'reason', e)})") from None
-        raise ImageError(f"{url}: not authorised")
+
+    def _creds(self):
+        if self.creds is LOOKUP:
+            self.creds = auth.lookup(self.host)
+        return self.creds
 
     def _login(self, challenge):
-        if not challenge.lower().startswith("bearer "):
-            return False
+        """Answer a 401's WWW-Authenticate: Basic with the credentials, Bearer with a token
+        from the realm (asked with the credentials as Basic auth when there are any)."""
+        scheme = challenge.split(" ", 1)[0].lower()
+        creds = self._creds()
+        if scheme == "basic":
+            if not creds:
+                raise auth.refused(self.host, None, self.repo)
+            self.authorization = creds.basic()
+            return
         params = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
-        if "realm" not in params:
-            return False
+        if scheme != "bearer" or "realm" not in params:
+            raise ImageError(f"{self.host}: unsupported authentication challenge {scheme or 'none'!r}")
+        realm = params["realm"]
+        if creds and not realm.startswith("https://") and not _loopback(urllib.parse.urlsplit(realm).netloc):
+            raise ImageError(f"{self.host}: token service {realm} is not HTTPS",
+                             "hpcrun sends credentials only over HTTPS or to loopback")
         query = {k: v for k, v in params.items() if k in ("service", "scope")}
-        query.setdefault("scope", f"repository:{self.repo}:pull")
-        url = params["realm"] + "?" + urllib.parse.urlencode(query)
+        if self.repo:
+            query.setdefault("scope", f"repository:{self.repo}:pull")
+        req = urllib.request.Request(realm + "?" + urllib.parse.urlencode(query))
+        if creds:
+            req.add_unredirected_header("Authorization", creds.basic())
         try:
-            with urllib.request.urlopen(url, timeout=60) as r:
+            with OPENER.open(req, timeout=60) as r:
                 data = json.load(r)
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                raise auth.refused(self.host, creds, self.repo) from None
+            raise ImageError(f"token request to {realm} failed ({e.code} {e.reason})") from None
         except (urllib.error.URLError, OSError, ValueError) as e:
-            raise ImageError(f"token request to {params['realm']} failed ({e})") from None
-        self.token = data.get("token") or data.get("access_token")
-        return bool(self.token)
+            raise ImageError(f"token request to {realm} failed ({getattr(e, 'reason', e)})") from None
+        token = (data.get("token") or data.get("access_token")) if isinstance(data, dict) else None
+        if not token:
+            raise ImageError(f"token service {realm} answered without a token")
+        self.authorization = f"Bearer {token}"
+
+    def check(self):
+        """GET /v2/ (authenticating as needed): raises unless the registry lets us in."""
+        with self._open(self.root):
+            pass
 
     def manifest(self, reference):
         with self._open(f"{self.base}/manifests/{reference}", ACCEPT) as r:
