@@ -11,6 +11,13 @@ END_KEEPERS=${HPCRUN_EPILOG_END_KEEPERS:-0}
 user=${SLURM_JOB_USER:-}
 [ -n "$user" ] || exit 0
 log() { logger -t hpcrun-epilog "job ${SLURM_JOB_ID:-?}: $*" 2>/dev/null || true; }
+# Images this job staged with stage-image.sh (default directory /tmp; add the sites' own).
+for d in /tmp ${HPCRUN_STAGE_DIRS:-}; do
+    [ -n "${SLURM_JOB_ID:-}" ] || break
+    for f in "$d/hpcrun-stage-$SLURM_JOB_ID-"*; do
+        [ -f "$f" ] && [ "$(stat -c %U "$f")" = "$user" ] && rm -f "$f"
+    done
+done
 others=$(squeue -h -u "$user" -w "$(hostname -s)" -t R,CG -o %A 2>/dev/null | grep -vx "${SLURM_JOB_ID:-x}" | head -1)
 [ -z "$others" ] || exit 0      # the user still runs something here: touch nothing
 for d in "${TMPDIR:-/tmp}"/hpcrun-unsquash-* /tmp/hpcrun-unsquash-*; do

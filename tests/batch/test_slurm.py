@@ -102,3 +102,35 @@ def test_step_tasks_without_sharing(slurm, images):
     r = run(["srun", "-O", "-n", "4", HPCRUN, "exec", "--no-sharens", images["sif"], "sh", "-c", NS])
     assert r.returncode == 0, r.stderr
     assert len(set(r.stdout.splitlines())) == 4, r.stdout
+
+
+def test_time_limit_leaves_nothing_behind(slurm, images, utmp):
+    """A job killed at its time limit (Slurm's minimum: 1 minute) by SIGTERM, then SIGKILL
+    after KillWait: no process, mount, keeper or run directory stays."""
+    out = os.path.join(str(utmp), "limit.txt")
+    r = run(["sbatch", "--wait", "-t", "1", "-o", out, "--wrap",
+             f"srun -n 2 {HPCRUN} exec {images['sif']} sh -c 'echo started; sleep 600'"], timeout=240)
+    assert r.returncode != 0, r.stdout          # killed, not finished
+    with open(out) as f:
+        text = f.read()
+    assert text.count("started") == 2 and "TIME LIMIT" in text, text
+    assert wait_gone(lambda: user_processes(), 30), user_processes()
+    assert not os.path.exists(f"/tmp/hpcrun-{user().pw_uid}")
+
+
+def test_stage_image_with_sbcast(slurm, images, utmp):
+    """batch/slurm/stage-image.sh copies the image node-locally once per job; the ranks run
+    the staged copy; the epilog removes it when the job ends."""
+    stage = script(utmp, "stage-image.sh")
+    out = os.path.join(str(utmp), "stage.txt")
+    r = run(["sbatch", "--wait", "-n", "2", "-o", out, "--wrap",
+             f"IMG=$({stage} {images['sif']}) || exit 9; echo staged=$IMG; "
+             f"srun {HPCRUN} exec $IMG sh -c 'echo rank=$SLURM_PROCID $HPCRUN_CONTAINER'"], timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with open(out) as f:
+        text = f.read()
+    staged = [ln.split("=", 1)[1] for ln in text.splitlines() if ln.startswith("staged=")]
+    assert staged and staged[0].startswith("/tmp/hpcrun-stage-") and staged[0].endswith("-busybox.sif"), text
+    assert sorted(ln for ln in text.splitlines() if ln.startswith("rank=")) == \
+        [f"rank=0 {staged[0]}", f"rank=1 {staged[0]}"], text
+    assert wait_gone(lambda: os.path.exists(staged[0]), 30), "the epilog did not remove the staged image"
