@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 
-from hpcrun.errors import ImageError, UsageError
+from hpcrun.errors import ConfigError, ImageError, UsageError
 
 PREFIXES = ("docker-archive:", "oci-archive:", "oci:", "docker://", "oras://")
 
@@ -20,10 +20,13 @@ COMPRESSORS = ("gzip", "zstd", "lz4", "xz")
 
 
 def build(out, source, force=False, quiet=False, build_args=(), notest=False, compress="gzip",
-          reproducible=False):
-    if os.path.exists(out) and not force:
+          reproducible=False, sandbox=False, fakeroot=False):
+    """sandbox: OUT is a directory (Apptainer's --sandbox), all of it yours so `rm -rf`
+    removes it. fakeroot: require a subuid range (else a ConfigError); without it the range
+    is used when there is one, and root-only mapping is the fallback."""
+    if os.path.lexists(out) and not force:
         raise UsageError(f"{out} exists", "use --force to overwrite it")
-    if not shutil.which("mksquashfs"):
+    if not sandbox and not shutil.which("mksquashfs"):
         raise ImageError("mksquashfs is not installed", "install squashfs-tools")
     if compress not in COMPRESSORS:
         raise UsageError(f"--compress {compress}: unknown", f"use one of {', '.join(COMPRESSORS)}")
@@ -31,29 +34,39 @@ def build(out, source, force=False, quiet=False, build_args=(), notest=False, co
     say = (lambda msg: None) if quiet or not sys.stderr.isatty() else (
         lambda msg: sys.stderr.write(f"hpcrun: {msg}\n"))
     definition = _definition(source, build_args)
-    if definition is None and os.path.isdir(source) and not source.startswith(PREFIXES):
+    idmap = _idmap(fakeroot)
+    if definition is None and os.path.isdir(source) and not source.startswith(PREFIXES) and not sandbox:
         return squash(source, out, quiet, **sqopts)
     work = tempfile.mkdtemp(prefix=".hpcrun-build-", dir=os.path.dirname(os.path.abspath(out)))
-    idmap = None
+    # Keep the owners a tarball or %post gives files: as root, or as root of a user
+    # namespace mapping the subuid range. An unprivileged sandbox is handed over all yours.
+    owners = idmap is None or not sandbox and idmap["mode"] == "subid"
     try:
         from hpcrun.builders import metadata
         rootfs = os.path.join(work, "rootfs")
         if definition is None:
-            os.mkdir(rootfs)
-            metadata.write(rootfs, populate(source, rootfs, work, quiet, say))
-            return squash(rootfs, out, quiet, **sqopts)
+            config = populate(source, rootfs, work, quiet, say, owners, idmap, not sandbox)
+            metadata.write(rootfs, config)
+            return _finish(rootfs, out, work, quiet, idmap, sandbox, sqopts)
         from hpcrun.builders import deffile
-        from hpcrun.runtime.idmap import build_idmap
         defdir = os.path.dirname(os.path.abspath(source))
-        src = deffile.source_of(definition, defdir)
+        if definition.header["bootstrap"].lower() == "debootstrap":
+            src = deffile.debootstrap(definition, work, idmap, quiet)
+        else:
+            src = deffile.source_of(definition, defdir)
         if src is None:
             os.mkdir(rootfs)
         else:
-            config = populate(src, rootfs, work, quiet, say)
+            config = populate(src, rootfs, work, quiet, say, owners, idmap, not sandbox)
             metadata.write(rootfs, config)
+            if src.startswith(work):
+                os.unlink(src)      # the debootstrap tarball: unpacked, no need to hold it twice
         metadata.write(rootfs)
-        deffile.apply_sections(definition, rootfs, defdir)
-        idmap = build_idmap() if os.getuid() != 0 else None
+        if owners and idmap:    # %setup and %files among files of subordinate ids, as Apptainer's fakeroot
+            from hpcrun.runtime.idmap import call_mapped
+            call_mapped(lambda: deffile.apply_sections(definition, rootfs, defdir), idmap)
+        else:
+            deffile.apply_sections(definition, rootfs, defdir)
         if idmap and idmap["mode"] == "root" and not quiet:
             sys.stderr.write("hpcrun: note: no /etc/subuid range: %post runs as root mapped to you only; "
                              "chown to other ids will fail\n")
@@ -63,17 +76,54 @@ def build(out, source, force=False, quiet=False, build_args=(), notest=False, co
         if definition.sections.get("test") and not notest:
             say("running %test")
             deffile.run_in_image("%test", rootfs, definition.sections["test"], writable=False)
-        return squash(rootfs, out, quiet, idmap, **sqopts)
+        return _finish(rootfs, out, work, quiet, idmap, sandbox, sqopts)
     finally:
         _remove(work, idmap)
 
 
-def populate(source, rootfs, work, quiet, say):
+def _idmap(fakeroot):
+    """The user namespace map builds use (None when we are root). --fakeroot insists on a
+    subuid range, as Apptainer's does."""
+    if os.getuid() == 0:
+        return None
+    from hpcrun.runtime.idmap import build_idmap
+    idmap = build_idmap()
+    if fakeroot and idmap["mode"] != "subid":
+        import pwd
+        raise ConfigError(f"--fakeroot: no range for {pwd.getpwuid(os.getuid()).pw_name} in /etc/subuid "
+                          "and /etc/subgid", "ask your administrator for one, or build without --fakeroot")
+    return idmap
+
+
+def _finish(rootfs, out, work, quiet, idmap, sandbox, sqopts):
+    if not sandbox:
+        return squash(rootfs, out, quiet, idmap, owners=idmap is None or idmap["mode"] == "subid", **sqopts)
+    if idmap and idmap["mode"] == "subid":     # (as root, owners are kept as Apptainer does)
+        # %post may have given files to subordinate ids: give everything to the caller
+        # (root of the mapping), so the sandbox is theirs to change and to rm -rf.
+        from hpcrun.runtime.idmap import run_mapped
+        if run_mapped(["chown", "-R", "-h", "0:0", rootfs], idmap) != 0:
+            raise ImageError("could not give the sandbox's files to you (chown failed, see above)")
+    from hpcrun import trees
+    trees.make_removable(rootfs, keep_modes=True)
+    if os.path.lexists(out):            # --force: the old OUT goes with the work directory
+        os.rename(out, os.path.join(work, "replaced"))
+    os.rename(rootfs, out)
+    return 0
+
+
+def populate(source, rootfs, work, quiet, say, owners=False, idmap=None, note_owners=True):
     """Fill rootfs (not existing yet for directories and images) from source; returns the
-    OCI image config, if the source had one."""
+    OCI image config, if the source had one. owners: tarball and layer members keep their
+    owners (we are root, or idmap maps a subuid range: unpacked as root of it); note_owners:
+    say when they cannot."""
     from hpcrun.builders import layers as layermod, oci
     if os.path.isdir(source) and not source.startswith(PREFIXES):
-        shutil.copytree(source, rootfs, symlinks=True)
+        try:
+            shutil.copytree(source, rootfs, symlinks=True)
+        except (shutil.Error, OSError) as e:
+            first = e.args[0][0] if isinstance(e, shutil.Error) and e.args and e.args[0] else e
+            raise ImageError(f"cannot copy {source}: {first}") from None
         return None
     if not source.startswith(PREFIXES) and os.path.isfile(source) and _is_image(source):
         _unsquash(source, rootfs)
@@ -97,15 +147,27 @@ def populate(source, rootfs, work, quiet, say):
         raise UsageError(f"build source {source!r}: no such file or directory",
                          "give a directory, a tarball, docker-archive:FILE, oci:DIR, oci-archive:FILE "
                          "or a definition file")
-    skipped = []
     dest = os.path.realpath(rootfs)
-    for i, path in enumerate(paths, 1):
-        say(f"unpacking layer {i}/{len(paths)}")
-        with layermod.open_tar(path, work) as tar:
-            layermod.apply(tar, dest, source if len(paths) == 1 else f"{source} layer {i}", skipped)
+
+    def unpack():
+        skipped, lost = [], []
+        for i, path in enumerate(paths, 1):
+            say(f"unpacking layer {i}/{len(paths)}")
+            with layermod.open_tar(path, work) as tar:
+                layermod.apply(tar, dest, source if len(paths) == 1 else f"{source} layer {i}", skipped,
+                               owners, lost)
+        return skipped, lost
+    if owners and idmap:
+        from hpcrun.runtime.idmap import call_mapped
+        skipped, lost = call_mapped(unpack, idmap)
+    else:
+        skipped, lost = unpack()
     if skipped and not quiet:
         sys.stderr.write(f"hpcrun: note: skipped {len(skipped)} device node(s)/FIFO(s) "
                          f"(an unprivileged build cannot create them), e.g. /{skipped[0]}\n")
+    if lost and note_owners and not quiet:
+        why = "their ids are outside your subuid range" if owners else "keeping them needs a subuid range"
+        sys.stderr.write(f"hpcrun: note: {len(lost)} file(s) lose their owner ({why}), e.g. /{lost[0]}\n")
     return config
 
 
@@ -158,17 +220,17 @@ def _split_tag(ref):
 
 
 def _remove(work, idmap):
-    if idmap and idmap["mode"] == "subid" and os.path.exists(work):
+    from hpcrun import trees
+    trees.remove(work)
+    if os.path.exists(work) and idmap and idmap["mode"] == "subid":
         from hpcrun.runtime.idmap import run_mapped   # files owned by subordinate ids
         run_mapped(["rm", "-rf", work], idmap)
-    if os.path.exists(work):
-        from hpcrun import trees
-        trees.remove(work)
 
 
-def squash(rootfs, out, quiet, idmap=None, compress="gzip", reproducible=False):
-    """mksquashfs with all cores. With a subuid map (a %post build) it runs as root of that
-    user namespace, so files chowned to other users keep their owners in the image.
+def squash(rootfs, out, quiet, idmap=None, owners=False, compress="gzip", reproducible=False):
+    """mksquashfs with all cores. With a subuid map it runs as root of that user namespace,
+    so files unpacked or chowned (%post) to other ids keep their owners in the image;
+    owners=False makes every file root's (-all-root).
     reproducible: fixed times in the squashfs and a zero UUID and times in the SIF, so the
     same inputs give the same bytes."""
     sif = out.endswith(".sif")
@@ -177,7 +239,7 @@ def squash(rootfs, out, quiet, idmap=None, compress="gzip", reproducible=False):
     args = ["mksquashfs", rootfs, sqfs, "-noappend", "-processors", str(os.cpu_count() or 1), "-comp", compress]
     if reproducible:
         args += ["-mkfs-time", "0", "-all-time", "0"]
-    args += [] if mapped else ["-all-root"]
+    args += [] if owners else ["-all-root"]
     loud = sys.stderr.isatty() and not quiet
     if not loud:
         args += ["-quiet", "-no-progress"]

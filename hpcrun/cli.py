@@ -156,5 +156,8 @@ def click_main(argv):
         if isinstance(e, click.ClickException):
             e.show()
             return e.exit_code
-        raise
+        if "--debug" in argv:
+            raise
+        sys.stderr.write(f"hpcrun: internal error: {type(e).__name__}: {e} (run with --debug for details)\n")
+        return errors.INTERNAL
     return rv if isinstance(rv, int) else 0

@@ -64,14 +64,23 @@ def version():
 @click.option("--compress", type=click.Choice(["gzip", "zstd", "lz4", "xz"]), default="gzip", show_default=True,
               help="squashfs compression.")
 @click.option("--reproducible", is_flag=True, help="Same inputs, same bytes: fixed times, zero UUID.")
+@click.option("-s", "--sandbox", is_flag=True,
+              help="Write OUT as a sandbox directory (run it with exec [--writable]; all files are yours, "
+                   "so rm -rf removes it).")
+@click.option("-f", "--fakeroot", is_flag=True,
+              help="Unpack, run %post and squash as root of your /etc/subuid and /etc/subgid range, so "
+                   "file owners are kept; fail (exit 251) if you have none. Without it the range is "
+                   "used when there is one, else root is mapped to you only.")
 @click.argument("out")
 @click.argument("source", type=click.Path())
-def build(out, source, force, quiet, build_args, notest, compress, reproducible):
-    """Build OUT (.sif, else squashfs) from SOURCE: a directory, a rootfs tarball,
-    docker-archive:FILE, oci:DIR[:tag], oci-archive:FILE[:tag], docker://REF, oras://REF
-    (registry credentials as for `hpcrun pull`) or a definition file."""
+def build(out, source, force, quiet, build_args, notest, compress, reproducible, sandbox, fakeroot):
+    """Build OUT (.sif, else squashfs; a directory with --sandbox) from SOURCE: a directory,
+    a rootfs tarball, docker-archive:FILE, oci:DIR[:tag], oci-archive:FILE[:tag],
+    docker://REF, oras://REF (registry credentials as for `hpcrun pull`) or a definition
+    file (Bootstrap: localimage, docker, oras, docker-archive, oci, oci-archive,
+    debootstrap, scratch)."""
     from hpcrun.build import build as run_build
-    return run_build(out, source, force, quiet, build_args, notest, compress, reproducible)
+    return run_build(out, source, force, quiet, build_args, notest, compress, reproducible, sandbox, fakeroot)
 
 
 @app.command()

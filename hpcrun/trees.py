@@ -4,20 +4,22 @@ import shutil
 import stat
 
 
-def make_removable(top):
-    """Give the owner rwx on every directory under top (links untouched), best effort."""
-    for dirpath, dirnames, _ in os.walk(top):
+def make_removable(top, keep_modes=False):
+    """Give the owner rwx on top and every directory under it (links untouched), best
+    effort. keep_modes: add u+rwx to the mode (a sandbox we hand over) instead of
+    setting 0700 (a tree about to be removed)."""
+    def fix(p):
+        try:
+            mode = stat.S_IMODE(os.lstat(p).st_mode) | stat.S_IRWXU if keep_modes else stat.S_IRWXU
+            os.chmod(p, mode)
+        except OSError:
+            pass
+    fix(top)
+    for dirpath, dirnames, _ in os.walk(top):   # top-down: fixed before it is entered
         for d in dirnames:
             p = os.path.join(dirpath, d)
             if not os.path.islink(p):
-                try:
-                    os.chmod(p, stat.S_IRWXU)
-                except OSError:
-                    pass
-    try:
-        os.chmod(top, stat.S_IRWXU)
-    except OSError:
-        pass
+                fix(p)
 
 
 def remove(top):

@@ -1,7 +1,9 @@
 """Apptainer definition files: parse, and build a root file system from one.
 
 Header `Bootstrap:` agents: scratch, localimage, docker, oras, docker-archive, oci,
-oci-archive (From: names the source). Sections: %setup (on the host, $APPTAINER_ROOTFS names the tree),
+oci-archive (From: names the source), debootstrap (OSVersion:, MirrorURL:, Include:; made
+with Debian's mmdebstrap). Sections: %setup (on the host, $APPTAINER_ROOTFS names the tree;
+as root of the subuid mapping when the build unpacked with one, like %files),
 %files, %post (inside the image as root: --fakeroot, through the caller's subuid range
 when there is one), %environment, %runscript, %startscript, %labels, %help, %test,
 %arguments (defaults for {{ NAME }}, overridden by --build-arg NAME=VALUE)."""
@@ -12,12 +14,12 @@ import shutil
 import subprocess
 import sys
 
-from hpcrun.errors import ImageError, UsageError
+from hpcrun.errors import ConfigError, ImageError, UsageError
 
 SECTIONS = {"setup", "files", "post", "environment", "runscript", "startscript", "labels", "help",
             "test", "arguments"}
-AGENTS = {"scratch", "localimage", "docker-archive", "oci", "oci-archive", "docker", "oras"}
-LATER = {"debootstrap", "library", "shub", "yum", "zypper", "busybox", "arch"}
+AGENTS = {"scratch", "localimage", "docker-archive", "oci", "oci-archive", "docker", "oras", "debootstrap"}
+LATER = {"library", "shub", "yum", "zypper", "busybox", "arch"}
 
 
 class Definition:
@@ -72,11 +74,13 @@ def parse(text, path, build_args=()):
         raise UsageError(f"{path}: no 'Bootstrap:' header")
     if agent in LATER:
         raise UsageError(f"{path}: Bootstrap: {agent} is not supported yet",
-                         "use localimage, docker, oras, docker-archive, oci, oci-archive or scratch")
+                         "use localimage, docker, oras, docker-archive, oci, oci-archive, debootstrap or scratch")
     if agent not in AGENTS:
         raise UsageError(f"{path}: unknown bootstrap agent {agent!r}",
                          f"known: {', '.join(sorted(AGENTS))}")
-    if agent != "scratch" and not header.get("from"):
+    if agent == "debootstrap" and not header.get("osversion"):
+        raise UsageError(f"{path}: Bootstrap: debootstrap needs an 'OSVersion:' header", "e.g. OSVersion: bookworm")
+    if agent not in ("scratch", "debootstrap") and not header.get("from"):
         raise UsageError(f"{path}: Bootstrap: {agent} needs a 'From:' header")
     return Definition(header, sections, subst(text))
 
@@ -92,6 +96,28 @@ def source_of(d, defdir):
     if not os.path.isabs(path.split(":")[0]):
         path = os.path.join(defdir, path)
     return path if agent == "localimage" else f"{agent}:{path}"
+
+
+def debootstrap(d, work, idmap, quiet):
+    """Bootstrap: debootstrap -> a root file system tarball in work, made by mmdebstrap
+    (minbase variant, as Apptainer's debootstrap). Unprivileged it runs in its unshare mode,
+    through the same subuid range; the builder then unpacks the tarball keeping owners."""
+    if not shutil.which("mmdebstrap"):
+        raise ConfigError("Bootstrap: debootstrap needs mmdebstrap", "install the mmdebstrap package")
+    if idmap and idmap["mode"] != "subid":
+        import pwd
+        raise ConfigError(f"Bootstrap: debootstrap needs a range for {pwd.getpwuid(os.getuid()).pw_name} in "
+                          "/etc/subuid and /etc/subgid", "ask your administrator for one, or build as root")
+    tarball = os.path.join(work, "debootstrap.tar")
+    include = ",".join(p for p in re.split(r"[\s,]+", d.header.get("include", "")) if p)
+    args = ["mmdebstrap", "--variant=minbase", "--mode=" + ("unshare" if idmap else "root")]
+    args += (["--include=" + include] if include else []) + (["--quiet"] if quiet else [])
+    args += [d.header["osversion"], tarball, d.header.get("mirrorurl") or "http://deb.debian.org/debian"]
+    try:
+        _script("Bootstrap: debootstrap (mmdebstrap)", args, dict(os.environ), work)
+    except ImageError as e:     # an image problem (252), whatever mmdebstrap's own code
+        raise ImageError(e.message, e.hint) from None
+    return tarball
 
 
 def apply_sections(d, rootfs, defdir):

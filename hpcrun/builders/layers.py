@@ -4,7 +4,9 @@ Nothing may land outside the destination: member names with `..` that escape are
 a member is never written through a symlink (each parent is resolved and must stay
 inside), hard links must point inside, device nodes and FIFOs are skipped (an
 unprivileged user cannot make them). Symlinks are kept as they are: an absolute link is
-interpreted inside the image when it runs. Layers honour OCI whiteouts: `.wh.NAME`
+interpreted inside the image when it runs. With owners=True (run as root, or as root of a
+user namespace mapping a subuid range) members keep their numeric owners and full modes;
+otherwise everything belongs to the caller and stays readable by it. Layers honour OCI whiteouts: `.wh.NAME`
 deletes NAME from the layers below, `.wh..wh..opq` empties its directory of them.
 """
 import os
@@ -57,8 +59,22 @@ def open_tar(path, workdir):
         raise ImageError(f"{path}: not a readable tar archive ({e})", "the archive is truncated or corrupt") from None
 
 
-def apply(tar, dest, label, skipped):
-    """Apply one layer (or a whole rootfs tarball) onto dest (an absolute realpath)."""
+def apply(tar, dest, label, skipped, owners=False, lost=None):
+    """Apply one layer (or a whole rootfs tarball) onto dest (an absolute realpath).
+    Appends to skipped the device nodes/FIFOs left out, to lost (if given) the members
+    whose owner is not kept (not owners mode, or an id outside the mapped range)."""
+    lost = [] if lost is None else lost
+
+    def own(path, m):
+        if not owners:
+            if m.uid or m.gid:
+                lost.append(os.path.relpath(path, dest))
+            return
+        try:
+            os.chown(path, m.uid, m.gid, follow_symlinks=False)
+        except OSError:         # EINVAL: the id is not mapped in this user namespace
+            lost.append(os.path.relpath(path, dest))
+
     try:
         members = tar.getmembers()
     except (tarfile.TarError, EOFError, OSError) as e:
@@ -98,12 +114,13 @@ def apply(tar, dest, label, skipped):
                 _remove(target)
             os.makedirs(target, exist_ok=True)
             os.chmod(target, 0o700)         # writable while we fill it; real mode set at the end
-            dirs.append((target, m.mode & 0o1777))
+            dirs.append((target, m))
             continue
         if os.path.lexists(target):
             _remove(target)
         if m.issym():
             os.symlink(m.linkname, target)
+            own(target, m)
         elif m.islnk():
             lrel = _clean(m.linkname)
             src = os.path.join(dest, lrel or "")
@@ -118,10 +135,13 @@ def apply(tar, dest, label, skipped):
                     shutil.copyfileobj(src, out, 1 << 20)
             except (tarfile.TarError, EOFError) as e:
                 raise ImageError(f"{label}: truncated or corrupt archive ({e})") from None
-            os.chmod(target, (m.mode & 0o777) | 0o600)   # no setuid: it would give nothing anyway
+            own(target, m)
+            # unprivileged: no setuid (it would give nothing) and always readable by us
+            os.chmod(target, m.mode & 0o7777 if owners else (m.mode & 0o777) | 0o600)
         os.utime(target, (m.mtime, m.mtime), follow_symlinks=False) if not m.issym() else None
-    for path, mode in reversed(dirs):
-        os.chmod(path, mode | 0o700)
+    for path, m in reversed(dirs):
+        own(path, m)
+        os.chmod(path, m.mode & 0o7777 if owners else (m.mode & 0o1777) | 0o700)
 
 
 def _remove(path):

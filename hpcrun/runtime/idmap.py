@@ -57,26 +57,63 @@ def finish_helper(pid, w):
                                 "check /etc/subuid and /etc/subgid, or run `hpcrun check`")
 
 
+def _enter(idmap):
+    """In a fresh child: become root of a new user namespace with these maps."""
+    from hpcrun.runtime import syscalls as sc
+    helper = start_helper(idmap) if idmap["mode"] == "subid" else None
+    sc.unshare(sc.CLONE_NEWUSER)
+    if helper:
+        finish_helper(*helper)
+    else:
+        write_self(dict(idmap, mode="root"))
+
+
 def run_mapped(argv, idmap):
     """Run a host program as root of a user namespace with these maps (no mount
     namespace, no pivot): to read, squash or remove a tree whose files belong to
     subordinate ids. Returns its exit status."""
-    from hpcrun.runtime import syscalls as sc
     pid = os.fork()
     if pid == 0:
         try:
-            helper = start_helper(idmap) if idmap["mode"] == "subid" else None
-            sc.unshare(sc.CLONE_NEWUSER)
-            if helper:
-                finish_helper(*helper)
-            else:
-                write_self(dict(idmap, mode="root"))
+            _enter(idmap)
             os.execvp(argv[0], argv)
         except BaseException as e:
             os.write(2, f"hpcrun: error: cannot run {argv[0]} in a user namespace: {e}\n".encode())
         finally:
             os._exit(127)
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def call_mapped(fn, idmap):
+    """Return fn() computed in a forked child that is root of a user namespace with these
+    maps (to create files owned by subordinate ids). fn's result must be JSON; an error it
+    raises is raised here, with its message and exit code."""
+    import json
+    from hpcrun.errors import HpcrunError
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            _enter(idmap)
+            reply = {"value": fn()}
+        except HpcrunError as e:
+            reply = {"error": [e.message, e.hint, e.code]}
+        except BaseException as e:
+            reply = {"error": [f"internal error in a user namespace: {type(e).__name__}: {e}", None, 255]}
+        try:
+            with os.fdopen(w, "w") as f:
+                json.dump(reply, f)
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    reply = json.loads(data) if data else {"error": ["the user namespace child died", None, 255]}
+    if "error" in reply:
+        raise HpcrunError(*reply["error"][:2], code=reply["error"][2])
+    return reply["value"]
 
 
 def build_idmap():

@@ -1,12 +1,8 @@
 #!/bin/sh
-# Debian 12 with Python, built unprivileged: mmdebstrap (its unshare mode uses your
-# /etc/subuid range) writes a root file system tarball, hpcrun builds the SIF from it.
+# Debian 12 with Python, built unprivileged from debian.def (Bootstrap: debootstrap: hpcrun
+# runs mmdebstrap in its unshare mode through your /etc/subuid range).
 # Usage: images/debian/build.sh OUT.sif [EXTRA_PACKAGES...]   (needs: mmdebstrap, uidmap)
 set -eu
 out=$1; shift
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/hpcrun-debian-XXXXXX")
-trap 'rm -rf "$tmp"' EXIT INT TERM
-include=python3
-for p in "$@"; do include="$include,$p"; done
-mmdebstrap --quiet --mode=unshare --variant=minbase --include="$include" bookworm "$tmp/rootfs.tar"
-hpcrun build --force --quiet "$out" "$tmp/rootfs.tar"
+here=$(cd "$(dirname "$0")" && pwd)
+hpcrun build --force --quiet --build-arg "EXTRA=$*" "$out" "$here/debian.def"
