@@ -13,8 +13,12 @@ cpus=$(nproc)
 mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))
 mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge
 chown slurm: /var/spool/slurmctld /var/log/slurm 2>/dev/null || true
+# batch/slurm/epilog.sh as the node's Epilog (it removes images staged with stage-image.sh).
+install -m 0755 "$here/batch/slurm/epilog.sh" /etc/slurm/hpcrun-epilog.sh
+old_conf=$(cat /etc/slurm/slurm.conf 2>/dev/null || true)
 cat > /etc/slurm/slurm.conf <<CONF
 ClusterName=hpcruntest
+Epilog=/etc/slurm/hpcrun-epilog.sh
 SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
@@ -59,6 +63,9 @@ if [ "$(cat /etc/slurm/plugstack.conf.d/hpcrun.conf 2>/dev/null)" != "$line" ]; 
     mv -f /etc/slurm/plugstack.conf.d/hpcrun.conf.new /etc/slurm/plugstack.conf.d/hpcrun.conf
 fi
 pgrep -x munged >/dev/null || runuser -u munge -- /usr/sbin/munged
+if [ "$old_conf" != "$(cat /etc/slurm/slurm.conf)" ] && pgrep -x slurmctld >/dev/null; then
+    scontrol reconfigure || true     # running daemons read the changed slurm.conf
+fi
 pgrep -x slurmctld >/dev/null || slurmctld
 pgrep -x slurmd >/dev/null || slurmd
 # Ready means a job step really runs; a slurmd left from before (or still shutting

@@ -18,8 +18,10 @@ for d in /tmp ${HPCRUN_STAGE_DIRS:-}; do
         [ -f "$f" ] && [ "$(stat -c %U "$f")" = "$user" ] && rm -f "$f"
     done
 done
-others=$(squeue -h -u "$user" -w "$(hostname -s)" -t R,CG -o %A 2>/dev/null | grep -vx "${SLURM_JOB_ID:-x}" | head -1)
-[ -z "$others" ] || exit 0      # the user still runs something here: touch nothing
+# Anything else of the user's still running here (another job, a login) may be using what
+# follows: then touch nothing. (No squeue: Slurm advises against its commands in epilogs.)
+others=$(ps -u "$user" -o comm= 2>/dev/null | grep -vxE 'hpcrun-keeper|squashfuse_ll|squashfuse' | head -1)
+[ -z "$others" ] || exit 0
 for d in "${TMPDIR:-/tmp}"/hpcrun-unsquash-* /tmp/hpcrun-unsquash-*; do
     [ -d "$d" ] || continue
     [ "$(stat -c %U "$d")" = "$user" ] || continue

@@ -64,7 +64,7 @@ def mount(devfd, image_fd, image_path, offset, mountpoint, daemon, uid, gid, hos
             os.dup2(log, 2)
             os.set_inheritable(devfd, True)
             os.set_inheritable(image_fd, True)
-            import signal
+            import _signal as signal
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
             os.execv(daemon, [daemon, "-f", "-o", f"offset={offset}",
                               f"/proc/self/fd/{image_fd}", f"/dev/fd/{devfd}"])

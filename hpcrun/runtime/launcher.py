@@ -10,7 +10,7 @@ This process stays alive as the supervisor: it forwards signals, reaps, kills wh
 is left and the FUSE daemon, and exits with the command's status.
 """
 import os
-import signal
+import _signal as signal   # the C module: signal.py builds enums, ~7 ms of every start
 import sys
 
 from hpcrun import envvars

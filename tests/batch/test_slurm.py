@@ -107,8 +107,9 @@ def test_step_tasks_without_sharing(slurm, images):
 def test_time_limit_leaves_nothing_behind(slurm, images, utmp):
     """A job killed at its time limit (Slurm's minimum: 1 minute) by SIGTERM, then SIGKILL
     after KillWait: no process, mount, keeper or run directory stays."""
+    os.chmod(utmp, 0o777)
     out = os.path.join(str(utmp), "limit.txt")
-    r = run(["sbatch", "--wait", "-t", "1", "-o", out, "--wrap",
+    r = run(["sbatch", "--wait", "-n", "2", "-t", "1", "-o", out, "--wrap",
              f"srun -n 2 {HPCRUN} exec {images['sif']} sh -c 'echo started; sleep 600'"], timeout=240)
     assert r.returncode != 0, r.stdout          # killed, not finished
     with open(out) as f:
