@@ -7,7 +7,8 @@ Usage:
 Builds a tiny busybox image (squashfs; unless --image names one), then times, over N
 interleaved rounds (each round runs every command once, in a random order):
 
-    hpcrun     hpcrun exec IMG true
+    hpcrun       hpcrun exec --no-sharens IMG true   (a container of its own)
+    hpcrun-join  hpcrun exec --sharens IMG true      (joins one kept container)
     ch-run     ch-run IMG -- true            (same squashfs; a directory if ch-run
                                              cannot mount it, which is then reported)
     shell      unshare -Urm sh -c 'squashfuse_ll IMG MNT && chroot MNT /bin/true;
@@ -110,9 +111,15 @@ def bench(args, hpcrun, work):
         notes.append(f"ch-run cannot run the squashfs here ({cp.stderr.strip()[-200:]}); "
                      f"ch-run uses the directory image {tree} instead")
 
+    conf = os.path.join(work, "keep.yaml")
+    with open(conf, "w") as f:
+        f.write("share_idle_timeout: 30\n")
     tools = {
         # /bin/true: fallback should a PATH lookup of `true` fail in hpcrun (reported)
-        "hpcrun": [[hpcrun, "exec", img, "true"], [hpcrun, "exec", img, "/bin/true"]],
+        "hpcrun": [[hpcrun, "exec", "--no-sharens", img, "true"],
+                   [hpcrun, "exec", "--no-sharens", img, "/bin/true"]],
+        # joining a kept container (node-level sharing; what ranks and later steps get)
+        "hpcrun-join": ["env", f"HPCRUN_CONFIG={conf}", hpcrun, "exec", "--sharens", img, "true"],
         "ch-run": ["ch-run", ch_image, "--", "true"],
         "shell": ["unshare", "-Urm", "sh", "-c",
                   'squashfuse_ll "$1" "$2" && chroot "$2" /bin/true; rc=$?; '

@@ -120,5 +120,13 @@ def load(env=os.environ):
 
 
 def _cache_path(env):
+    """One cache per $HPCRUN_CONFIG file: runs that alternate between two would otherwise
+    keep replacing each other's cache and parse YAML every time."""
     base = env.get("XDG_CACHE_HOME") or (os.path.join(env["HOME"], ".cache") if env.get("HOME") else None)
-    return os.path.join(base, "hpcrun", "config.marshal") if base else None
+    if not base:
+        return None
+    name = "config.marshal"
+    if env.get("HPCRUN_CONFIG"):
+        import zlib
+        name = f"config-{zlib.crc32(os.fsencode(env['HPCRUN_CONFIG'])):08x}.marshal"
+    return os.path.join(base, "hpcrun", name)

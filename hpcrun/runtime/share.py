@@ -117,11 +117,17 @@ def _lock(cid):
 
 
 def _forget(rundir, cid):
+    """After a failed start: the keeper's files go (we hold the lock), the directory too
+    when no other container uses it."""
+    for name in (cid + ".sock", cid + ".lock"):
+        try:
+            os.unlink(os.path.join(rundir, name))
+        except FileNotFoundError:
+            pass
     try:
-        os.unlink(os.path.join(rundir, cid + ".lock"))
         os.rmdir(rundir)
     except OSError:
-        pass   # other containers' files are there
+        pass
 
 
 def _connect(path):

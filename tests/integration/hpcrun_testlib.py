@@ -3,9 +3,7 @@ unprivileged test user (tests/setup-host.sh creates it) through setpriv."""
 import os
 import pwd
 import shutil
-import signal
 import subprocess
-import sys
 import time
 
 import pytest

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from hpcrun_testlib import WORK, hpcrun
+from hpcrun_testlib import hpcrun
 
 
 def _layer(entries):

@@ -99,12 +99,10 @@ def test_broken_files_are_one_clear_error(env, tmp_path, content, words):
 
 
 def test_unreadable_file(env, tmp_path):
-    if os.getuid() == 0:
-        pytest.skip("root reads every file")
-    p = write(tmp_path / "a.json", "{}")
-    p.chmod(0)
+    p = tmp_path / "a.json"
+    p.mkdir()      # unreadable as a file, also for root (who CI runs as)
     env["REGISTRY_AUTH_FILE"] = str(p)
-    with pytest.raises(ConfigError, match="Permission denied"):
+    with pytest.raises(ConfigError, match="Is a directory"):
         auth.lookup("reg.example", env)
 
 

@@ -266,3 +266,19 @@ def test_share_keys_are_checked(env, site, text, what):
     with pytest.raises(ConfigError) as ei:
         config.load(env)
     assert str(site) in ei.value.message and what in ei.value.message
+
+
+def test_alternating_hpcrun_config_files_keep_their_own_caches(env, tmp_path, monkeypatch):
+    a = write(tmp_path / "a.yaml", "tmpfs_size: 1m\n")
+    b = write(tmp_path / "b.yaml", "tmpfs_size: 2m\n")
+    for path in (a, b, None):
+        env.pop("HPCRUN_CONFIG", None)
+        if path:
+            env["HPCRUN_CONFIG"] = path
+        config.load(env)
+    monkeypatch.setattr(config, "parse_file", lambda p: (_ for _ in ()).throw(AssertionError(f"parsed {p}")))
+    for path, size in ((a, "1m"), (b, "2m"), (None, "64m")):
+        env.pop("HPCRUN_CONFIG", None)
+        if path:
+            env["HPCRUN_CONFIG"] = path
+        assert config.load(env)["tmpfs_size"] == size   # all from their caches
