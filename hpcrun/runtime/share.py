@@ -70,6 +70,7 @@ def run(plan, image, daemon, timer, verbose=False):
         conn = _connect(sock_path)
         started = conn is None
         if started:
+            _sweep(rundir, cid)
             try:
                 _start_keeper(plan, image, daemon, rundir, cid, key, lock, verbose)
             except BaseException:
@@ -114,6 +115,34 @@ def _lock(cid):
             pass
         os.close(lock)
     raise RuntimeSetupError(f"cannot lock {path}", "use --no-sharens")
+
+
+def _sweep(rundir, cid):
+    """Remove what killed keepers of other containers left: a socket nobody listens on,
+    whose lock nobody holds. Only when starting a keeper, which is rare."""
+    try:
+        names = os.listdir(rundir)
+    except OSError:
+        return
+    for name in names:
+        other = name[:-5]
+        if not name.endswith(".sock") or other == cid:
+            continue
+        try:
+            lock = os.open(os.path.join(rundir, other + ".lock"), os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            conn = _connect(os.path.join(rundir, name))   # refused: unlinks the socket
+            if conn is None:
+                os.unlink(os.path.join(rundir, other + ".lock"))
+            else:
+                conn.close()
+        except OSError:
+            pass   # busy or alive: not ours to touch
+        finally:
+            os.close(lock)
 
 
 def _forget(rundir, cid):

@@ -112,6 +112,8 @@ def images():
     from hpcrun.images.sif import write_sif
     if os.path.exists(WORK):
         subprocess.run(["rm", "-rf", WORK], check=True)
+    # what an earlier, interrupted session's killed keepers left
+    subprocess.run(["rm", "-rf", f"/tmp/hpcrun-{user().pw_uid}"], check=True)
     os.makedirs(WORK_USER)
     os.chmod(WORK, 0o755)
     pw = user()

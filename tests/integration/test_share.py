@@ -146,3 +146,17 @@ def test_pid_namespaces_stay_per_task_in_a_shared_container(images):
     assert rows[0][0] == rows[1][0]                   # one user namespace (and one image mount)...
     assert rows[0][1] != rows[1][1]                   # ...but each its own copy of the mounts, for
     assert all(int(r[3]) < 10 for r in rows), rows    # its own /proc of its own PID namespace
+
+
+def test_a_killed_keepers_files_are_swept_by_the_next_keeper(images, utmp):
+    a = spawn("exec", "--sharens", images["sif"], "sleep", "1")
+    assert wait_gone(lambda: not [c for _, c in user_processes() if c == "hpcrun-keeper"], 10)
+    for pid, comm in user_processes():
+        if comm == "hpcrun-keeper":
+            os.kill(pid, signal.SIGKILL)
+    a.communicate(timeout=30)
+    assert len(os.listdir(run_dir())) == 2        # its socket and lock stay behind
+    # Another container (other options): its keeper removes them, then its own files.
+    r = hpcrun("exec", "--sharens", "--bind", f"{utmp}:/mnt", images["sif"], "true")
+    assert r.returncode == 0, r.stderr
+    assert wait_gone(lambda: os.path.exists(run_dir()), 5), os.listdir(run_dir())
