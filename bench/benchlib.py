@@ -56,6 +56,17 @@ def find_hpcrun(given):
     return exe
 
 
+def in_work_dir(fn):
+    """fn(work) with a fresh temporary directory the user's tools can read; removed after."""
+    import tempfile
+    work = tempfile.mkdtemp(prefix="hpcrun-bench-")
+    os.chmod(work, 0o755)
+    try:
+        return fn(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def run_once(argv, cwd=None):
     """(seconds, CompletedProcess) for one run; output captured, not shown."""
     t0 = time.perf_counter()

@@ -33,7 +33,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 
 sys.dont_write_bytecode = True   # leave no __pycache__ in bench/
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -132,13 +131,7 @@ def main():
     hpcrun = benchlib.find_hpcrun(args.hpcrun)
     if not os.access(PYTHON, os.X_OK):
         sys.exit(f"error: this benchmark needs the host's {PYTHON}")
-
-    work = tempfile.mkdtemp(prefix="hpcrun-bench-")
-    os.chmod(work, 0o755)
-    try:
-        return bench(args, hpcrun, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return benchlib.in_work_dir(lambda work: bench(args, hpcrun, work))
 
 
 def bench(args, hpcrun, work):

@@ -25,7 +25,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -58,12 +57,7 @@ def main():
         os.execvp("salloc", ["salloc", "-Q", "-O", "-n", str(args.tasks), sys.executable,
                              os.path.abspath(sys.argv[0])] + sys.argv[1:])
     hpcrun = benchlib.find_hpcrun(args.hpcrun)
-    work = tempfile.mkdtemp(prefix="hpcrun-bench-")
-    os.chmod(work, 0o755)
-    try:
-        return bench(args, hpcrun, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return benchlib.in_work_dir(lambda work: bench(args, hpcrun, work))
 
 
 def bench(args, hpcrun, work):

@@ -25,7 +25,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 
 sys.dont_write_bytecode = True   # leave no __pycache__ in bench/
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -75,13 +74,7 @@ def main():
     if args.runs < 30:
         print("warning: fewer than 30 rounds: the numbers are noisy", file=sys.stderr)
     hpcrun = benchlib.find_hpcrun(args.hpcrun)
-
-    work = tempfile.mkdtemp(prefix="hpcrun-bench-")
-    os.chmod(work, 0o755)
-    try:
-        return bench(args, hpcrun, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return benchlib.in_work_dir(lambda work: bench(args, hpcrun, work))
 
 
 def bench(args, hpcrun, work):
