@@ -126,7 +126,11 @@ def populate(source, rootfs, work, quiet, say, owners=False, idmap=None, note_ow
             raise ImageError(f"cannot copy {source}: {first}") from None
         return None
     if not source.startswith(PREFIXES) and os.path.isfile(source) and _is_image(source):
-        _unsquash(source, rootfs)
+        if owners and idmap:   # unsquashfs restores owners when it runs as (mapped) root
+            from hpcrun.runtime.idmap import call_mapped
+            call_mapped(lambda: _unsquash(source, rootfs), idmap)
+        else:
+            _unsquash(source, rootfs)
         return None
     os.makedirs(rootfs, exist_ok=True)
     config = None

@@ -138,6 +138,12 @@ def test_tarball_keeps_owners_through_subuid_range(images, bdir):
     r = hpcrun("exec", "--fakeroot", out, "stat", "-c", "%u:%g", "/opt/owned", "/opt/owned/f", "/opt/owned/g",
                "/opt/owned/hi.txt")
     assert r.stdout.split() == ["5:6", "5:6", "9:9", "0:0"], r.stdout + r.stderr
+    # a SIF as the source (localimage, or given directly) keeps them too
+    again = str(bdir / "again.sif")
+    r = hpcrun("build", again, out)
+    assert r.returncode == 0, r.stderr
+    r = hpcrun("exec", "--fakeroot", again, "stat", "-c", "%u:%g %a", "/opt/owned", "/opt/owned/f", "/opt/owned/g")
+    assert r.stdout.split("\n")[:3] == ["5:6 750", "5:6 4755", "9:9 644"], r.stdout + r.stderr
     assert no_work_dirs(bdir)
 
 
