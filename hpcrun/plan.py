@@ -64,13 +64,20 @@ class Plan:
 
 
 def expand_scratch(entries, env):
+    """`$VAR` or `${VAR}`, optionally followed by a path (`$VAR/..`: its parent); an unset
+    or empty variable drops the entry."""
     out = []
     for e in entries:
         if e.startswith("$"):
-            value = env.get(e[1:].strip("{}"))
-            if not value:
+            braced = e.startswith("${")
+            i = 2 if braced else 1
+            j = i
+            while j < len(e) and (e[j].isalnum() or e[j] == "_"):
+                j += 1
+            value = env.get(e[i:j])
+            if not value or braced and e[j:j + 1] != "}":
                 continue
-            e = value
+            e = value + e[j + 1 if braced else j:]
         e = os.path.normpath(e)
         if e.startswith("/") and e not in out:
             out.append(e)

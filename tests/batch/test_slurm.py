@@ -9,8 +9,8 @@ from hpcrun_testlib import HPCRUN, WORK_USER, as_user, user, user_env, user_proc
 BATCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "batch", "slurm")
 
 
-def run(args, timeout=120):
-    env = user_env({"PATH": f"{os.path.dirname(HPCRUN)}:/usr/local/bin:/usr/bin:/bin"})
+def run(args, timeout=120, env=None):
+    env = user_env({"PATH": f"{os.path.dirname(HPCRUN)}:/usr/local/bin:/usr/bin:/bin", **(env or {})})
     return subprocess.run(as_user(args), env=env, cwd=WORK_USER, capture_output=True, text=True, timeout=timeout)
 
 
@@ -135,3 +135,23 @@ def test_stage_image_with_sbcast(slurm, images, utmp):
     assert sorted(ln for ln in text.splitlines() if ln.startswith("rank=")) == \
         [f"rank=0 {staged[0]}", f"rank=1 {staged[0]}"], text
     assert wait_gone(lambda: os.path.exists(staged[0]), 30), "the epilog did not remove the staged image"
+
+
+def test_pmix_steps_of_a_job_reuse_one_warm_container(slurm, images, utmp):
+    """Each --mpi=pmix step has its own PMIx directory; its parent is bound, so the second
+    step joins the container the first left warm (and still sees its own directory)."""
+    os.chmod(utmp, 0o777)
+    conf = os.path.join(str(utmp), "idle.yaml")
+    with open(conf, "w") as f:
+        f.write("share_idle_timeout: 5\n")
+    out = os.path.join(str(utmp), "pmix.txt")
+    step = (f"srun --mpi=pmix -n 1 {HPCRUN} -v exec {images['sif']} "
+            "sh -c 'test -d $PMIX_SERVER_TMPDIR && echo sees=$PMIX_SERVER_TMPDIR'")
+    r = run(["sbatch", "--wait", "-o", out, "--wrap", f"{step} && {step}"], env={"HPCRUN_CONFIG": conf})
+    assert r.returncode == 0, r.stdout + r.stderr
+    with open(out) as f:
+        text = f.read()
+    seen = [ln.split("=", 1)[1] for ln in text.splitlines() if ln.startswith("sees=")]
+    assert len(seen) == 2 and seen[0] != seen[1], text          # two steps, two PMIx directories
+    said = [ln.split()[1:] for ln in text.splitlines() if "shared container" in ln]
+    assert [w[0] for w in said] == ["started", "joined"] and said[0][-1] == said[1][-1], text

@@ -338,3 +338,19 @@ def test_share_key_ignores_what_each_task_may_differ_in(cfg):
     for other in (plan(cfg, bind=["/data:/mnt"]), plan(cfg, fakeroot=True), plan(cfg, writable_tmpfs=True),
                   plan(cfg, net=True), plan(cfg, no_mount=["tmp"]), plan(cfg, host(cwd="/other"))):
         assert share_key(other, ident) != share_key(a, ident)
+
+
+def test_expand_scratch_with_a_path_after_the_variable():
+    env = {"P": "/var/spool/slurmd/pmix.7.0", "Q": "/q"}
+    assert expand_scratch(["$P/..", "${Q}/sub", "${Q", "$UNSET/.."], env) == ["/var/spool/slurmd", "/q/sub"]
+
+
+def test_pmix_steps_share_one_container(cfg):
+    """Two steps of a job differ in PMIX_SERVER_TMPDIR; its parent is bound, so their
+    containers are the same."""
+    from hpcrun.plan import share_key
+    steps = [host(env={"SLURM_STEP_ID": str(i), "PMIX_SERVER_TMPDIR": f"/spool/pmix.7.{i}",
+                       "PMIX_SYSTEM_TMPDIR": "/tmp"}, existing={"/spool", "/tmp"}) for i in (0, 1)]
+    a, b = (plan(cfg, h) for h in steps)
+    assert "/spool" in [m.src for m in a.mounts]
+    assert share_key(a, (1,)) == share_key(b, (1,))
