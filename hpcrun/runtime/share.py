@@ -145,18 +145,19 @@ def _sweep(rundir, cid):
             os.close(lock)
 
 
-def _forget(rundir, cid):
-    """After a failed start: the keeper's files go (we hold the lock), the directory too
-    when no other container uses it."""
+def _forget(rundir, cid, dirfd=None, parentfd=None):
+    """The container's socket and lock file go, the directory too when no other container
+    uses it; only while holding its lock. dirfd/parentfd: the keeper's way to them after
+    it left the host's view."""
     for name in (cid + ".sock", cid + ".lock"):
         try:
-            os.unlink(os.path.join(rundir, name))
+            os.unlink(name if dirfd is not None else os.path.join(rundir, name), dir_fd=dirfd)
         except FileNotFoundError:
             pass
     try:
-        os.rmdir(rundir)
+        os.rmdir(os.path.basename(rundir) if parentfd is not None else rundir, dir_fd=parentfd)
     except OSError:
-        pass
+        pass   # other containers' files are there
 
 
 def _connect(path):
@@ -170,11 +171,15 @@ def _connect(path):
         except FileNotFoundError:
             pass
         return None
-    uid = struct.unpack("3i", s.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12))[1]
+    uid = _peer_uid(s)
     if uid != os.getuid():
         s.close()
         raise RuntimeSetupError(f"{path}: keeper runs as uid {uid}, not as you", "use --no-sharens")
     return s
+
+
+def _peer_uid(sock):
+    return struct.unpack("3i", sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12))[1]
 
 
 def _receive(conn, key):
@@ -226,8 +231,7 @@ def _start_keeper(plan, image, daemon, rundir, cid, key, lock, verbose):
     code, _, line = answer.decode(errors="replace").partition(" ")
     if not code.isdigit():
         raise RuntimeSetupError("the shared container's keeper died while starting", "use --no-sharens")
-    err = HpcrunError(line.removeprefix("hpcrun: error: "), code=int(code))
-    raise err
+    raise HpcrunError(line.removeprefix("hpcrun: error: "), code=int(code))
 
 
 def _keeper(plan, image, daemon, rundir, cid, key, report, verbose):
@@ -247,13 +251,10 @@ def _keeper(plan, image, daemon, rundir, cid, key, report, verbose):
         keep = []
         try:
             launcher.build(plan, image, lambda phase: None, verbose, daemon, keep=keep)
-        except HpcrunError as e:
-            os.unlink(cid + ".sock", dir_fd=dirfd)
-            os.write(report, f"{e.code} {e.line()}".encode())
-            os._exit(1)
-        except BaseException as e:
-            os.unlink(cid + ".sock", dir_fd=dirfd)
-            os.write(report, f"254 cannot build the shared container: {type(e).__name__}: {e}".encode())
+        except BaseException as e:   # the task that waits says it (and removes our files)
+            said = (f"{e.code} {e.line()}" if isinstance(e, HpcrunError)
+                    else f"254 cannot build the shared container: {type(e).__name__}: {e}")
+            os.write(report, said.encode())
             os._exit(1)
         os.chdir("/")
         # Nothing of the first task's may stay open here: a pipe of srun's held by us
@@ -303,19 +304,13 @@ def _serve(listener, nsfds, key, lock, dirfd, parentfd, rundir, cid, idle):
             except BlockingIOError:
                 wait = 0.05   # it will connect (or start another keeper) in a moment
                 continue
-            os.unlink(cid + ".sock", dir_fd=dirfd)
-            os.unlink(cid + ".lock", dir_fd=dirfd)   # still locked by us: see _lock
-            try:
-                os.rmdir(os.path.basename(rundir), dir_fd=parentfd)
-            except OSError:
-                pass   # other containers' files are there
+            _forget(rundir, cid, dirfd, parentfd)   # the lock file while locked by us: see _lock
             return
         wait = idle
         for s in ready:
             if s is listener:
                 conn, _ = listener.accept()
-                uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
-                if uid != me:
+                if _peer_uid(conn) != me:
                     conn.close()
                     continue
                 try:
