@@ -47,7 +47,7 @@ def build(out, source, force=False, quiet=False, build_args=(), notest=False, co
         if definition is None:
             config = populate(source, rootfs, work, quiet, say, owners, idmap, not sandbox)
             metadata.write(rootfs, config)
-            return _finish(rootfs, out, work, quiet, idmap, sandbox, sqopts)
+            return _finish(rootfs, out, work, quiet, idmap, owners, sandbox, sqopts)
         from hpcrun.builders import deffile
         defdir = os.path.dirname(os.path.abspath(source))
         if definition.header["bootstrap"].lower() == "debootstrap":
@@ -62,11 +62,8 @@ def build(out, source, force=False, quiet=False, build_args=(), notest=False, co
             if src.startswith(work):
                 os.unlink(src)      # the debootstrap tarball: unpacked, no need to hold it twice
         metadata.write(rootfs)
-        if owners and idmap:    # %setup and %files among files of subordinate ids, as Apptainer's fakeroot
-            from hpcrun.runtime.idmap import call_mapped
-            call_mapped(lambda: deffile.apply_sections(definition, rootfs, defdir), idmap)
-        else:
-            deffile.apply_sections(definition, rootfs, defdir)
+        # %setup and %files among files of subordinate ids, as Apptainer's fakeroot
+        _as_owner(lambda: deffile.apply_sections(definition, rootfs, defdir), owners, idmap)
         if idmap and idmap["mode"] == "root" and not quiet:
             sys.stderr.write("hpcrun: note: no /etc/subuid range: %post runs as root mapped to you only; "
                              "chown to other ids will fail\n")
@@ -76,7 +73,7 @@ def build(out, source, force=False, quiet=False, build_args=(), notest=False, co
         if definition.sections.get("test") and not notest:
             say("running %test")
             deffile.run_in_image("%test", rootfs, definition.sections["test"], writable=False)
-        return _finish(rootfs, out, work, quiet, idmap, sandbox, sqopts)
+        return _finish(rootfs, out, work, quiet, idmap, owners, sandbox, sqopts)
     finally:
         _remove(work, idmap)
 
@@ -95,9 +92,18 @@ def _idmap(fakeroot):
     return idmap
 
 
-def _finish(rootfs, out, work, quiet, idmap, sandbox, sqopts):
+def _as_owner(fn, owners, idmap):
+    """fn(), as root of the subuid mapping when files must keep their owners and we are
+    not root ourselves."""
+    if owners and idmap:
+        from hpcrun.runtime.idmap import call_mapped
+        return call_mapped(fn, idmap)
+    return fn()
+
+
+def _finish(rootfs, out, work, quiet, idmap, owners, sandbox, sqopts):
     if not sandbox:
-        return squash(rootfs, out, quiet, idmap, owners=idmap is None or idmap["mode"] == "subid", **sqopts)
+        return squash(rootfs, out, quiet, idmap, owners=owners, **sqopts)
     if idmap and idmap["mode"] == "subid":     # (as root, owners are kept as Apptainer does)
         # %post may have given files to subordinate ids: give everything to the caller
         # (root of the mapping), so the sandbox is theirs to change and to rm -rf.
@@ -126,11 +132,7 @@ def populate(source, rootfs, work, quiet, say, owners=False, idmap=None, note_ow
             raise ImageError(f"cannot copy {source}: {first}") from None
         return None
     if not source.startswith(PREFIXES) and os.path.isfile(source) and _is_image(source):
-        if owners and idmap:   # unsquashfs restores owners when it runs as (mapped) root
-            from hpcrun.runtime.idmap import call_mapped
-            call_mapped(lambda: _unsquash(source, rootfs), idmap)
-        else:
-            _unsquash(source, rootfs)
+        _as_owner(lambda: _unsquash(source, rootfs), owners, idmap)   # unsquashfs keeps owners as root
         return None
     os.makedirs(rootfs, exist_ok=True)
     config = None
@@ -161,11 +163,7 @@ def populate(source, rootfs, work, quiet, say, owners=False, idmap=None, note_ow
                 layermod.apply(tar, dest, source if len(paths) == 1 else f"{source} layer {i}", skipped,
                                owners, lost)
         return skipped, lost
-    if owners and idmap:
-        from hpcrun.runtime.idmap import call_mapped
-        skipped, lost = call_mapped(unpack, idmap)
-    else:
-        skipped, lost = unpack()
+    skipped, lost = _as_owner(unpack, owners, idmap)
     if skipped and not quiet:
         sys.stderr.write(f"hpcrun: note: skipped {len(skipped)} device node(s)/FIFO(s) "
                          f"(an unprivileged build cannot create them), e.g. /{skipped[0]}\n")
