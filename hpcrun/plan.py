@@ -180,7 +180,7 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
     if opts["no_sharens"] or unsquash:   # an extracted tree lives with its own process
         share = False
     else:
-        mode = cfg.get("share", "auto")
+        mode = cfg["share"]
         share = opts["sharens"] or mode == "always" or (mode == "auto" and "SLURM_STEP_ID" in host.env)
     return Plan(
         action=action, args=list(args), image=image_path, image_kind=image_kind,
@@ -193,7 +193,7 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
         mounts=mounts, writable=opts["writable_tmpfs"] or opts["writable"], in_place=opts["writable"], cwd=cwd, pwd_given=bool(opts["pwd"]),
         env=env, forced=forced, unsquash=unsquash,
         tmpfs_size=cfg["tmpfs_size"], new_proc=pid and "proc" not in skip,
-        share=share, share_idle=cfg.get("share_idle_timeout", 10),
+        share=share, share_idle=cfg["share_idle_timeout"],
     )
 
 
