@@ -170,6 +170,13 @@ def print_table(rows, refs):
         print(line(b))
 
 
+def print_commands(commands):
+    """What each row timed: {name: argv or shell text}."""
+    width = max(map(len, commands), default=0)
+    for n, c in commands.items():
+        print(f"  {n:{width}} {c if isinstance(c, str) else shell_join(c)}")
+
+
 def print_trouble(notes, problems, failures, runs):
     """The closing lines of a report: fallbacks taken, tools unavailable, failed runs."""
     for n in notes:

@@ -225,8 +225,7 @@ def bench(args, hpcrun, work):
         print(f"  {c['image']:10} / {c['plain_dir']:10}  total {fmt(c['total_ratio']):>6}"
               f"   imports only {fmt(c['imports_ratio']):>6}")
     print()
-    for n in places:
-        print(f"  {n:10} {commands.get(n, '')}")
+    benchlib.print_commands({n: commands[n] for n in places if n in commands})
     benchlib.print_trouble(notes, problems, failures, args.runs)
     return 1 if problems else 0
 

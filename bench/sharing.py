@@ -99,8 +99,7 @@ def bench(args, hpcrun, work):
         if k != "srun-true":
             print(f"  {k:12} {v:8.1f}")
     print()
-    for k, v in tools.items():
-        print(f"  {k:12} {benchlib.shell_join(v)}")
+    benchlib.print_commands(tools)
     benchlib.print_trouble(notes, problems, failures, args.runs)
     return 1 if problems else 0
 

@@ -141,8 +141,7 @@ def bench(args, hpcrun, work):
     print()
     benchlib.print_table(rows, refs)
     print()
-    for n, c in commands.items():
-        print(f"  {n:10} {c}")
+    benchlib.print_commands(commands)
     benchlib.print_trouble(notes, problems, failures, args.runs)
     return 1 if problems else 0
 
