@@ -21,12 +21,19 @@ fi
 
 # Debian's python3, not a per-user interpreter: the test user must be able to run it.
 [ -x "$VENV/bin/python" ] || /usr/bin/python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q --disable-pip-version-check "$here[test]" 2>&1 | grep -v '^WARNING: Location' || true
-"$VENV/bin/python" -m compileall -q "$VENV/lib" >/dev/null || true
-
 if ! id "$TEST_USER" >/dev/null 2>&1; then
     useradd -m -s /bin/bash "$TEST_USER"
 fi
+# The tests must run the tree being edited: an editable install when the test user can
+# read this checkout, else a copy (tests/integration/hpcrun_testlib.py refuses a stale one).
+if setpriv --reuid="$TEST_USER" --regid="$(id -g "$TEST_USER")" --clear-groups test -r "$here/hpcrun/cli.py"; then
+    editable=(-e "$here[test]" --config-settings editable_mode=compat)
+else
+    editable=("$here[test]")
+fi
+"$VENV/bin/pip" install -q --disable-pip-version-check "${editable[@]}" 2>&1 | grep -v '^WARNING: Location' || true
+"$VENV/bin/python" -m compileall -q "$VENV/lib" >/dev/null || true
+
 uid=$(id -u "$TEST_USER")
 grep -q "^$TEST_USER:" /etc/subuid 2>/dev/null || echo "$TEST_USER:$((100000 + uid * 65536)):65536" >> /etc/subuid
 grep -q "^$TEST_USER:" /etc/subgid 2>/dev/null || echo "$TEST_USER:$((100000 + uid * 65536)):65536" >> /etc/subgid

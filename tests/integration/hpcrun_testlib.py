@@ -106,10 +106,39 @@ def make_rootfs(root, singularity=True):
         os.chmod(os.path.join(root, ".singularity.d/runscript"), 0o755)
 
 
+CHECKOUT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+def check_not_stale():
+    """The hpcrun the test user runs must be this checkout's code (an editable install),
+    or a copy identical to it: a stale installed copy would test something else."""
+    probe = "import hpcrun, os; print(os.path.dirname(os.path.realpath(hpcrun.__file__)))"
+    python = os.path.join(os.path.dirname(HPCRUN), "python")
+    r = subprocess.run(as_user([python, "-c", probe]), capture_output=True, text=True, cwd="/",
+                       env=user_env())
+    installed = r.stdout.strip()
+    mine = os.path.join(CHECKOUT, "hpcrun")
+    if r.returncode != 0:
+        pytest.exit(f"{HPCRUN}: cannot import hpcrun as {USER}: {r.stderr.strip()}", returncode=3)
+    if os.path.realpath(installed) == os.path.realpath(mine):
+        return
+    import filecmp
+    for dirpath, dirnames, filenames in os.walk(mine):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        for name in filenames:
+            if name.endswith(".py"):
+                rel = os.path.relpath(os.path.join(dirpath, name), mine)
+                other = os.path.join(installed, rel)
+                if not os.path.exists(other) or not filecmp.cmp(os.path.join(mine, rel), other, shallow=False):
+                    pytest.exit(f"the hpcrun installed in {HPCRUN} is not this checkout's ({rel} differs): "
+                                "run `bash tests/setup-host.sh`", returncode=3)
+
+
 @pytest.fixture(scope="session")
 def images():
     """{'squashfs': path, 'sif': path, 'sandbox': path, 'plain': path (no .singularity.d)}"""
     from hpcrun.images.sif import write_sif
+    check_not_stale()
     if os.path.exists(WORK):
         subprocess.run(["rm", "-rf", WORK], check=True)
     # what an earlier, interrupted session's killed keepers left
