@@ -1,81 +1,52 @@
-"""`hpcrun build OUT SOURCE`: OUT ending in .sif gets a SIF (squashfs primary partition,
-host arch), anything else a plain squashfs. Sources: a sandbox directory, a root file
-system tarball (.tar, .tar.gz, .tar.xz, .tar.zst), `docker-archive:FILE`,
-`oci:DIR[:tag]`, `oci-archive:FILE[:tag]`, or an Apptainer definition file (recognised
-by its `Bootstrap:` header). Work happens in a hidden directory next to OUT, which appears
-only when complete; nothing is left on failure."""
+"""`hpcrun build OUT SOURCE`: the build launcher. builders/source.py classifies SOURCE once,
+builders/buildplan.py (pure) turns it into a list of steps, and `build` runs them top to
+bottom in a private work directory next to OUT:
+
+  fetch | copy | unsquash | debootstrap -> unpack -> metadata -> %setup -> %files ->
+  sections -> %post -> %test -> squash (mksquashfs, SIF) | sandbox -> rename onto OUT
+
+Every write into the tree goes through inroot.Root. The work directory (mkdtemp, 0700)
+holds every temporary file; a remover process forked before the first byte is written
+deletes it even when hpcrun is killed; OUT appears only when complete, by rename (an OUT
+that is a symlink is replaced, never written through)."""
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 
-from hpcrun.errors import ConfigError, ImageError, UsageError
-
-PREFIXES = ("docker-archive:", "oci-archive:", "oci:", "docker://", "oras://")
-
+from hpcrun import inroot, trees
+from hpcrun.builders.buildplan import build_plan
+from hpcrun.errors import ConfigError, HpcrunError, ImageError, UsageError
 
 COMPRESSORS = ("gzip", "zstd", "lz4", "xz")
 
 
 def build(out, source, force=False, quiet=False, build_args=(), notest=False, compress="gzip",
-          reproducible=False, sandbox=False, fakeroot=False):
+          reproducible=False, sandbox=False, fakeroot=False, dry_run=False):
     """sandbox: OUT is a directory (Apptainer's --sandbox), all of it yours so `rm -rf`
     removes it. fakeroot: require a subuid range (else a ConfigError); without it the range
     is used when there is one, and root-only mapping is the fallback."""
-    if os.path.lexists(out) and not force:
-        raise UsageError(f"{out} exists", "use --force to overwrite it")
-    if not sandbox and not shutil.which("mksquashfs"):
-        raise ImageError("mksquashfs is not installed", "install squashfs-tools")
+    from hpcrun.builders.source import classify
     if compress not in COMPRESSORS:
         raise UsageError(f"--compress {compress}: unknown", f"use one of {', '.join(COMPRESSORS)}")
-    sqopts = {"compress": compress, "reproducible": reproducible}
+    plan = build_plan(os.path.abspath(out), classify(source, build_args), _idmap(fakeroot), sandbox, notest,
+                      compress, reproducible)
+    if dry_run:
+        import json
+        print(json.dumps(plan.to_dict(), indent=2, sort_keys=True))
+        return 0
+    if os.path.lexists(out) and not force:
+        raise UsageError(f"{out} exists", "use --force to replace it")
+    if "squash" in plan.steps and not shutil.which("mksquashfs"):
+        raise ImageError("mksquashfs is not installed", "install squashfs-tools")
     say = (lambda msg: None) if quiet or not sys.stderr.isatty() else (
         lambda msg: sys.stderr.write(f"hpcrun: {msg}\n"))
-    definition = _definition(source, build_args)
-    idmap = _idmap(fakeroot)
-    if definition is None and os.path.isdir(source) and not source.startswith(PREFIXES) and not sandbox:
-        return squash(source, out, quiet, **sqopts)
-    work = tempfile.mkdtemp(prefix=".hpcrun-build-", dir=os.path.dirname(os.path.abspath(out)))
-    # Keep the owners a tarball or %post gives files: as root, or as root of a user
-    # namespace mapping the subuid range. An unprivileged sandbox is handed over all yours.
-    owners = idmap is None or not sandbox and idmap["mode"] == "subid"
-    try:
-        from hpcrun.builders import metadata
-        rootfs = os.path.join(work, "rootfs")
-        if definition is None:
-            config = populate(source, rootfs, work, quiet, say, owners, idmap, not sandbox)
-            metadata.write(rootfs, config)
-            return _finish(rootfs, out, work, quiet, idmap, owners, sandbox, sqopts)
-        from hpcrun.builders import deffile
-        defdir = os.path.dirname(os.path.abspath(source))
-        if definition.header["bootstrap"].lower() == "debootstrap":
-            src = deffile.debootstrap(definition, work, idmap, quiet)
-        else:
-            src = deffile.source_of(definition, defdir)
-        if src is None:
-            os.mkdir(rootfs)
-        else:
-            config = populate(src, rootfs, work, quiet, say, owners, idmap, not sandbox)
-            metadata.write(rootfs, config)
-            if src.startswith(work):
-                os.unlink(src)      # the debootstrap tarball: unpacked, no need to hold it twice
-        metadata.write(rootfs)
-        # %setup and %files among files of subordinate ids, as Apptainer's fakeroot
-        _as_owner(lambda: deffile.apply_sections(definition, rootfs, defdir), owners, idmap)
-        if idmap and idmap["mode"] == "root" and not quiet:
-            sys.stderr.write("hpcrun: note: no /etc/subuid range: %post runs as root mapped to you only; "
-                             "chown to other ids will fail\n")
-        if definition.sections.get("post"):
-            say("running %post")
-            deffile.run_in_image("%post", rootfs, definition.sections["post"], writable=True)
-        if definition.sections.get("test") and not notest:
-            say("running %test")
-            deffile.run_in_image("%test", rootfs, definition.sections["test"], writable=False)
-        return _finish(rootfs, out, work, quiet, idmap, owners, sandbox, sqopts)
-    finally:
-        _remove(work, idmap)
+    with Work(plan.out, plan.idmap) as work:
+        state = State(work, say, quiet)
+        for step in plan.steps:
+            STEPS[step](plan, state)
+    return 0
 
 
 def _idmap(fakeroot):
@@ -92,178 +63,269 @@ def _idmap(fakeroot):
     return idmap
 
 
-def _as_owner(fn, owners, idmap):
-    """fn(), as root of the subuid mapping when files must keep their owners and we are
-    not root ourselves."""
-    if owners and idmap:
+class Work:
+    """The private work directory next to OUT, removed on every exit: normal, an error, a
+    signal (TERM/HUP/INT raise, so this runs), or SIGKILL (the remover process)."""
+
+    def __init__(self, out, idmap):
+        self.out, self.idmap = out, idmap
+        self.where = os.path.dirname(out)
+
+    def __enter__(self):
+        try:
+            self.path = tempfile.mkdtemp(prefix=".hpcrun-build-", dir=self.where)
+        except OSError as e:
+            raise inroot.failure(e, f"cannot make a work directory in {self.where}") from None
+        self.rootfs = os.path.join(self.path, "rootfs")
+        self.remover = trees.start_remover(self.path, self.idmap)
+        self.old = _raise_on_signals()
+        return self
+
+    def __exit__(self, *exc):
+        _restore_signals(self.old)
+        trees.stop_remover(self.remover)      # removes the tree now, and waits
+
+    def disk_full(self, e, what):
+        return inroot.failure(e, f"{what} (in {self.where})")
+
+
+class State:
+    """What the steps hand on: the work directory, the image config a source brought,
+    layer paths fetched, messages."""
+
+    def __init__(self, work, say, quiet):
+        self.work, self.say, self.quiet = work, say, quiet
+        self.config, self.layers = None, []
+
+    def root(self):
+        return inroot.Root(self.work.rootfs)
+
+
+class Interrupted(HpcrunError):
+    pass
+
+
+def _raise_on_signals():
+    """SIGTERM/SIGHUP (scancel, a closed terminal) end a build like ^C: as an exception, so
+    the work directory goes and child tools are killed (subprocess.run kills on one)."""
+    import signal
+
+    def handler(signum, _frame):
+        raise Interrupted(f"build interrupted by signal {signum}", code=128 + signum)
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    return old
+
+
+def _restore_signals(old):
+    import signal
+    for s, h in old.items():
+        signal.signal(s, h)
+
+
+def _as_owner(plan, fn):
+    """fn(), as root of the subuid mapping when the plan keeps owners and we are not root."""
+    if plan.mapped:
         from hpcrun.runtime.idmap import call_mapped
-        return call_mapped(fn, idmap)
+        return call_mapped(fn, plan.idmap)
     return fn()
 
 
-def _finish(rootfs, out, work, quiet, idmap, owners, sandbox, sqopts):
-    if not sandbox:
-        return squash(rootfs, out, quiet, idmap, owners=owners, **sqopts)
-    if idmap and idmap["mode"] == "subid":     # (as root, owners are kept as Apptainer does)
-        # %post may have given files to subordinate ids: give everything to the caller
-        # (root of the mapping), so the sandbox is theirs to change and to rm -rf.
-        from hpcrun.runtime.idmap import run_mapped
-        if run_mapped(["chown", "-R", "-h", "0:0", rootfs], idmap) != 0:
-            raise ImageError("could not give the sandbox's files to you (chown failed, see above)")
-    from hpcrun import trees
-    trees.make_removable(rootfs, keep_modes=True)
-    if os.path.lexists(out):            # --force: the old OUT goes with the work directory
-        os.rename(out, os.path.join(work, "replaced"))
-    os.rename(rootfs, out)
-    return 0
+# -- the steps, in the order a plan lists them --------------------------------------------
+
+def step_mkroot(plan, st):
+    os.mkdir(st.work.rootfs)
 
 
-def populate(source, rootfs, work, quiet, say, owners=False, idmap=None, note_owners=True):
-    """Fill rootfs (not existing yet for directories and images) from source; returns the
-    OCI image config, if the source had one. owners: tarball and layer members keep their
-    owners (we are root, or idmap maps a subuid range: unpacked as root of it); note_owners:
-    say when they cannot."""
-    from hpcrun.builders import layers as layermod, oci
-    if os.path.isdir(source) and not source.startswith(PREFIXES):
+def step_copy(plan, st):
+    """A sandbox directory as the source: copied in (its links as links, special files left out)."""
+    os.mkdir(st.work.rootfs)
+    with st.root() as root:
         try:
-            shutil.copytree(source, rootfs, symlinks=True)
-        except (shutil.Error, OSError) as e:
-            first = e.args[0][0] if isinstance(e, shutil.Error) and e.args and e.args[0] else e
-            raise ImageError(f"cannot copy {source}: {first}") from None
-        return None
-    if not source.startswith(PREFIXES) and os.path.isfile(source) and _is_image(source):
-        _as_owner(lambda: _unsquash(source, rootfs), owners, idmap)   # unsquashfs keeps owners as root
-        return None
-    os.makedirs(rootfs, exist_ok=True)
-    config = None
-    if source.startswith(("docker://", "oras://")):
+            root.copy_in(plan.base().path, "/")
+        except OSError as e:
+            raise st.work.disk_full(e, f"cannot copy {plan.base().path}") from None
+
+
+def step_unsquash(plan, st):
+    """A SIF or squashfs as the source: unsquashfs keeps owners (as root of the mapping)."""
+    path = plan.base().path
+    from hpcrun.images.detect import open_image
+    image = open_image(path)
+    args = ["unsquashfs", "-no-xattrs", "-no-progress", "-d", st.work.rootfs, "-o", str(image.offset),
+            f"/proc/self/fd/{image.fd}"]
+    try:
+        code, err = _as_owner(plan, lambda: _run(args, pass_fds=(image.fd,)))
+    finally:
+        image.close()
+    if code != 0:
+        _tool_failed(st, f"{path}: unsquashfs failed", err)
+
+
+def step_debootstrap(plan, st):
+    from hpcrun.builders import deffile
+    st.layers = [deffile.debootstrap(plan.source.definition, st.work.path, plan.idmap, st.quiet)]
+    os.mkdir(st.work.rootfs)
+
+
+def step_fetch(plan, st):
+    """Layer files (in the work directory or the registry cache) and the image config."""
+    from hpcrun.builders import oci
+    src = plan.base()
+    if src.kind == "registry":
         from hpcrun.builders import registry
-        paths, config = registry.pull(source, quiet)
-    elif source.startswith("docker-archive:"):
-        paths, config = oci.from_docker_archive(_existing(source[15:]), work)
-    elif source.startswith("oci-archive:"):
-        path, tag = _split_tag(source[12:])
-        paths, config = oci.from_oci_archive(_existing(path), work, tag)
-    elif source.startswith("oci:"):
-        path, tag = _split_tag(source[4:])
-        paths, config = oci.from_layout(_existing(path), tag)
-    elif os.path.isfile(source):
-        paths = [source]
+        st.layers, st.config = registry.pull(src.ref, st.quiet)
+    elif src.kind == "docker-archive":
+        st.layers, st.config = oci.from_docker_archive(src.path, st.work.path)
+    elif src.kind == "oci-archive":
+        st.layers, st.config = oci.from_oci_archive(src.path, st.work.path, src.tag)
+    elif src.kind == "oci":
+        st.layers, st.config = oci.from_layout(src.path, src.tag)
     else:
-        raise UsageError(f"build source {source!r}: no such file or directory",
-                         "give a directory, a tarball, docker-archive:FILE, oci:DIR, oci-archive:FILE "
-                         "or a definition file")
-    dest = os.path.realpath(rootfs)
+        st.layers = [src.path]
+    os.mkdir(st.work.rootfs)
+
+
+def step_unpack(plan, st):
+    from hpcrun.builders import layers as layermod
+    src = plan.base()
+    label = src.ref or src.path or "debootstrap"
+    n = len(st.layers)
 
     def unpack():
         skipped, lost = [], []
-        for i, path in enumerate(paths, 1):
-            say(f"unpacking layer {i}/{len(paths)}")
-            with layermod.open_tar(path, work) as tar:
-                layermod.apply(tar, dest, source if len(paths) == 1 else f"{source} layer {i}", skipped,
-                               owners, lost)
+        with st.root() as root:
+            for i, path in enumerate(st.layers, 1):
+                st.say(f"unpacking layer {i}/{n}")
+                with layermod.open_tar(path, st.work.path) as tar:
+                    layermod.apply(tar, root, label if n == 1 else f"{label} layer {i}", skipped, plan.owners,
+                                   lost)
         return skipped, lost
-    skipped, lost = _as_owner(unpack, owners, idmap)
-    if skipped and not quiet:
+    skipped, lost = _as_owner(plan, unpack)
+    if src.kind == "debootstrap":
+        os.unlink(st.layers[0])      # unpacked: no need to hold it twice
+    if skipped and not st.quiet:
         sys.stderr.write(f"hpcrun: note: skipped {len(skipped)} device node(s)/FIFO(s) "
                          f"(an unprivileged build cannot create them), e.g. /{skipped[0]}\n")
-    if lost and note_owners and not quiet:
-        why = "their ids are outside your subuid range" if owners else "keeping them needs a subuid range"
+    if lost and not plan.sandbox and not st.quiet:
+        why = "their ids are outside your subuid range" if plan.owners else "keeping them needs a subuid range"
         sys.stderr.write(f"hpcrun: note: {len(lost)} file(s) lose their owner ({why}), e.g. /{lost[0]}\n")
-    return config
 
 
-def _definition(source, build_args):
-    if source.startswith(PREFIXES) or not os.path.isfile(source):
-        return None
-    with open(source, "rb") as f:
-        head = f.read(8192)
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    if not re.search(r"^\s*bootstrap\s*:", text, re.IGNORECASE | re.MULTILINE):
-        return None
+def step_metadata(plan, st):
+    from hpcrun.builders import metadata
+    _in_tree(plan, st, "cannot write the image metadata", lambda root: metadata.write(root, st.config))
+
+
+def step_setup(plan, st):
     from hpcrun.builders import deffile
-    with open(source, encoding="utf-8") as f:
-        return deffile.parse(f.read(), source, build_args)
+    _as_owner(plan, lambda: deffile.setup(plan.source.definition, st.work.rootfs, plan.defdir()))
 
 
-def _is_image(path):
-    with open(path, "rb") as f:
-        head = f.read(64)
-    return head[:4] == b"hsqs" or head[32:42] == b"SIF_MAGIC\0"
+def step_files(plan, st):
+    from hpcrun.builders import deffile
+    _in_tree(plan, st, "%files", lambda root: deffile.files(plan.source.definition, root, plan.defdir()))
 
 
-def _unsquash(path, rootfs):
-    from hpcrun.images.detect import open_image
-    image = open_image(path)
-    try:
-        proc = subprocess.run(["unsquashfs", "-no-xattrs", "-no-progress", "-d", rootfs, "-o", str(image.offset),
-                               f"/proc/self/fd/{image.fd}"], pass_fds=(image.fd,), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
-    finally:
-        image.close()
-    if proc.returncode != 0:
-        raise ImageError(f"{path}: unsquashfs failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+def step_sections(plan, st):
+    from hpcrun.builders import deffile
+    _in_tree(plan, st, "cannot write the definition's sections",
+             lambda root: deffile.metadata(plan.source.definition, root))
 
 
-def _existing(path):
-    if not os.path.exists(path):
-        raise UsageError(f"build source {path}: no such file or directory")
-    return path
+def step_post(plan, st):
+    from hpcrun.builders import deffile
+    if plan.root_only_post and not st.quiet:
+        sys.stderr.write("hpcrun: note: no /etc/subuid range: %post runs as root mapped to you only; "
+                         "chown to other ids will fail\n")
+    st.say("running %post")
+    deffile.run_in_image("%post", st.work.rootfs, plan.source.definition.sections["post"], writable=True)
 
 
-def _split_tag(ref):
-    if os.path.exists(ref) or ":" not in ref:
-        return ref, None
-    path, _, tag = ref.rpartition(":")
-    return path, tag
+def step_test(plan, st):
+    from hpcrun.builders import deffile
+    st.say("running %test")
+    deffile.run_in_image("%test", st.work.rootfs, plan.source.definition.sections["test"], writable=False)
 
 
-def _remove(work, idmap):
-    from hpcrun import trees
-    trees.remove(work)
-    if os.path.exists(work) and idmap and idmap["mode"] == "subid":
-        from hpcrun.runtime.idmap import run_mapped   # files owned by subordinate ids
-        run_mapped(["rm", "-rf", work], idmap)
-
-
-def squash(rootfs, out, quiet, idmap=None, owners=False, compress="gzip", reproducible=False):
-    """mksquashfs with all cores. With a subuid map it runs as root of that user namespace,
-    so files unpacked or chowned (%post) to other ids keep their owners in the image;
-    owners=False makes every file root's (-all-root).
-    reproducible: fixed times in the squashfs and a zero UUID and times in the SIF, so the
-    same inputs give the same bytes."""
-    sif = out.endswith(".sif")
-    sqfs = out + ".sqfs.tmp" if sif else out + ".tmp"
-    mapped = idmap is not None and idmap["mode"] == "subid"
-    args = ["mksquashfs", rootfs, sqfs, "-noappend", "-processors", str(os.cpu_count() or 1), "-comp", compress]
-    if reproducible:
-        args += ["-mkfs-time", "0", "-all-time", "0"]
-    args += [] if owners else ["-all-root"]
-    loud = sys.stderr.isatty() and not quiet
-    if not loud:
-        args += ["-quiet", "-no-progress"]
-    try:
-        if mapped:
-            from hpcrun.runtime.idmap import run_mapped
-            if run_mapped(args, idmap) != 0:
-                raise ImageError("mksquashfs failed (see above)")
-        else:
-            proc = subprocess.run(args, stdout=None if loud else subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  text=True)
-            if proc.returncode != 0:
-                raise ImageError(f"mksquashfs failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-        if sif:
-            from hpcrun.images.sif import write_sif
-            if reproducible:
-                write_sif(out, sqfs, now=-62135596800, uuid_bytes=bytes(16))  # Go's zero time
+def step_squash(plan, st):
+    """mksquashfs (as root of the mapping when owners are kept, so they survive; else
+    -all-root) into the work directory, the SIF around it there, then onto OUT."""
+    tree = plan.source.path if plan.steps == ["squash"] else st.work.rootfs
+    sqfs = os.path.join(st.work.path, "image.sqfs")
+    args = ["mksquashfs", tree, sqfs, "-noappend", "-processors", str(os.cpu_count() or 1), "-comp",
+            plan.compress]
+    args += ["-mkfs-time", "0", "-all-time", "0"] if plan.reproducible else []
+    args += [] if plan.owners else ["-all-root"]
+    loud = sys.stderr.isatty() and not st.quiet
+    args += [] if loud else ["-quiet", "-no-progress"]
+    code, err = _as_owner(plan, lambda: _run(args, loud))
+    if code != 0:
+        _tool_failed(st, "mksquashfs failed", err)
+    result = sqfs
+    if plan.sif:
+        from hpcrun.images.sif import write_sif
+        result = os.path.join(st.work.path, "image.sif")
+        try:
+            if plan.reproducible:
+                write_sif(result, sqfs, now=-62135596800, uuid_bytes=bytes(16))  # Go's zero time
             else:
-                write_sif(out, sqfs)
-        else:
-            os.replace(sqfs, out)
-    finally:
-        if os.path.exists(sqfs):
-            os.unlink(sqfs)
-    return 0
+                write_sif(result, sqfs)
+        except OSError as e:
+            raise st.work.disk_full(e, f"cannot write {plan.out}") from None
+    _place(result, plan.out, st.work.path)
+
+
+def step_sandbox(plan, st):
+    if plan.chown_sandbox:
+        # %post may have given files to subordinate ids: give everything to the caller
+        # (root of the mapping), so the sandbox is theirs to change and to rm -rf.
+        from hpcrun.runtime.idmap import call_mapped
+        code, err = call_mapped(lambda: _run(["chown", "-R", "-h", "0:0", st.work.rootfs]), plan.idmap)
+        if code != 0:
+            raise ImageError(f"could not give the sandbox's files to you: {_last(err)}")
+    trees.make_removable(st.work.rootfs, keep_modes=True)
+    _place(st.work.rootfs, plan.out, st.work.path)
+
+
+STEPS = {name[5:]: fn for name, fn in globals().items() if name.startswith("step_")}
+
+
+def _in_tree(plan, st, what, fn):
+    """fn(root) on the tree (as owner when the plan keeps owners); OSErrors as one line."""
+    def go():
+        with st.root() as root:
+            try:
+                fn(root)
+            except OSError as e:
+                raise st.work.disk_full(e, what) from None
+    _as_owner(plan, go)
+
+
+def _run(args, loud=False, pass_fds=()):
+    """(exit status, stderr) of a tool; its stdout goes to the terminal only when loud."""
+    proc = subprocess.run(args, stdout=None if loud else subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          pass_fds=pass_fds, text=True, errors="replace")
+    if proc.stderr and loud:
+        sys.stderr.write(proc.stderr)
+    return proc.returncode, proc.stderr
+
+
+def _last(err):
+    return (err.strip().splitlines() or ["?"])[-1]
+
+
+def _tool_failed(st, what, err):
+    if "No space left" in err or "Disk quota exceeded" in err:
+        raise inroot.disk_full(f"{what}: no space left in {st.work.where}")
+    raise ImageError(f"{what}: {_last(err)}")
+
+
+def _place(path, out, work):
+    """rename path onto OUT. An OUT there (--force) goes into the work directory first if
+    it is a directory; a file or link is replaced by the rename itself, never followed."""
+    try:
+        if os.path.isdir(out) and not os.path.islink(out):
+            os.rename(out, os.path.join(work, "replaced"))
+        os.rename(path, out)
+    except OSError as e:
+        raise inroot.failure(e, f"cannot put the result at {out}") from None

@@ -71,16 +71,18 @@ def version():
               help="Unpack, run %post and squash as root of your /etc/subuid and /etc/subgid range, so "
                    "file owners are kept; fail (exit 251) if you have none. Without it the range is "
                    "used when there is one, else root is mapped to you only.")
+@click.option("--dry-run", is_flag=True, help="Print the build plan as JSON and build nothing.")
 @click.argument("out")
 @click.argument("source", type=click.Path())
-def build(out, source, force, quiet, build_args, notest, compress, reproducible, sandbox, fakeroot):
+def build(out, source, force, quiet, build_args, notest, compress, reproducible, sandbox, fakeroot, dry_run):
     """Build OUT (.sif, else squashfs; a directory with --sandbox) from SOURCE: a directory,
     a rootfs tarball, docker-archive:FILE, oci:DIR[:tag], oci-archive:FILE[:tag],
     docker://REF, oras://REF (registry credentials as for `hpcrun pull`) or a definition
     file (Bootstrap: localimage, docker, oras, docker-archive, oci, oci-archive,
     debootstrap, scratch)."""
     from hpcrun.build import build as run_build
-    return run_build(out, source, force, quiet, build_args, notest, compress, reproducible, sandbox, fakeroot)
+    return run_build(out, source, force, quiet, build_args, notest, compress, reproducible, sandbox, fakeroot,
+                     dry_run)
 
 
 @app.command()

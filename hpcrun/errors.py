@@ -8,7 +8,7 @@ USAGE = 2        # bad command line: unknown flag, malformed --bind, relative de
 CONFIG = 251     # malformed or unreadable configuration file
 IMAGE = 252      # image missing, not an image, truncated, corrupt, nothing runnable in it
 BIND = 253       # bind source missing, destination escapes the image
-RUNTIME = 254    # the kernel or a tool refused: user namespace, FUSE, mount, newuidmap
+RUNTIME = 254    # the kernel or a tool refused: user namespace, FUSE, mount, newuidmap; disk full
 INTERNAL = 255   # a bug in hpcrun (run with --debug for the traceback)
 NOT_EXECUTABLE = 126   # command found in the image but cannot be executed
 NOT_FOUND = 127        # command not found in the image
@@ -46,3 +46,7 @@ class BindError(HpcrunError):
 
 class RuntimeSetupError(HpcrunError):
     code = RUNTIME
+
+
+class DiskFullError(RuntimeSetupError):
+    """ENOSPC/EDQUOT: said as disk full, with the place, never as a corrupt image."""

@@ -120,12 +120,22 @@ def debootstrap(d, work, idmap, quiet):
     return tarball
 
 
-def apply_sections(d, rootfs, defdir):
-    """%setup, %files and the metadata sections; %post and %test are run by the builder."""
-    env = dict(os.environ, APPTAINER_ROOTFS=rootfs, SINGULARITY_ROOTFS=rootfs)
+SECTION_FILES = (("environment", "env/90-environment.sh", 0o644), ("runscript", "runscript", 0o755),
+                 ("startscript", "startscript", 0o755), ("help", "runscript.help", 0o644),
+                 ("test", "test", 0o755))
+
+
+def setup(d, rootfs, defdir):
+    """%setup: the definition's own script, on the host, with $APPTAINER_ROOTFS (as
+    Apptainer runs it: only build definition files you trust)."""
     if d.sections.get("setup"):
+        env = dict(os.environ, APPTAINER_ROOTFS=rootfs, SINGULARITY_ROOTFS=rootfs)
         _script("%setup", ["/bin/sh", "-e", "-c", d.sections["setup"]], env, defdir)
-    from hpcrun.runtime import safepath
+
+
+def files(d, root, defdir):
+    """%files SRC [DST]: host paths (relative to the definition file) copied into the tree
+    through inroot, so links the base image planted are never written through."""
     for line in d.sections.get("files", "").splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
@@ -135,41 +145,34 @@ def apply_sections(d, rootfs, defdir):
         dst = parts[1] if len(parts) > 1 else parts[0]
         if not os.path.exists(src):
             raise ImageError(f"%files: {parts[0]} does not exist", f"paths are relative to {defdir}")
-        comps, _ = safepath.canonical(rootfs, os.path.dirname(os.path.normpath("/" + dst)))
-        parent = os.path.join(rootfs, *comps)
-        os.makedirs(parent, exist_ok=True)
-        target = os.path.join(parent, os.path.basename(os.path.normpath(dst)))
-        if os.path.isdir(src):
-            shutil.copytree(src, target, symlinks=True, dirs_exist_ok=True)
-        else:
-            shutil.copy2(src, target, follow_symlinks=True)
-    meta = os.path.join(rootfs, ".singularity.d")
-    os.makedirs(os.path.join(meta, "env"), exist_ok=True)
-    for section, name, mode in (("environment", "env/90-environment.sh", 0o644), ("runscript", "runscript", 0o755),
-                                ("startscript", "startscript", 0o755), ("help", "runscript.help", 0o644),
-                                ("test", "test", 0o755)):
+        try:
+            root.copy_in(src, dst)
+        except OSError as e:
+            from hpcrun import inroot
+            raise inroot.failure(e, f"%files: cannot copy {parts[0]} to {dst}") from None
+
+
+def metadata(d, root):
+    """%environment, %runscript, %startscript, %help, %test, %labels and the definition
+    itself into /.singularity.d, through inroot."""
+    for section, name, mode in SECTION_FILES:
         if section in d.sections:
             body = d.sections[section]
             text = body + "\n" if section == "help" else "#!/bin/sh\n" + body + "\n"
-            with open(os.path.join(meta, name), "w") as f:
-                f.write(text)
-            os.chmod(os.path.join(meta, name), mode)
-    labels_path = os.path.join(meta, "labels.json")
+            root.write(f".singularity.d/{name}", text, mode)
     labels = {}
-    if os.path.exists(labels_path):
-        with open(labels_path) as f:
-            try:
-                labels = json.load(f)
-            except ValueError:
-                labels = {}
+    try:
+        old = root.read(".singularity.d/labels.json", 1 << 20, "the base image")
+        labels = json.loads(old) if old else {}
+    except (ValueError, OSError):
+        pass
+    labels = labels if isinstance(labels, dict) else {}
     for line in d.sections.get("labels", "").splitlines():
         key, _, value = line.strip().partition(" ")
         if key:
             labels[key] = value.strip()
-    with open(labels_path, "w") as f:
-        json.dump(labels, f, indent=2, sort_keys=True)
-    with open(os.path.join(meta, "Singularity"), "w") as f:
-        f.write(d.text if d.text.endswith("\n") else d.text + "\n")
+    root.write(".singularity.d/labels.json", json.dumps(labels, indent=2, sort_keys=True))
+    root.write(".singularity.d/Singularity", d.text if d.text.endswith("\n") else d.text + "\n")
 
 
 def run_in_image(section, rootfs, script, writable):

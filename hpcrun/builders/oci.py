@@ -1,12 +1,16 @@
 """Read images in OCI layout (`oci:DIR[:tag]`, `oci-archive:FILE`) and `docker save`
 archives (`docker-archive:FILE`): the layer blobs in order and the image config.
-Every blob an OCI manifest names is checked against its sha256 digest."""
+Every blob an OCI manifest names is checked against its sha256 digest. Archives are
+unpacked, and layouts read, through inroot: a link among their members never reaches a
+host file."""
 import hashlib
 import json
 import os
 import platform
+import shutil
 import tarfile
 
+from hpcrun import inroot
 from hpcrun.errors import ImageError
 
 LAYER_TYPES = {
@@ -19,39 +23,71 @@ INDEX_TYPES = {"application/vnd.oci.image.index.v1+json",
 GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
 
 
-def _json(path, what):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise ImageError(f"{what}: {os.path.basename(path)} is missing") from None
-    except (ValueError, OSError) as e:
-        raise ImageError(f"{what}: {os.path.basename(path)} is not valid JSON ({e})") from None
+MAX_JSON = 16 << 20     # manifests, indexes and configs are kilobytes; refuse a hostile giant
 
 
-def _blob(layout, desc, what):
-    digest = desc.get("digest", "")
-    algo, _, hexd = digest.partition(":")
-    if algo != "sha256" or len(hexd) != 64 or not all(c in "0123456789abcdef" for c in hexd):
-        raise ImageError(f"{what}: unsupported or malformed digest {digest!r}")
-    path = os.path.join(layout, "blobs", "sha256", hexd)
+class Tree:
+    """An OCI layout or an unpacked image archive, read through inroot: names (and the
+    links among them) resolve inside it, never to a host file."""
+
+    def __init__(self, top, what):
+        self.root, self.what = inroot.Root(os.path.realpath(top)), what
+
+    def close(self):
+        self.root.close()
+
+    def json(self, name):
+        try:
+            data = self.root.read(name, MAX_JSON, self.what)
+        except OSError as e:
+            raise ImageError(f"{self.what}: cannot read {name}: {e.strerror}") from None
+        if data is None:
+            raise ImageError(f"{self.what}: {name} is missing")
+        try:
+            return json.loads(data)
+        except ValueError as e:
+            raise ImageError(f"{self.what}: {name} is not valid JSON ({e})") from None
+
+    def file(self, name):
+        """The path of the regular file name, resolved inside the tree."""
+        try:
+            return self.root.real_path(name)
+        except OSError:
+            raise ImageError(f"{self.what}: {name!r} is missing or not a regular file in the archive") from None
+
+    def blob(self, desc):
+        """blobs/sha256/HEX for a descriptor, checked against its digest."""
+        digest = desc.get("digest", "") if isinstance(desc, dict) else ""
+        algo, _, hexd = digest.partition(":")
+        if algo != "sha256" or len(hexd) != 64 or not all(c in "0123456789abcdef" for c in hexd):
+            raise ImageError(f"{self.what}: unsupported or malformed digest {digest!r}")
+        path = self.file(f"blobs/sha256/{hexd}")
+        if _sha256(path) != hexd:
+            raise ImageError(f"{self.what}: blob {digest} does not match its digest",
+                             "the image is corrupt: fetch it again")
+        return path
+
+
+def _sha256(path):
     h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    except FileNotFoundError:
-        raise ImageError(f"{what}: blob {digest} is missing") from None
-    if h.hexdigest() != hexd:
-        raise ImageError(f"{what}: blob {digest} does not match its digest", "the image is corrupt: fetch it again")
-    return path
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def from_layout(layout, tag=None, what=None):
     """-> (list of layer paths, config dict) from an OCI image layout directory."""
-    what = what or f"oci:{layout}"
-    index = _json(os.path.join(layout, "index.json"), what)
-    manifests = index.get("manifests") or []
+    tree = Tree(layout, what or f"oci:{layout}")
+    try:
+        return _from_tree(tree, tag)
+    finally:
+        tree.close()
+
+
+def _from_tree(tree, tag):
+    what = tree.what
+    manifests = tree.json("index.json").get("manifests") or []
     if tag:
         manifests = [m for m in manifests
                      if (m.get("annotations") or {}).get("org.opencontainers.image.ref.name") == tag]
@@ -61,18 +97,32 @@ def from_layout(layout, tag=None, what=None):
         raise ImageError(f"{what}: index.json lists no image")
     desc = manifests[0]
     for _ in range(4):          # an index may point to a platform index
-        data = _json(_blob(layout, desc, what), what)
+        data = _load(tree.blob(desc), what)
         if desc.get("mediaType") in INDEX_TYPES or "manifests" in data:
             desc = _pick_platform(data.get("manifests") or [], what)
             continue
         break
-    config = _json(_blob(layout, data["config"], what), what)
+    config = _load(tree.blob(data.get("config")), what)
     layers = []
     for layer in data.get("layers") or []:
         if layer.get("mediaType") not in LAYER_TYPES:
             raise ImageError(f"{what}: unknown layer media type {layer.get('mediaType')!r}")
-        layers.append(_blob(layout, layer, what))
+        layers.append(tree.blob(layer))
     return layers, config
+
+
+def _load(path, what):
+    """A verified JSON blob (a path inside our tree or the user's layout)."""
+    if os.path.getsize(path) > MAX_JSON:
+        raise ImageError(f"{what}: a manifest or config is larger than {MAX_JSON >> 20} MiB")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, OSError) as e:
+        raise ImageError(f"{what}: a manifest or config is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ImageError(f"{what}: a manifest or config is not a JSON object")
+    return data
 
 
 def _pick_platform(manifests, what):
@@ -87,33 +137,33 @@ def _pick_platform(manifests, what):
 def from_docker_archive(path, workdir):
     """-> (layer paths, config) from `docker save` output, unpacked under workdir."""
     what = f"docker-archive:{path}"
-    out = os.path.join(workdir, "archive")
-    _extract_plain(path, out, what)
-    if os.path.exists(os.path.join(out, "index.json")) and not os.path.exists(os.path.join(out, "manifest.json")):
-        return from_layout(out, what=what)
-    manifest = _json(os.path.join(out, "manifest.json"), what)
-    if not isinstance(manifest, list) or not manifest:
-        raise ImageError(f"{what}: manifest.json lists no image")
-    entry = manifest[0]
-    config = _json(_within(out, entry.get("Config", ""), what), what)
-    layers = [_within(out, name, what) for name in entry.get("Layers") or []]
+    tree = _extract_plain(path, os.path.join(workdir, "archive"), what)
+    try:
+        if tree.root.lstat("index.json") and not tree.root.lstat("manifest.json"):
+            return _from_tree(tree, None)
+        manifest = tree.json("manifest.json")
+        if not isinstance(manifest, list) or not manifest or not isinstance(manifest[0], dict):
+            raise ImageError(f"{what}: manifest.json lists no image")
+        entry = manifest[0]
+        config = _load(tree.file(str(entry.get("Config", ""))), what)
+        layers = [tree.file(str(name)) for name in entry.get("Layers") or []]
+    finally:
+        tree.close()
     diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
-    for path, want in zip(layers, diff_ids):    # docker save layers are uncompressed: check them
-        if want.startswith("sha256:") and _is_plain_tar(path):
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            if "sha256:" + h.hexdigest() != want:
-                raise ImageError(f"{what}: layer {os.path.basename(path)} does not match its diff_id",
-                                 "the archive is corrupt")
+    for layer, want in zip(layers, diff_ids):    # docker save layers are uncompressed: check them
+        if isinstance(want, str) and want.startswith("sha256:") and _is_plain_tar(layer) \
+                and "sha256:" + _sha256(layer) != want:
+            raise ImageError(f"{what}: layer {os.path.basename(layer)} does not match its diff_id",
+                             "the archive is corrupt")
     return layers, config
 
 
 def from_oci_archive(path, workdir, tag=None):
-    out = os.path.join(workdir, "archive")
-    _extract_plain(path, out, f"oci-archive:{path}")
-    return from_layout(out, tag, what=f"oci-archive:{path}")
+    tree = _extract_plain(path, os.path.join(workdir, "archive"), f"oci-archive:{path}")
+    try:
+        return _from_tree(tree, tag)
+    finally:
+        tree.close()
 
 
 def _is_plain_tar(path):
@@ -122,43 +172,39 @@ def _is_plain_tar(path):
     return head[257:262] == b"ustar"
 
 
-def _within(top, name, what):
-    path = os.path.realpath(os.path.join(top, name))
-    if not path.startswith(top + os.sep) or not os.path.isfile(path):
-        raise ImageError(f"{what}: {name!r} is missing or outside the archive")
-    return path
-
-
 def _extract_plain(path, out, what):
-    """An archive of regular files and directories only (the image's own files are layers)."""
-    os.makedirs(out)
-    out = os.path.realpath(out)
+    """Unpack an image archive (its own members are plain files, directories and links
+    between them; the image's files are in the layers) into out, through inroot: a link
+    member is kept as a link that resolves inside out. -> Tree of out."""
+    from hpcrun.builders.layers import _clean
+    os.mkdir(out, 0o700)
+    tree = Tree(out, what)
+    root = tree.root
     try:
         with tarfile.open(path, "r:*") as tar:
-            for m in tar.getmembers():
-                name = os.path.normpath(m.name.lstrip("/"))
-                if name.startswith(".."):
-                    raise ImageError(f"{what}: member {m.name!r} points outside the archive")
-                target = os.path.join(out, name)
-                if m.isdir():
-                    os.makedirs(target, exist_ok=True)
-                elif m.isfile():
-                    os.makedirs(os.path.dirname(target), exist_ok=True)
-                    with tar.extractfile(m) as src, open(target, "wb") as dst:
-                        while True:
-                            chunk = src.read(1 << 20)
-                            if not chunk:
-                                break
-                            dst.write(chunk)
-                # links in an image archive (docker's layer dedup) point to files inside
-                elif m.issym() or m.islnk():
-                    src = os.path.normpath(os.path.join(os.path.dirname(name), m.linkname)
-                                           if m.issym() else m.linkname.lstrip("/"))
-                    if src.startswith(".."):
-                        raise ImageError(f"{what}: link {m.name!r} points outside the archive")
-                    os.makedirs(os.path.dirname(target), exist_ok=True)
-                    os.symlink(os.path.relpath(os.path.join(out, src), os.path.dirname(target)), target)
+            for m in tar:
+                rel = _clean(m.name, what)
+                if rel is None:
+                    continue
+                try:
+                    if m.isdir():
+                        os.close(root.makedirs(rel))
+                    elif m.isfile():
+                        with tar.extractfile(m) as src, root.create(rel) as dst:
+                            shutil.copyfileobj(src, dst, 1 << 20)
+                    elif m.issym():
+                        root.symlink(m.linkname, rel)
+                    elif m.islnk():
+                        root.hardlink(_clean(m.linkname, what) or ".", rel)
+                except OSError as e:
+                    raise inroot.failure(e, f"{what}: cannot unpack {m.name!r}") from None
     except FileNotFoundError:
+        tree.close()
         raise ImageError(f"{what}: file not found") from None
     except (tarfile.TarError, EOFError) as e:
+        tree.close()
         raise ImageError(f"{what}: truncated or corrupt archive ({e})") from None
+    except BaseException:
+        tree.close()
+        raise
+    return tree

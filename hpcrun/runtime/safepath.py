@@ -19,12 +19,16 @@ def components(path):
 
 
 def _walk(root, path, create=None):
-    """The one resolver: returns (fd or None, components inside root, exists).
+    return walk_at(os.open(root, O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), path, create)
+
+
+def walk_at(rootfd, path, create=None):
+    """The one resolver: returns (fd or None, components inside root, exists). Takes over
+    rootfd (closes it).
 
     A missing component either ends the walk (create=None: the rest of the path is
     taken literally, fd None) or is created (parents as directories, the last as
     `create`)."""
-    rootfd = os.open(root, O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     stack, names = [rootfd], []
     todo = components(path)
     links = 0

@@ -7,7 +7,7 @@ import tarfile
 
 import pytest
 
-from hpcrun import trees
+from hpcrun import inroot, trees
 from hpcrun.builders import deffile, layers
 from hpcrun.errors import UsageError
 
@@ -34,8 +34,8 @@ def _tar(entries):
 
 def test_unprivileged_unpack_reports_lost_owners_and_drops_setuid(tmp_path):
     skipped, lost = [], []
-    dest = os.path.realpath(tmp_path)
-    layers.apply(_tar([("root-file", 0, 0o644), ("d/user-file", 5, 0o4755)]), dest, "t", skipped, False, lost)
+    with inroot.Root(str(tmp_path)) as root:
+        layers.apply(_tar([("root-file", 0, 0o644), ("d/user-file", 5, 0o4755)]), root, "t", skipped, False, lost)
     assert lost == ["d/user-file"] and skipped == []
     assert stat.S_IMODE(os.stat(tmp_path / "d/user-file").st_mode) == 0o755
 
