@@ -303,8 +303,10 @@ def _in_tree(plan, st, what, fn):
 
 def _run(args, loud=False, pass_fds=()):
     """(exit status, stderr) of a tool; its stdout goes to the terminal only when loud."""
+    from hpcrun.runtime.idmap import die_with_parent
+    me = os.getpid()
     proc = subprocess.run(args, stdout=None if loud else subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          pass_fds=pass_fds, text=True, errors="replace")
+                          pass_fds=pass_fds, text=True, errors="replace", preexec_fn=lambda: die_with_parent(me))
     if proc.stderr and loud:
         sys.stderr.write(proc.stderr)
     return proc.returncode, proc.stderr

@@ -48,6 +48,8 @@ def open_tar(path, workdir):
         out = os.path.join(workdir, "layer.tar")
         with open(out, "wb") as o:
             proc = subprocess.run(["zstd", "-dcq", path], stdout=o, stderr=subprocess.PIPE, text=True)
+        if proc.returncode != 0 and "No space left" in proc.stderr:
+            raise inroot.disk_full(f"cannot decompress {path} into {workdir}")
         if proc.returncode != 0:
             raise ImageError(f"{path}: cannot decompress zstd archive: {proc.stderr.strip()}")
         path = out

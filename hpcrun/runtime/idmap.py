@@ -68,20 +68,44 @@ def _enter(idmap):
         write_self(dict(idmap, mode="root"))
 
 
+def die_with_parent(parent):
+    """In a forked child: SIGKILL when the parent goes (even by SIGKILL), so no tool keeps
+    writing into a tree that is being removed."""
+    from hpcrun.runtime import syscalls as sc
+    sc.prctl(sc.PR_SET_PDEATHSIG, 9)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _reap(pid):
+    """waitpid(pid); if we are interrupted (a signal raised), the child is killed first."""
+    try:
+        return os.waitpid(pid, 0)[1]
+    except BaseException:
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        raise
+
+
 def run_mapped(argv, idmap):
     """Run a host program as root of a user namespace with these maps (no mount
     namespace, no pivot): to read, squash or remove a tree whose files belong to
     subordinate ids. Returns its exit status."""
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         try:
+            die_with_parent(parent)
             _enter(idmap)
             os.execvp(argv[0], argv)
         except BaseException as e:
             os.write(2, f"hpcrun: error: cannot run {argv[0]} in a user namespace: {e}\n".encode())
         finally:
             os._exit(127)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    return os.waitstatus_to_exitcode(_reap(pid))
 
 
 def call_mapped(fn, idmap):
@@ -91,10 +115,12 @@ def call_mapped(fn, idmap):
     import json
     from hpcrun.errors import HpcrunError
     r, w = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         os.close(r)
         try:
+            die_with_parent(parent)
             _enter(idmap)
             reply = {"value": fn()}
         except HpcrunError as e:
@@ -107,9 +133,13 @@ def call_mapped(fn, idmap):
         finally:
             os._exit(0)
     os.close(w)
-    with os.fdopen(r) as f:
-        data = f.read()
-    os.waitpid(pid, 0)
+    try:
+        with os.fdopen(r) as f:
+            data = f.read()
+    except BaseException:
+        _reap(pid)        # kills it: we were interrupted
+        raise
+    _reap(pid)
     reply = json.loads(data) if data else {"error": ["the user namespace child died", None, 255]}
     if "error" in reply:
         raise HpcrunError(*reply["error"][:2], code=reply["error"][2])
