@@ -27,7 +27,7 @@ def digest(data):
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
-    """routes: path -> (headers, body); body is bytes or (byte count, filler byte), the latter
+    """routes: path -> (status, headers, body); body is bytes or (byte count, filler byte), the latter
     generated as it is sent. Records, per path, the GETs and the bytes the kernel took."""
     routes, gets, sent, finished = {}, {}, {}, threading.Condition()
 
