@@ -4,14 +4,19 @@ Authentication answers the registry's 401 challenge: HTTP Basic with the user's 
 (see auth.py), or a bearer token from the challenge's realm (anonymous, or asked for with
 the credentials); the Authorization header is not sent on to redirects to other hosts.
 Manifest lists and OCI indexes are resolved to the host platform, every blob verified
-against its sha256 digest and kept in a content-addressed cache
-($XDG_CACHE_HOME/hpcrun/blobs/sha256/HEX) that later pulls reuse. Registries on loopback
-(localhost, 127.0.0.0/8, ::1) are spoken to over plain HTTP, as Docker does; everything
-else over HTTPS."""
+against its sha256 digest and declared size and kept in a content-addressed cache
+($XDG_CACHE_HOME/hpcrun/blobs/sha256/HEX) that later pulls reuse, after hashing it again.
+Nothing is read past a blob's declared size, a manifest's or config's 4 MiB or a token
+answer's 1 MiB: registry answers are hostile input. Registries on loopback (localhost,
+127.0.0.0/8, ::1) are spoken to over plain HTTP, as Docker does; everything else over HTTPS."""
+import errno
 import hashlib
+import http.client
+import ipaddress
 import json
 import os
 import re
+import stat
 import sys
 import tempfile
 import urllib.error
@@ -27,6 +32,9 @@ ACCEPT = ", ".join([
     "application/vnd.docker.distribution.manifest.list.v2+json",
     "application/vnd.docker.distribution.manifest.v2+json"])
 LOOKUP = object()   # Registry(creds=LOOKUP): find the user's credentials when challenged
+MANIFEST_MAX = 4 << 20   # manifests, indexes, image configs (containerd's limit)
+TOKEN_MAX = 1 << 20      # a token service's JSON answer
+CHUNK = 1 << 20
 
 
 class SameOriginAuth(urllib.request.HTTPRedirectHandler):
@@ -76,8 +84,111 @@ def parse_ref(ref):
 
 
 def _loopback(host):
-    name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:host.index("]")]
-    return name in ("localhost", "::1") or name.startswith("127.")
+    """host, host:port, [v6]:port or a bare IPv6 literal: exactly localhost, or a loopback
+    address (a name like 127.evil.example is not: DNS decides where it goes)."""
+    if host.startswith("["):
+        name = host[1:host.find("]")] if "]" in host else ""
+    else:
+        name = host.split(":")[0] if host.count(":") == 1 else host
+    if name.lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)   # ::ffff:127.0.0.1 (not is_loopback before 3.13)
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def _chunks(r, limit, what):
+    """r's body in chunks until it ends or more than limit bytes came (the caller checks)."""
+    done = 0
+    while done <= limit:
+        try:
+            chunk = r.read(min(CHUNK, limit + 1 - done))
+        except (OSError, http.client.HTTPException) as e:
+            raise ImageError(f"{what}: download failed ({e or type(e).__name__})") from None
+        if not chunk:
+            return
+        done += len(chunk)
+        yield chunk
+
+
+def _read_capped(r, cap, what):
+    body = b"".join(_chunks(r, cap, what))
+    if len(body) > cap:
+        raise ImageError(f"{what} is larger than {cap >> 20} MiB",
+                         "the registry sent more than an image needs")
+    return body
+
+
+def _digest(desc):
+    """A descriptor's digest: sha256:HEX only (it becomes a URL path and a cache file name)."""
+    digest = desc.get("digest") if isinstance(desc, dict) else None
+    if not isinstance(digest, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+        raise ImageError(f"unsupported or malformed digest {digest!r}")
+    return digest
+
+
+def _descriptor(desc):
+    """-> (digest, hex, size) of a manifest's descriptor: a sha256 digest and a size are required."""
+    digest = _digest(desc)
+    hexd = digest[7:]
+    size = desc.get("size")
+    if type(size) is not int or size < 0:   # not bool, not float
+        raise ImageError(f"blob {digest}: the manifest gives no valid size ({size!r})")
+    return digest, hexd, size
+
+
+def _write_error(e, top):
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ImageError(f"disk full: cannot write {top}", "free space there, or set XDG_CACHE_HOME elsewhere")
+    return ImageError(f"cannot write {top}: {e.strerror or e}")
+
+
+def _blob_dir(cache):
+    """cache/blobs/sha256, made if missing. Each level from cache's parent down must be the
+    user's (or root's), as must a symlink on the way: another user's would let them swap a
+    blob after it was verified."""
+    top = os.path.join(cache, "blobs", "sha256")
+    try:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        path = os.path.dirname(cache)
+        _own_dir(path)
+        for part in (os.path.basename(cache), "blobs", "sha256"):
+            path = os.path.join(path, part)
+            try:
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                pass
+            _own_dir(path)
+    except OSError as e:
+        raise _write_error(e, top) from None
+    return top
+
+
+def _own_dir(path):
+    me = (os.geteuid(), 0)
+    link, st = os.lstat(path), os.stat(path)
+    if (stat.S_ISLNK(link.st_mode) and link.st_uid not in me) or st.st_uid not in me:
+        raise ImageError(f"cache directory {path} belongs to another user",
+                         "remove it, or set XDG_CACHE_HOME to a directory of your own")
+    if not stat.S_ISDIR(st.st_mode):
+        raise ImageError(f"cache directory {path} is not a directory")
+
+
+def _intact(path, hexd, size):
+    """Is path a regular file (not a symlink: opened O_NOFOLLOW) of this size and sha256?"""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+        os.close(fd)
+        return False
+    with os.fdopen(fd, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest() == hexd
 
 
 class Registry:
@@ -129,9 +240,7 @@ class Registry:
         if scheme != "bearer" or "realm" not in params:
             raise ImageError(f"{self.host}: unsupported authentication challenge {scheme or 'none'!r}")
         realm = params["realm"]
-        if creds and not realm.startswith("https://") and not _loopback(urllib.parse.urlsplit(realm).netloc):
-            raise ImageError(f"{self.host}: token service {realm} is not HTTPS",
-                             "hpcrun sends credentials only over HTTPS or to loopback")
+        self._check_realm(realm, creds)
         query = {k: v for k, v in params.items() if k in ("service", "scope")}
         if self.repo:
             query.setdefault("scope", f"repository:{self.repo}:pull")
@@ -140,7 +249,7 @@ class Registry:
             req.add_unredirected_header("Authorization", creds.basic())
         try:
             with OPENER.open(req, timeout=60) as r:
-                data = json.load(r)
+                data = json.loads(_read_capped(r, TOKEN_MAX, f"the answer of token service {realm}"))
         except urllib.error.HTTPError as e:
             if e.code in (401, 403):
                 raise auth.refused(self.host, creds, self.repo) from None
@@ -152,6 +261,20 @@ class Registry:
             raise ImageError(f"token service {realm} answered without a token")
         self.authorization = f"Bearer {token}"
 
+    def _check_realm(self, realm, creds):
+        """A token service is an http(s) URL with a plain host[:port] (no user@: that hides
+        the real host); credentials go to it over HTTPS, or over HTTP to loopback only."""
+        try:
+            url = urllib.parse.urlsplit(realm)
+            ok = url.scheme in ("http", "https") and url.hostname and "@" not in url.netloc
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ImageError(f"{self.host}: token service {realm!r} is not an http(s) URL")
+        if creds and url.scheme != "https" and not _loopback(url.netloc):
+            raise ImageError(f"{self.host}: token service {realm} is not HTTPS",
+                             "hpcrun sends credentials only over HTTPS or to loopback")
+
     def check(self):
         """GET /v2/ (authenticating as needed): raises unless the registry lets us in."""
         with self._open(self.root):
@@ -159,46 +282,98 @@ class Registry:
 
     def manifest(self, reference):
         with self._open(f"{self.base}/manifests/{reference}", ACCEPT) as r:
-            body = r.read()
+            body = _read_capped(r, MANIFEST_MAX, f"manifest {reference}")
             mtype = r.headers.get("Content-Type", "").split(";")[0]
         if reference.startswith("sha256:") and "sha256:" + hashlib.sha256(body).hexdigest() != reference:
             raise ImageError(f"manifest {reference} does not match its digest", "the registry is corrupt")
         try:
-            return json.loads(body), mtype
+            data = json.loads(body)
         except ValueError:
             raise ImageError(f"manifest {reference} is not JSON") from None
+        if not isinstance(data, dict):
+            raise ImageError(f"manifest {reference} is not a JSON object")
+        return data, mtype
 
-    def blob(self, desc, cache):
-        digest = desc.get("digest", "")
-        algo, _, hexd = digest.partition(":")
-        if algo != "sha256" or not re.fullmatch(r"[0-9a-f]{64}", hexd):
-            raise ImageError(f"unsupported or malformed digest {digest!r}")
-        path = os.path.join(cache, "blobs", "sha256", hexd)
-        if os.path.exists(path):
+    def blob(self, desc, cache, cap=None):
+        """The cached blob's path, fetched and verified unless the cache has it intact.
+        cap: refuse a declared size above it (image configs)."""
+        digest, hexd, size = _descriptor(desc)
+        if cap is not None and size > cap:
+            raise ImageError(f"image config {digest} is larger than {cap >> 20} MiB",
+                             "the registry sent more than an image needs")
+        top = _blob_dir(cache)
+        path = os.path.join(top, hexd)
+        if _intact(path, hexd, size):
             return path
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        h, done, size = hashlib.sha256(), 0, desc.get("size") or 0
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".part-")
+        if os.path.lexists(path):
+            self._drop(path, digest)
         try:
-            with self._open(f"{self.base}/blobs/{digest}") as r, os.fdopen(fd, "wb") as out:
-                while True:
-                    chunk = r.read(1 << 20)
-                    if not chunk:
-                        break
+            fd, tmp = tempfile.mkstemp(dir=top, prefix=".part-")   # O_EXCL|O_NOFOLLOW, mode 0600
+        except OSError as e:
+            raise _write_error(e, top) from None
+        try:
+            with os.fdopen(fd, "wb") as out:
+                got = self._download(digest, size, out)
+            if got != hexd:
+                raise ImageError(f"blob {digest} does not match its digest", "the registry sent corrupt data")
+            os.replace(tmp, path)   # replaces the name: never writes through what is there
+            return path
+        except OSError as e:
+            raise _write_error(e, top) from None
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+    def _drop(self, path, digest):
+        """Remove a cache entry that is not the blob it is named after."""
+        if not self.quiet:
+            sys.stderr.write(f"hpcrun: note: cached blob {digest} is damaged, fetching it again\n")
+        try:
+            os.unlink(path)
+        except IsADirectoryError:
+            raise ImageError(f"cache entry {path} is not a file", "remove it, or run hpcrun cache clean") from None
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise ImageError(f"cannot remove the damaged cache entry {path}: {e.strerror}") from None
+
+    def _download(self, digest, size, out):
+        """Stream the blob into out, hashing it; stop as soon as more than size bytes came.
+        -> the hex sha256."""
+        h, done = hashlib.sha256(), 0
+        show = not self.quiet and sys.stderr.isatty() and size
+        try:
+            with self._open(f"{self.base}/blobs/{digest}") as r:
+                for chunk in _chunks(r, size, f"blob {digest}"):
+                    done += len(chunk)
+                    if done > size:
+                        raise ImageError(f"blob {digest} is larger than its declared size {size}",
+                                         "the registry sent more than the manifest says")
                     h.update(chunk)
                     out.write(chunk)
-                    done += len(chunk)
-                    if not self.quiet and sys.stderr.isatty() and size:
+                    if show:
                         sys.stderr.write(f"\rhpcrun: {digest[7:19]} {done * 100 // size:3d}%")
-            if not self.quiet and sys.stderr.isatty() and size:
-                sys.stderr.write("\n")
-            if h.hexdigest() != hexd:
-                raise ImageError(f"blob {digest} does not match its digest", "the registry sent corrupt data")
-            os.replace(tmp, path)
-            return path
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            if show:
+                sys.stderr.write("\n")
+        if done < size:
+            raise ImageError(f"blob {digest} is smaller than its declared size {size} ({done} bytes came)",
+                             "the download was cut short, or the registry is corrupt")
+        return h.hexdigest()
+
+
+def _pick(index, ref):
+    """The index entry for linux on this machine's architecture."""
+    arch = GOARCH.get(os.uname().machine, os.uname().machine)
+    entries = index.get("manifests")
+    for m in entries if isinstance(entries, list) else []:
+        platform = (m.get("platform") or {}) if isinstance(m, dict) else None
+        if isinstance(platform, dict) and platform.get("architecture") == arch \
+                and platform.get("os", "linux") == "linux":
+            return m
+    raise ImageError(f"{ref}: no image for linux/{arch}")
 
 
 def pull(ref, quiet=True):
@@ -209,25 +384,28 @@ def pull(ref, quiet=True):
     manifest, mtype = reg.manifest(reference)
     for _ in range(3):
         if mtype in INDEX_TYPES or "manifests" in manifest:
-            arch = GOARCH.get(os.uname().machine, os.uname().machine)
-            pick = [m for m in manifest.get("manifests") or []
-                    if (m.get("platform") or {}).get("architecture") == arch
-                    and (m.get("platform") or {}).get("os", "linux") == "linux"]
-            if not pick:
-                raise ImageError(f"{ref}: no image for linux/{arch}")
-            manifest, mtype = reg.manifest(pick[0]["digest"])
+            manifest, mtype = reg.manifest(_digest(_pick(manifest, ref)))   # by digest: verified
             continue
         break
     if "config" not in manifest:
         raise ImageError(f"{ref}: unsupported manifest type {mtype or manifest.get('mediaType')!r}")
-    with open(reg.blob(manifest["config"], cache), encoding="utf-8") as f:
-        config = json.load(f)
-    layers = []
-    for layer in manifest.get("layers") or []:
-        if layer.get("mediaType") not in LAYER_TYPES:
-            raise ImageError(f"{ref}: unknown layer media type {layer.get('mediaType')!r}")
-        layers.append(reg.blob(layer, cache))
-    return layers, config
+    layers = manifest.get("layers") or []
+    if not isinstance(layers, list):
+        raise ImageError(f"{ref}: the manifest's layers are not a list")
+    with open(reg.blob(manifest["config"], cache, MANIFEST_MAX), "rb") as f:
+        try:
+            config = json.load(f)
+        except ValueError:
+            config = None
+    if not isinstance(config, dict):
+        raise ImageError(f"{ref}: the image config is not a JSON object")
+    paths = []
+    for layer in layers:
+        mt = layer.get("mediaType") if isinstance(layer, dict) else None
+        if mt not in LAYER_TYPES:
+            raise ImageError(f"{ref}: unknown layer media type {mt!r}")
+        paths.append(reg.blob(layer, cache))
+    return paths, config
 
 
 def cache_entries():

@@ -4,6 +4,7 @@ import base64
 import http.server
 import json
 import os
+import pwd
 import socket
 import subprocess
 import threading
@@ -13,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from hpcrun_testlib import WORK, hpcrun, user_env
+from hpcrun_testlib import USER, WORK, hpcrun, user, user_env
 from test_build import check_oci_result, make_oci_layout
 
 
@@ -175,6 +176,42 @@ def test_pull_refuses_corrupt_blob(proxy, bdir):
     assert r.returncode == 252 and "does not match its digest" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
 
+
+
+def test_pull_refuses_cache_dir_of_another_user(registry, bdir):
+    """$XDG_CACHE_HOME/hpcrun planted by another user, as a symlink to their directory or as
+    their directory itself: not used (they could swap a blob after hpcrun verified it)."""
+    me, other = user(), pwd.getpwnam(USER + "2")
+    base = bdir / "xdg"
+    base.mkdir()
+    os.chown(base, me.pw_uid, me.pw_gid)
+    theirs = bdir / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, other.pw_uid, other.pw_gid)
+    os.chmod(theirs, 0o777)
+    planted, out, ref = base / "hpcrun", str(bdir / "p.sif"), f"docker://{registry}/test/busybox:v1"
+    os.symlink(theirs, planted)
+    os.lchown(planted, other.pw_uid, other.pw_gid)
+    r = hpcrun("pull", out, ref, env={"XDG_CACHE_HOME": str(base)})
+    assert r.returncode == 252 and f"cache directory {planted} belongs to another user" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and os.listdir(theirs) == [] and not os.path.exists(out)
+    os.unlink(planted)
+    planted.mkdir()
+    os.chown(planted, other.pw_uid, other.pw_gid)
+    os.chmod(planted, 0o777)
+    r = hpcrun("pull", out, ref, env={"XDG_CACHE_HOME": str(base)})
+    assert r.returncode == 252 and "belongs to another user" in r.stderr, r.stderr
+    assert os.listdir(planted) == [] and not os.path.exists(out)
+    # the user's own symlink to a directory of their own is fine
+    os.rmdir(planted)
+    mine = bdir / "mine"
+    mine.mkdir()
+    os.chown(mine, me.pw_uid, me.pw_gid)
+    os.symlink(mine, planted)
+    os.lchown(planted, me.pw_uid, me.pw_gid)
+    r = hpcrun("pull", out, ref, env={"XDG_CACHE_HOME": str(base)})
+    assert r.returncode == 0, r.stderr
+    assert len(os.listdir(mine / "blobs" / "sha256")) == 3
 
 def test_pull_missing_image_and_default_name(registry, bdir):
     r = hpcrun("pull", str(bdir / "x.sif"), f"docker://{registry}/test/nothere:v1", env=cache_env("miss"))
