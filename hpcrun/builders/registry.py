@@ -142,7 +142,8 @@ def _descriptor(desc):
 
 def _write_error(e, top):
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ImageError(f"disk full: cannot write {top}", "free space there, or set XDG_CACHE_HOME elsewhere")
+        from hpcrun.errors import DiskFullError
+        return DiskFullError(f"disk full: cannot write {top}", "free space there, or set XDG_CACHE_HOME elsewhere")
     return ImageError(f"cannot write {top}: {e.strerror or e}")
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from hpcrun.builders import registry
 from hpcrun.builders.registry import Registry, _loopback, pull
-from hpcrun.errors import IMAGE, ImageError
+from hpcrun.errors import IMAGE, RUNTIME, ImageError
 
 SERVE_CHUNK = 64 << 10
 HPCRUN_CHUNK = 1 << 20   # what hpcrun asks for per read: it may overshoot the declared size by this
@@ -166,12 +166,12 @@ def test_disk_full_removes_the_partial_file_and_says_so(server, tmp_path):
     script = (
         "import os, sys\n"
         "from hpcrun.builders.registry import Registry\n"
-        "from hpcrun.errors import ImageError\n"
+        "from hpcrun.errors import HpcrunError\n"
         f"cache = {str(cache)!r}\n"
         "try:\n"
         f"    Registry({server.host!r}, 'r').blob({desc!r}, cache)\n"
         "    print('no error')\n"
-        "except ImageError as e:\n"
+        "except HpcrunError as e:\n"
         "    print(e.code, e.message)\n"
         "print(sorted(os.listdir(os.path.join(cache, 'blobs', 'sha256'))))\n")
     tree = os.path.dirname(os.path.dirname(registry.__file__))
@@ -181,7 +181,7 @@ def test_disk_full_removes_the_partial_file_and_says_so(server, tmp_path):
                        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=tree), timeout=60)
     assert r.returncode == 0, r.stderr
     top = os.path.join(cache, "blobs", "sha256")
-    assert r.stdout.splitlines() == [f"{IMAGE} disk full: cannot write {top}", "[]"], r.stdout + r.stderr
+    assert r.stdout.splitlines() == [f"{RUNTIME} disk full: cannot write {top}", "[]"], r.stdout + r.stderr
 
 
 # ---- 2. manifests, indexes, configs, token answers: fixed caps ----
