@@ -415,12 +415,18 @@ def cache_entries():
         names = sorted(n for n in os.listdir(top) if not n.startswith("."))
     except FileNotFoundError:
         return []
-    return [(n, os.path.getsize(os.path.join(top, n))) for n in names]
+    out = []
+    for n in names:     # what is not a regular file is no blob (it is dropped when used)
+        st = os.lstat(os.path.join(top, n))
+        if stat.S_ISREG(st.st_mode):
+            out.append((n, st.st_size))
+    return out
 
 
 def cache_clean():
-    import shutil
+    """Remove the cache's blobs (fd-based: a link planted in it is removed, not followed)."""
+    from hpcrun import trees
     top = os.path.join(cache_dir(), "blobs")
     n = len(cache_entries())
-    shutil.rmtree(top, ignore_errors=True)
+    trees.remove(top)
     return n

@@ -167,12 +167,19 @@ def images():
     return out
 
 
+def _owner(path):
+    try:
+        return os.lstat(path).st_uid
+    except FileNotFoundError:
+        return None
+
+
 @pytest.fixture(autouse=True)
 def no_leaks():
     """Every integration test must leave no process of the test user and no temp tree."""
     yield
     assert wait_gone(lambda: user_processes(), 10), f"left behind: {user_processes()}"
-    left = [d for d in os.listdir("/tmp") if d.startswith("hpcrun-unsquash-")]
+    left = [d for d in os.listdir("/tmp") if d.startswith("hpcrun-unsquash-") and _owner("/tmp/" + d) == user().pw_uid]
     assert not left, f"temporary sandboxes left behind: {left}"
     run_dir = f"/tmp/hpcrun-{user().pw_uid}"   # shared containers' sockets and locks
     assert wait_gone(lambda: os.path.exists(run_dir), 5), f"left behind: {os.listdir(run_dir)}"

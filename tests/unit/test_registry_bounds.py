@@ -386,3 +386,18 @@ def test_token_realm_gets_credentials_over_http_only_on_loopback(server):
         assert words in e.value.message, (realm, e.value.message)
         assert "s3cret" not in e.value.line()
         assert seen.pop("auth", None) == (creds.basic() if words == "refused the credentials" else None), realm
+
+
+def test_cache_list_and_clean_survive_planted_links(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    top = tmp_path / "cache" / "hpcrun" / "blobs" / "sha256"
+    top.mkdir(parents=True)
+    (top / ("a" * 64)).write_bytes(b"blob")
+    canary = tmp_path / "canary"
+    canary.mkdir()
+    (canary / "keep").write_text("keep")
+    os.symlink(str(tmp_path / "missing"), top / ("b" * 64))
+    os.symlink(str(canary), top / ("c" * 64))
+    assert registry.cache_entries() == [("a" * 64, 4)]       # a dangling link crashed `cache list`
+    assert registry.cache_clean() == 1
+    assert not top.exists() and (canary / "keep").read_text() == "keep"
