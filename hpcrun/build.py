@@ -85,7 +85,7 @@ class Work:
         _restore_signals(self.old)
         trees.stop_remover(self.remover)      # removes the tree now, and waits
 
-    def disk_full(self, e, what):
+    def failure(self, e, what):
         return inroot.failure(e, f"{what} (in {self.where})")
 
 
@@ -143,7 +143,7 @@ def step_copy(plan, st):
         try:
             root.copy_in(plan.base().path, "/")
         except OSError as e:
-            raise st.work.disk_full(e, f"cannot copy {plan.base().path}") from None
+            raise st.work.failure(e, f"cannot copy {plan.base().path}") from None
 
 
 def step_unsquash(plan, st):
@@ -271,7 +271,7 @@ def step_squash(plan, st):
             else:
                 write_sif(result, sqfs)
         except OSError as e:
-            raise st.work.disk_full(e, f"cannot write {plan.out}") from None
+            raise st.work.failure(e, f"cannot write {plan.out}") from None
     _place(result, plan.out, st.work.path)
 
 
@@ -297,7 +297,7 @@ def _in_tree(plan, st, what, fn):
             try:
                 fn(root)
             except OSError as e:
-                raise st.work.disk_full(e, what) from None
+                raise st.work.failure(e, what) from None
     _as_owner(plan, go)
 
 
