@@ -98,6 +98,8 @@ def run_container(action, opts, image_path, args):
             import json
             print(json.dumps(plan.to_dict(), indent=2, sort_keys=True))
             return 0
+        if plan.in_place:
+            _check_writable(image.path, plan.idmap)
         for m in plan.mounts:   # sources are checked before anything is mounted
             if m.kind == "bind" and not m.optional and not m.if_missing and not os.path.exists(m.src):
                 raise errors.BindError(f"bind source {m.src} does not exist",
@@ -109,6 +111,26 @@ def run_container(action, opts, image_path, args):
         return _start(plan, image, cfg, opts, timer)
     finally:
         image.close()
+
+
+def _check_writable(path, idmap):
+    """--writable writes mount points and files into the sandbox itself: refuse, before
+    anything is mounted, one we cannot write. Where both owner ids are mapped into our
+    user namespace, its root capabilities let setup write even without a write bit."""
+    if os.access(path, os.W_OK):
+        return
+    st = os.stat(path)
+    sub = idmap["mode"] == "subid"   # else only our own ids are mapped
+    if (_mapped(st.st_uid, idmap["uid"], idmap["subuid"] if sub else None)
+            and _mapped(st.st_gid, idmap["gid"], idmap["subgid"] if sub else None)):
+        return
+    raise errors.UsageError(f"--writable: {path} is not writable by you (owner uid {st.st_uid}, "
+                            f"mode {st.st_mode & 0o7777:04o})",
+                            f"write a copy of your own: hpcrun build --sandbox COPY {path}")
+
+
+def _mapped(id_, own, subids):
+    return id_ == own or subids is not None and subids[0] <= id_ < subids[0] + subids[1]
 
 
 def _start(plan, image, cfg, opts, timer):
@@ -133,9 +155,9 @@ def _start(plan, image, cfg, opts, timer):
             return share.run(plan, image, daemon, timer, opts["verbose"])
         return launcher.launch(plan, image, timer, opts["verbose"], daemon)
     from hpcrun.runtime import unsquash   # subprocess, shutil, tempfile: slow imports
-    top, root = unsquash.extract(image, reason, quiet=opts["quiet"])
-    remover, pipe = unsquash.start_remover(top)
+    remover, pipe, top = unsquash.start_remover()   # it makes the tree: nothing is left unowned
     try:
+        root = unsquash.extract(image, top, reason, quiet=opts["quiet"])
         return launcher.launch(plan, image, timer, opts["verbose"], sandbox=root)
     finally:
         os.close(pipe)

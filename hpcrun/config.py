@@ -2,7 +2,7 @@
 
 Parsing YAML costs tens of milliseconds (importing the parser alone), paid on every
 container start; so the merged result is cached with marshal, keyed by each file's
-path, size and mtime, and YAML is only imported when a file changed.
+path, size, mtime, inode, device and ctime, and YAML is only imported when a file changed.
 """
 import marshal
 import os
@@ -88,7 +88,9 @@ def load(env=os.environ):
     for path in files:
         try:
             st = os.stat(path)
-            key.append((path, st.st_size, st.st_mtime_ns))
+            # size and mtime alone miss a same-size rewrite with the mtime set back
+            # (os.utime); inode, device and ctime (which no user can set) catch it
+            key.append((path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, st.st_ctime_ns))
         except FileNotFoundError:
             if path == env.get("HPCRUN_CONFIG"):
                 raise ConfigError(f"HPCRUN_CONFIG names a missing file: {path}") from None
@@ -104,7 +106,7 @@ def load(env=os.environ):
         except (OSError, EOFError, ValueError, TypeError):
             pass
     cfg = {}
-    for i, (path, _size, _mtime) in enumerate(key):
+    for i, (path, *_stat) in enumerate(key):
         data = parse_file(path)
         cfg = data if i == 0 else merge(cfg, data, path)
     if cache:

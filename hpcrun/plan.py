@@ -7,7 +7,7 @@ import os
 
 from hpcrun import binds as bindspec
 from hpcrun import envvars
-from hpcrun.errors import UsageError
+from hpcrun.errors import BindError, UsageError
 
 # Apptainer's default mounts as data: (name, host path, needs nodev). The home,
 # working directory and scratch entries are added from the request.
@@ -84,6 +84,47 @@ def expand_scratch(entries, env):
     return out
 
 
+NAME_MAX, PATH_MAX = 255, 4096
+
+
+def check_destination(m):
+    """A destination the kernel cannot name fails here with one line, not deep in the
+    mount sequence (ENAMETOOLONG). Lengths are in bytes, as the kernel counts them."""
+    raw = os.fsencode(m.dst)
+    short = m.dst if len(raw) <= 60 else m.dst[:40] + "..."
+    if len(raw) >= PATH_MAX:
+        raise BindError(f"bind destination {short}: longer than {PATH_MAX - 1} bytes",
+                        "choose a shorter destination")
+    if any(len(c) > NAME_MAX for c in raw.split(b"/")):
+        raise BindError(f"bind destination {short}: a name in it is longer than {NAME_MAX} bytes",
+                        "choose a shorter destination")
+
+
+def _field_ok(text):
+    """No ':' (the field separator) and no control character (a newline would start a
+    line of its own) in a passwd/group field."""
+    return all(" " <= c != "\x7f" and c != ":" for c in text)
+
+
+def _name_ok(name):
+    # ',' separates group members; a leading '+'/'-' is NIS syntax to nsswitch's compat mode
+    return bool(name) and _field_ok(name) and "," not in name and name[0] not in "+-"
+
+
+def identity_lines(user, uid, gid, group, gecos, home, shell):
+    """The caller's /etc/passwd and /etc/group lines, each None when a field would break
+    the file's format: names, home and shell can come from the environment ($USER when
+    the uid has no passwd entry, $HOME always), so a newline in them must not add an
+    entry. Such a line is dropped rather than patched (a changed name or home would be
+    wrong); the free-text gecos only loses the offending characters."""
+    gecos = "".join(c if _field_ok(c) else " " for c in gecos)
+    user_ok = _name_ok(user)
+    passwd = (f"{user}:x:{uid}:{gid}:{gecos}:{home}:{shell}"
+              if user_ok and _field_ok(home) and _field_ok(shell) else None)
+    group_line = f"{group}:x:{gid}:{user if user_ok else ''}" if _name_ok(group) else None
+    return passwd, group_line
+
+
 def under(path, top):
     return path == top or path.startswith(top.rstrip("/") + "/")
 
@@ -158,6 +199,9 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
     for b in bindspec.parse(binds, host.cwd):
         mounts.append(Mount("user", "bind", b.src, b.dst, readonly=b.readonly))
 
+    for m in mounts:
+        check_destination(m)
+
     extra = {"HPCRUN_CONTAINER": image_path, "HPCRUN_NAME": os.path.basename(image_path.rstrip("/")),
              "APPTAINER_CONTAINER": image_path, "APPTAINER_NAME": os.path.basename(image_path.rstrip("/"))}
     if action == "shell":
@@ -175,6 +219,8 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
     else:
         idmap = {"mode": "self", "uid": host.uid, "gid": host.gid, "subuid": None, "subgid": None}
 
+    lines = (None, None) if fakeroot else identity_lines(user, uid, gid, group, host.gecos, home,
+                                                          host.shell)
     pid = opts["pid"] or opts["containall"]
     unsquash = opts["unsquash"] or cfg["fuse"] == "never"
     if opts["no_sharens"] or unsquash:   # an extracted tree lives with its own process
@@ -188,8 +234,7 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
                     "uts": opts["uts"] or bool(opts["hostname"]), "net": opts["net"]},
         hostname=opts["hostname"], idmap=idmap, uid=uid, gid=gid, user=user, group=group,
         home=home, gecos=host.gecos, shell=host.shell,
-        passwd_line=f"{user}:x:{uid}:{gid}:{host.gecos}:{home}:{host.shell}" if not fakeroot else None,
-        group_line=f"{group}:x:{gid}:{user}" if not fakeroot else None,
+        passwd_line=lines[0], group_line=lines[1],
         mounts=mounts, writable=opts["writable_tmpfs"] or opts["writable"], in_place=opts["writable"], cwd=cwd, pwd_given=bool(opts["pwd"]),
         env=env, forced=forced, unsquash=unsquash,
         tmpfs_size=cfg["tmpfs_size"], new_proc=pid and "proc" not in skip,

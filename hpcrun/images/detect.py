@@ -46,16 +46,43 @@ def check_squashfs(path, fd, offset, limit):
         raise ImageError(f"{path}: corrupt squashfs image (tables outside the image)", "copy or build it again")
 
 
+KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+         (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def _kind_ok(mode, dirs):
+    return stat.S_ISREG(mode) or dirs and stat.S_ISDIR(mode)
+
+
+def open_file(path, dirs=True, what="container image"):
+    """Open path read-only, refusing anything but a regular file (or a directory): a
+    FIFO or a device would block in open() or read forever. stat first so that no
+    device is opened at all; open non-blocking and check again with fstat, as the path
+    may have been swapped in between; then make the fd blocking again."""
+    noun = "image" if dirs else "file"
+    try:
+        mode = os.stat(path).st_mode
+        if _kind_ok(mode, dirs):
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+            mode = os.fstat(fd).st_mode
+            if _kind_ok(mode, dirs):
+                os.set_blocking(fd, True)
+                return fd
+            os.close(fd)
+    except FileNotFoundError:
+        raise ImageError(f"{noun} not found: {path}", "check the path") from None
+    except PermissionError:
+        raise ImageError(f"{noun} not readable: {path}", "check its permissions") from None
+    except OSError as e:
+        raise ImageError(f"cannot open {noun} {path}: {e.strerror}") from None
+    kind = next((name for test, name in KINDS if test(mode)), "of an unknown type")
+    raise ImageError(f"{path} is {kind}, not a {what}",
+                     "give a .sif or squashfs file, or a sandbox directory" if dirs else "give a .sif file")
+
+
 def open_image(path):
     """Open and identify the image at path; the caller owns the returned Image."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise ImageError(f"image not found: {path}", "check the path") from None
-    except PermissionError:
-        raise ImageError(f"image not readable: {path}", "check its permissions") from None
-    except OSError as e:
-        raise ImageError(f"cannot open image {path}: {e.strerror}") from None
+    fd = open_file(path)
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):

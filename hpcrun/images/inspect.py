@@ -15,6 +15,33 @@ META = "/.singularity.d"
 FILES = {"runscript": "runscript", "deffile": "Singularity", "helpfile": "runscript.help",
          "startscript": "startscript", "test": "test"}
 SIF_DEFFILE, SIF_LABELS = 0x4001, 0x4003
+# At most this much of each metadata file or object is read: an image is anyone's, and
+# a runscript of 9 GB (a sparse file costs nothing to ship) must not take 9 GB here.
+LIMIT = 1 << 20
+
+
+def _text(data, size, path, strict=False):
+    """Decoded text of the first LIMIT bytes; a note says when the file had more (strict:
+    refuse it instead, for data that is useless cut short)."""
+    if size > LIMIT and strict:
+        raise ImageError(f"{path} in the image is larger than {LIMIT >> 20} MiB ({size} bytes)",
+                         "inspect reads metadata of up to 1 MiB per file")
+    text = data[:LIMIT].decode("utf-8", "replace")
+    if size > LIMIT:
+        text += (f"\n[hpcrun: {path} truncated: {size} bytes, inspect shows the first "
+                 f"{LIMIT >> 20} MiB]\n")
+    return text
+
+
+class _Head:
+    """A regular file's inode limited to its first `blocks` data blocks (and no tail
+    fragment), so that PySquashfsImage reads only those."""
+
+    def __init__(self, inode, blocks):
+        self._inode, self.blocks, self.frag_bytes = inode, blocks, 0
+
+    def __getattr__(self, name):
+        return getattr(self._inode, name)
 
 
 class _Squash:
@@ -33,9 +60,22 @@ class _Squash:
             return self._node(os.path.normpath(target), depth + 1)
         return node
 
-    def read(self, path):
+    def read(self, path, strict=False):
         node = self._node(path)
-        return node.read_bytes().decode("utf-8", "replace") if node is not None and node.is_file else None
+        if node is None or not node.is_file:
+            return None
+        inode = node.inode
+        if node.size > LIMIT:
+            inode = _Head(inode, min(inode.blocks, LIMIT // self.im.sblk.block_size + 1))
+        data = bytearray()
+        try:
+            for chunk in self.im.iter_file(inode):
+                data += chunk
+                if len(data) > LIMIT:
+                    break
+        except Exception as e:  # plain exceptions on corrupt data, as in __init__
+            raise ImageError(f"cannot read {path} from the squashfs: {e}") from None
+        return _text(bytes(data), node.size, path, strict)
 
     def listdir(self, path):
         node = self._node(path)
@@ -49,19 +89,24 @@ class _Sandbox:
     def __init__(self, image):
         self.root = image.path
 
-    def read(self, path):
+    def read(self, path, strict=False):
+        import stat
         from hpcrun.runtime import safepath
         try:
             fd = safepath.open_in_root(self.root, path)
         except OSError:
             return None
-        try:
-            with open(f"/proc/self/fd/{fd}", encoding="utf-8", errors="replace") as f:
-                return f.read()
+        try:   # the O_PATH fd pins the inode: checked regular, it cannot become a FIFO
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            with open(f"/proc/self/fd/{fd}", "rb") as f:
+                data = f.read(LIMIT + 1)
         except OSError:
             return None
         finally:
             os.close(fd)
+        return _text(data, st.st_size, path, strict)
 
     def listdir(self, path):
         from hpcrun.runtime import safepath
@@ -87,21 +132,27 @@ def metadata(path):
         reader = _Sandbox(image) if image.kind == "sandbox" else _Squash(image)
         try:
             out = {key: reader.read(f"{META}/{name}") for key, name in FILES.items()}
-            env = []
+            env, total = [], 0
             for name in reader.listdir(f"{META}/env"):
                 if name.endswith(".sh"):
+                    if total > LIMIT:   # many files: the limit holds for all of them together
+                        env.append(f"[hpcrun: more files in {META}/env, not shown: "
+                                   f"inspect shows {LIMIT >> 20} MiB of them]\n")
+                        break
                     text = reader.read(f"{META}/env/{name}")
                     if text:
                         env.append(f"=== /.singularity.d/env/{name} ===\n{text}")
+                        total += len(text)
             out["environment"] = "\n".join(env) or None
-            labels = reader.read(f"{META}/labels.json")
+            labels = reader.read(f"{META}/labels.json", strict=True)
         finally:
             reader.close()
         if image.kind == "sif":   # objects in the SIF itself
             f = sifmod.SifFile(image.path, image.fd)
             for d in f.descriptors:
                 if d.datatype in (SIF_DEFFILE, SIF_LABELS):
-                    data = os.pread(image.fd, d.size, d.offset).decode("utf-8", "replace")
+                    data = _text(os.pread(image.fd, min(d.size, LIMIT + 1), d.offset), d.size,
+                                 f"SIF object {d.id}", strict=d.datatype == SIF_LABELS)
                     if d.datatype == SIF_DEFFILE:
                         out["deffile"] = data
                     else:

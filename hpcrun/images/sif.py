@@ -63,7 +63,8 @@ class SifFile:
         self.path = path
         close = fd is None
         if fd is None:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            from hpcrun.images.detect import open_file   # never blocks on a FIFO or a device
+            fd = open_file(path, dirs=False, what="SIF file")
         try:
             self._read(fd)
         finally:

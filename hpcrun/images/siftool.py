@@ -63,8 +63,14 @@ def readable_size(n):
 
 
 def _time(t):
+    """As Go's time.Unix(t).UTC() prints it. A time outside the years 1..9999 (a
+    crafted or damaged header: Python's datetime cannot hold it) is printed as the raw
+    number of seconds instead, marked, rather than guessed at or clamped."""
     import datetime
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S %z UTC")
+    try:
+        return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S %z UTC")
+    except (OverflowError, OSError, ValueError):
+        return f"{t} (seconds since 1970, out of range)"
 
 
 def header_fields(f):

@@ -26,6 +26,11 @@ FORWARD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.
            signal.SIGUSR2, signal.SIGALRM, signal.SIGWINCH, signal.SIGCONT)
 SI_KERNEL = 0x80          # si_code of signals the terminal sends to the whole foreground group
 GUARD = signal.SIGRTMIN + 1   # PDEATHSIG of the guardian: hpcrun is gone, clean up
+# Signals ignored by whoever started us (nohup: SIGHUP) stay ignored for the command, as
+# for a host command. SIGPIPE and SIGXFSZ are not among them: Python ignores those two
+# itself at start-up (what it found is lost), and a command must get them by default.
+INHERITED_IGN = frozenset(s for s in range(1, signal.NSIG)
+                          if signal.getsignal(s) == signal.SIG_IGN) - {signal.SIGPIPE, signal.SIGXFSZ}
 
 
 def say(msg):
@@ -201,6 +206,9 @@ def _apply(m, verbose):
         want = (sc.MS_NOSUID | (sc.MS_NODEV if m.nodev else 0) | (sc.MS_RDONLY if m.readonly else 0))
         sc.mount(None, real, None, sc.MS_REMOUNT | sc.MS_BIND | want | sc.current_flags(real),
                  what=f"cannot make {m.dst} nosuid/nodev")
+    except OSError as e:   # e.g. longer than PATH_MAX once the image's symlinks are followed
+        raise BindError(f"bind destination {m.dst[:60]}: {e.strerror or e}",
+                        "choose another destination") from None
     finally:
         os.close(fd)
 
@@ -211,6 +219,8 @@ def _write_identity(plan, lower, upper):
     binds = []
     for rel, line, key in (("/etc/passwd", plan.passwd_line, plan.user),
                            ("/etc/group", plan.group_line, plan.group)):
+        if line is None and plan.uid != 0:
+            continue    # no safe entry for the caller (plan.identity_lines): the image's file stays
         comps, exists = safepath.canonical(lower, rel)
         old = []
         if exists:
@@ -290,6 +300,17 @@ def find_program(name, path):
         if os.path.isfile(cand) and os.access(cand, os.X_OK):
             return cand
     return None
+
+
+def _default_signals():
+    """Start the command with the dispositions a host command would have: default for
+    every signal, except those ignored when hpcrun started (INHERITED_IGN). Python's own
+    handlers (SIGINT) go too, so that a signal before execve acts as on the command."""
+    for s in range(1, signal.NSIG):
+        want = signal.SIG_IGN if s in INHERITED_IGN else signal.SIG_DFL
+        h = signal.getsignal(s)   # None: a signal Python does not manage (32, 33)
+        if h is not None and h != want:
+            signal.signal(s, want)
 
 
 def _exec(program, argv, env):
@@ -383,6 +404,7 @@ def _guardian(plan, program, argv, waited, parent):
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != me:
             os._exit(1)
+        _default_signals()
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         _exec(program, argv, plan.env)
     status = _wait(pid, waited | {GUARD})
