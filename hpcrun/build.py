@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 
 from hpcrun import inroot, trees
 from hpcrun.builders.buildplan import build_plan
@@ -73,17 +72,17 @@ class Work:
 
     def __enter__(self):
         try:
-            self.path = tempfile.mkdtemp(prefix=".hpcrun-build-", dir=self.where)
+            self.remover = trees.Remover(self.where, ".hpcrun-build-", self.idmap)
         except OSError as e:
             raise inroot.failure(e, f"cannot make a work directory in {self.where}") from None
+        self.path = self.remover.top
         self.rootfs = os.path.join(self.path, "rootfs")
-        self.remover = trees.start_remover(self.path, self.idmap)
         self.old = _raise_on_signals()
         return self
 
     def __exit__(self, *exc):
         _restore_signals(self.old)
-        trees.stop_remover(self.remover)      # removes the tree now, and waits
+        self.remover.stop()      # removes the tree now, and waits
 
     def failure(self, e, what):
         return inroot.failure(e, f"{what} (in {self.where})")
@@ -303,10 +302,9 @@ def _in_tree(plan, st, what, fn):
 
 def _run(args, loud=False, pass_fds=()):
     """(exit status, stderr) of a tool; its stdout goes to the terminal only when loud."""
-    from hpcrun.runtime.idmap import die_with_parent
-    me = os.getpid()
+    from hpcrun.runtime.idmap import dies_with_us
     proc = subprocess.run(args, stdout=None if loud else subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          pass_fds=pass_fds, text=True, errors="replace", preexec_fn=lambda: die_with_parent(me))
+                          pass_fds=pass_fds, text=True, errors="replace", preexec_fn=dies_with_us())
     if proc.stderr and loud:
         sys.stderr.write(proc.stderr)
     return proc.returncode, proc.stderr

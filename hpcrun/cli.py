@@ -155,13 +155,12 @@ def _start(plan, image, cfg, opts, timer):
             return share.run(plan, image, daemon, timer, opts["verbose"])
         return launcher.launch(plan, image, timer, opts["verbose"], daemon)
     from hpcrun.runtime import unsquash   # subprocess, shutil, tempfile: slow imports
-    remover, pipe, top = unsquash.start_remover()   # it makes the tree: nothing is left unowned
+    remover = unsquash.start_remover()   # it makes the tree: nothing is left unowned
     try:
-        root = unsquash.extract(image, top, reason, quiet=opts["quiet"])
+        root = unsquash.extract(image, remover.top, reason, quiet=opts["quiet"])
         return launcher.launch(plan, image, timer, opts["verbose"], sandbox=root)
     finally:
-        os.close(pipe)
-        os.waitpid(remover, 0)
+        remover.stop()
 
 
 def click_main(argv):

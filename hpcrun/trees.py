@@ -52,36 +52,64 @@ def remove_all(top, idmap=None):
         run_mapped(["rm", "-rf", "--", top], idmap)
 
 
-def start_remover(top, idmap=None):
-    """Fork the process that removes top once we are gone or done (our end of a pipe
-    closes); it is in a session of its own, so the terminal's ^C leaves it be, and holds
-    none of our other fds. -> (pid, fd) for stop_remover."""
-    r, w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid:
-        os.close(r)
-        return pid, w
+class Remover:
+    """A private temporary directory (mkdtemp in where) made by a process forked for it,
+    which removes it once we are done or gone (our end of a pipe closes, even by SIGKILL):
+    no such tree ever exists without its remover. The process is in a session of its own,
+    so the terminal's ^C leaves it be, and holds none of our other fds. Tools killed with
+    us (PDEATHSIG) may still write a moment: it removes until the tree stays gone."""
+
+    def __init__(self, where, prefix, idmap=None):
+        life_r, self.life = os.pipe2(os.O_CLOEXEC)
+        name_r, name_w = os.pipe2(os.O_CLOEXEC)
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                os.close(self.life)
+                os.close(name_r)
+                _remover(where, prefix, idmap, life_r, name_w)
+            finally:
+                os._exit(0)
+        os.close(life_r)
+        os.close(name_w)
+        answer = b""
+        while chunk := os.read(name_r, 4096):
+            answer += chunk
+        os.close(name_r)
+        kind, _, text = answer.decode(errors="surrogateescape").partition(":")
+        if kind != "ok":
+            self.stop()
+            raise OSError(int(text) if text.isdigit() else 0, os.strerror(int(text)) if text.isdigit()
+                          else "the remover process died", where)
+        self.top = text
+
+    def stop(self):
+        """Remove the tree now and wait until it is gone."""
+        if self.life is not None:
+            os.close(self.life)
+            self.life = None
+            os.waitpid(self.pid, 0)
+
+
+def _remover(where, prefix, idmap, life, name_w):
+    import tempfile
+    import time
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
     try:
-        os.setsid()
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        os.closerange(3, r)
-        os.closerange(r + 1, 65536)
-        os.read(r, 1)       # EOF: hpcrun closed it, or exited (even by SIGKILL)
-        # A tool killed with us may still write a moment: remove until it stays gone.
-        import time
-        for _ in range(10):
-            remove_all(top, idmap)
-            if not os.path.lexists(top):
-                break
-            time.sleep(0.05)
-    finally:
-        os._exit(0)
-
-
-def stop_remover(remover):
-    """Let the remover do its work now and wait for it."""
-    pid, w = remover
-    os.close(w)
-    os.waitpid(pid, 0)
+        top = tempfile.mkdtemp(prefix=prefix, dir=where)
+    except OSError as e:
+        os.write(name_w, f"error:{e.errno}".encode())
+        return
+    os.write(name_w, b"ok:" + os.fsencode(top))
+    os.close(name_w)
+    os.closerange(3, life)
+    os.closerange(life + 1, 65536)
+    os.read(life, 1)       # EOF: done, or hpcrun exited (even by SIGKILL)
+    for _ in range(50):
+        remove_all(top, idmap)
+        if not os.path.lexists(top):
+            return
+        time.sleep(0.05)

@@ -185,10 +185,9 @@ def run_in_image(section, rootfs, script, writable):
 
 
 def _script(section, argv, env, cwd):
-    from hpcrun.runtime.idmap import die_with_parent
+    from hpcrun.runtime.idmap import dies_with_us
     sys.stdout.flush()
-    me = os.getpid()
-    proc = subprocess.run(argv, env=env, cwd=cwd, preexec_fn=lambda: die_with_parent(me))
+    proc = subprocess.run(argv, env=env, cwd=cwd, preexec_fn=dies_with_us())
     if proc.returncode != 0:
         raise ImageError(f"{section} failed with exit code {proc.returncode}", "see its output above",
                          code=proc.returncode if 0 < proc.returncode < 251 else None)

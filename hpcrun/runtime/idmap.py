@@ -77,6 +77,12 @@ def die_with_parent(parent):
         os._exit(1)
 
 
+def dies_with_us():
+    """A subprocess preexec_fn: the tool is SIGKILLed when this process goes."""
+    parent = os.getpid()
+    return lambda: die_with_parent(parent)
+
+
 def _reap(pid):
     """waitpid(pid); if we are interrupted (a signal raised), the child is killed first."""
     try:

@@ -1,69 +1,28 @@
 """Fallback when FUSE is unusable: extract the squashfs to a temporary sandbox.
 
-The tree is made, and removed, by a small process forked before anything is extracted:
-it creates the directory, tells us its name, and waits for our end of a pipe to close,
-so the tree goes whenever hpcrun ends, SIGKILL included. unsquashfs dies with us
-(PR_SET_PDEATHSIG), and the remover retries until the tree is really gone."""
+The tree is made, and removed, by a trees.Remover forked before anything is extracted,
+so it goes whenever hpcrun ends, SIGKILL included; unsquashfs dies with us
+(PR_SET_PDEATHSIG)."""
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 
-from hpcrun.errors import ImageError, RuntimeSetupError
-from hpcrun.runtime import syscalls as sc
+from hpcrun.errors import DiskFullError, ImageError, RuntimeSetupError
+from hpcrun.runtime.idmap import dies_with_us
 
 PREFIX = "hpcrun-unsquash-"
 
 
 def start_remover():
-    """Fork the remover; returns (pid, pipe fd to close when done, top directory)."""
+    """The private tree to extract into, with the process that removes it (trees.Remover)."""
     parent = os.environ.get("TMPDIR") or "/tmp"
-    life_r, life_w = os.pipe()
-    name_r, name_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(life_w)
-            os.close(name_r)
-            _remover(parent, life_r, name_w)
-        finally:
-            os._exit(0)
-    os.close(life_r)
-    os.close(name_w)
-    answer = b""
-    while chunk := os.read(name_r, 4096):
-        answer += chunk
-    os.close(name_r)
-    kind, _, text = answer.decode(errors="surrogateescape").partition(":")
-    if kind != "ok":
-        os.close(life_w)
-        os.waitpid(pid, 0)
-        raise RuntimeSetupError(f"cannot make a directory in {parent} to extract the image: "
-                                f"{text or 'unknown error'}", "set TMPDIR to a writable directory")
-    return pid, life_w, text
-
-
-def _remover(parent, life, name_w):
-    os.setsid()   # not in the terminal's process group: a Ctrl-C must not stop the clean-up
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
+    from hpcrun import trees
     try:
-        top = tempfile.mkdtemp(prefix=PREFIX, dir=parent)
+        return trees.Remover(parent, PREFIX)
     except OSError as e:
-        os.write(name_w, f"error:{e.strerror}".encode())
-        return
-    os.write(name_w, b"ok:" + os.fsencode(top))
-    os.close(name_w)
-    os.read(life, 1)   # EOF: hpcrun exited or closed the pipe
-    for _ in range(100):   # unsquashfs, killed with hpcrun, may still write for a moment
-        remove(top)
-        if not os.path.lexists(top):
-            return
-        time.sleep(0.1)
+        raise RuntimeSetupError(f"cannot make a directory in {parent} to extract the image: {e.strerror}",
+                                "set TMPDIR to a writable directory") from None
 
 
 def extract(image, top, reason, quiet=False):
@@ -80,26 +39,18 @@ def extract(image, top, reason, quiet=False):
         args[1:1] = ["-no-progress"]
     proc = subprocess.run(args, stdout=subprocess.DEVNULL if not sys.stderr.isatty() else None,
                           stderr=subprocess.PIPE, pass_fds=(image.fd,), text=True,
-                          preexec_fn=_die_with(os.getpid()))
+                          preexec_fn=dies_with_us())
     if proc.returncode != 0 or not os.path.isdir(root):
         full = "No space left on device" in proc.stderr or _full(top)
         needs = _needs_mib(tool, image) if full else None
         remove(top)
         if full:
-            raise RuntimeSetupError(f"disk full: no space left in {os.path.dirname(top)} to extract "
+            raise DiskFullError(f"disk full: no space left in {os.path.dirname(top)} to extract "
                                     f"{image.path}" + (f" (needs ~{needs} MiB)" if needs else ""),
                                     "set TMPDIR to a directory with more room")
         last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
         raise ImageError(f"{image.path}: unsquashfs failed: {last}", "the image may be corrupt")
     return root
-
-
-def _die_with(parent):
-    def preexec():   # in the child, before exec: SIGKILL when hpcrun dies, even if it already has
-        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:
-            os._exit(1)
-    return preexec
 
 
 def _full(path):
