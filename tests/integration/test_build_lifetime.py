@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from hpcrun_testlib import HPCRUN, WORK, spawn, user_processes, wait_gone
+from hpcrun_testlib import HPCRUN, WORK, spawn, wait_gone
 
 
 def many_files_tar(path, n=40000):
@@ -62,4 +62,18 @@ def test_killed_build_leaves_nothing(images, bdir, builder, sig):
     if sig == signal.SIGTERM:
         assert p.returncode == 128 + signal.SIGTERM, err
         assert err.strip().splitlines() == [f"hpcrun: error: build interrupted by signal {int(sig)}"], err
-    assert wait_gone(lambda: [c for c in user_processes() if c[1] in ("hpcrun", "python3")], 10)
+    assert wait_gone(lambda: mentioning(str(bdir)), 10), f"left running: {mentioning(str(bdir))}"
+
+
+def mentioning(text):
+    """Processes (of any user: root builds too) whose command line names text."""
+    out = []
+    for p in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd and int(p) != os.getpid():
+            out.append((int(p), cmd[:120]))
+    return out
