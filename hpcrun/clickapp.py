@@ -23,10 +23,10 @@ def app(quiet, verbose, debug):
 
 def container_command(name, summary, needs_args):
     def callback(image, args, **kw):
-        from hpcrun.cli import guarded, run_container
+        from hpcrun.start import Request, run_container
         opts = defaults()
         opts.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()})
-        return guarded(lambda: run_container(name, opts, image, list(args)), opts["debug"])
+        return run_container(Request(name, opts, image, args))
 
     params = []
     for short, long, dest, kind, metavar, help_ in OPTIONS:

@@ -1,4 +1,4 @@
-"""One error family; `cli.main` catches it once and prints one line.
+"""One error family; `cli.report` catches it once and prints one line.
 
 Exit codes of hpcrun itself (the contained command's own status passes through
 unchanged, so these are chosen high to rarely collide with it):
