@@ -244,15 +244,19 @@ def creds_env(name, **extra):
     return env
 
 
-def assert_clean_failure(r, bdir, name, out, words):
-    """252, one line naming the registry and what to do, no secret, no OUT, no work dir, no blob."""
+def assert_clean_failure(r, bdir, name, out, words, debug=False):
+    """252, one line naming the registry and what to do (after the traceback with --debug),
+    no secret even in --debug output, no OUT, no work dir, no blob."""
     assert r.returncode == 252, r.stdout + r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    if debug:
+        assert lines[0].startswith("Traceback"), r.stderr
+    else:
+        assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     for w in words:
-        assert w in r.stderr, r.stderr
-    assert "HPCRUN_DOCKER_USERNAME" in r.stderr and "hpcrun registry login" in r.stderr, r.stderr
+        assert w in lines[-1], r.stderr
+    assert "HPCRUN_DOCKER_USERNAME" in lines[-1] and "hpcrun registry login" in lines[-1], r.stderr
     assert PASSWORD not in r.stdout + r.stderr and "wrong-pw" not in r.stdout + r.stderr
-    assert "Traceback" not in r.stderr
     assert not os.path.exists(out) and os.listdir(bdir) == [], os.listdir(bdir)
     assert not os.path.exists(os.path.join(WORK, "cache", name, "hpcrun", "blobs")), "no cache entry"
 
@@ -290,7 +294,7 @@ def test_pull_private_wrong_password_fails_cleanly(auth_registry, bdir):
         env = creds_env("auth-wrong", HPCRUN_DOCKER_USERNAME=USER_NAME, HPCRUN_DOCKER_PASSWORD="wrong-pw")
         r = hpcrun(*debug, "pull", out, f"docker://{auth_registry}/test/busybox:v1", env=env)
         assert_clean_failure(r, bdir, "auth-wrong", out,
-                             [auth_registry, "refused the credentials", "user 'alice'"])
+                             [auth_registry, "refused the credentials", "user 'alice'"], debug=bool(debug))
     # a wrong password in the auth file: the message names the file
     authfile = os.path.join(WORK, "t", "bad-auth.json")
     with open(authfile, "w") as f:
