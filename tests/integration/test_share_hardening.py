@@ -5,6 +5,7 @@ import os
 import pwd
 import signal
 import textwrap
+import time
 
 import pytest
 
@@ -35,9 +36,10 @@ def one_line(r, code, *words):
         assert w in lines[0], lines[0]
 
 
-def nothing_left():
+def nothing_left(*squatted):
+    """No process of the test user and none of its run directories (squats are not ours)."""
     assert wait_gone(lambda: user_processes(), 10), user_processes()
-    for d in (tmp_dir(), shm_dir()):
+    for d in {tmp_dir(), shm_dir()} - set(squatted):
         assert wait_gone(lambda: os.path.lexists(d), 5), os.listdir(d)
 
 
@@ -102,7 +104,7 @@ def test_a_squatted_run_dir_does_not_fail_the_step(images, squat, form):
     r = hpcrun("exec", images["sif"], "echo", "hello", env=STEP, timeout=30)
     one_line(r, 0, "hpcrun: note: ", tmp_dir(), shm_dir())
     assert r.stdout == "hello\n"
-    nothing_left()
+    nothing_left(tmp_dir())
 
 
 def test_tasks_still_share_through_the_fallback(images, squat):
@@ -114,7 +116,7 @@ def test_tasks_still_share_through_the_fallback(images, squat):
         assert p.returncode == 0, err
         ids.append(out)
     assert ids[0] == ids[1] and ids[0].startswith("user:["), ids
-    nothing_left()
+    nothing_left(tmp_dir())
 
 
 def test_with_every_run_dir_squatted_tasks_run_privately(images, squat):
@@ -130,14 +132,14 @@ def test_with_every_run_dir_squatted_tasks_run_privately(images, squat):
         assert f"not yours (owner {other().pw_uid})" in lines[0], err
         ids.append(out)
     assert ids[0] != ids[1], ids     # two private containers
-    nothing_left()
+    nothing_left(tmp_dir(), shm_dir())
 
 
 def test_quiet_silences_the_note(images, squat):
     squat(tmp_dir(), "foreign dir")
     r = hpcrun("-q", "exec", images["sif"], "true", env=STEP, timeout=30)
     assert r.returncode == 0 and r.stderr == "", r.stderr
-    nothing_left()
+    nothing_left(tmp_dir())
 
 
 # ---- failures of the keeper's own start and of its FUSE daemon ----
@@ -211,6 +213,33 @@ def test_a_keeper_whose_squashfuse_died_is_replaced(images):
         r = hpcrun("exec", "--sharens", images["sif"], "cat", "/.singularity.d/labels.json")
         assert r.returncode == 0, r.stderr
         assert "busybox-test" in r.stdout
+    a.terminate()
+    a.communicate(timeout=30)
+    nothing_left()
+
+
+def test_a_leaving_keeper_spares_its_successors_files(images):
+    # The keeper is stopped while its squashfuse dies and a task connects: resumed, it
+    # must answer that task 'dead', and once that task has started a new keeper it must
+    # not remove the new keeper's socket or lock as it leaves.
+    a = spawn("exec", "--sharens", images["sif"], "sleep", "30")
+    assert wait_gone(lambda: not [c for _, c in user_processes() if c == "hpcrun-keeper"], 20)
+    [keeper] = [pid for pid, comm in user_processes() if comm == "hpcrun-keeper"]
+    [fuse] = [pid for pid, comm in user_processes() if comm.startswith("squashfuse")]
+    os.kill(keeper, signal.SIGSTOP)
+    try:
+        os.kill(fuse, signal.SIGKILL)
+        b = spawn("-v", "exec", "--sharens", images["sif"], "sh", "-c", "sleep 3; echo b")
+        time.sleep(1)   # b connects and waits for its answer
+    finally:
+        os.kill(keeper, signal.SIGCONT)
+    assert wait_gone(lambda: running(keeper), 10)        # the old keeper left...
+    d = hpcrun("-v", "exec", "--sharens", images["sif"], "echo", "d")
+    assert d.returncode == 0 and d.stdout == "d\n", d.stderr
+    assert "joined shared container" in d.stderr, d.stderr   # ...sparing b's new keeper
+    out, err = b.communicate(timeout=30)
+    assert b.returncode == 0 and out == "b\n", err
+    assert "started shared container" in err, err
     a.terminate()
     a.communicate(timeout=30)
     nothing_left()
