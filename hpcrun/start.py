@@ -121,7 +121,7 @@ def _start(plan, image, cfg, opts, timer):
     if reason is None:
         if plan.share:
             from hpcrun.runtime import share
-            return share.run(plan, image, daemon, timer, opts["verbose"])
+            return share.run(plan, image, daemon, timer, opts["verbose"], opts["quiet"])
         return launcher.launch(plan, image, timer, opts["verbose"], daemon)
     from hpcrun.runtime import unsquash   # subprocess, shutil, tempfile: slow imports
     remover = unsquash.start_remover()   # it makes the tree: nothing is left unowned

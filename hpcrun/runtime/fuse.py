@@ -3,10 +3,13 @@ namespace's CAP_SYS_ADMIN, the daemon would not after exec), then hand the open
 /dev/fuse to squashfuse as `/dev/fd/N`, as Apptainer does. The daemon dies with us
 (PDEATHSIG) and never outlives the container; a shared container's daemon instead
 lives exactly as long as the mount (see `detach`)."""
+import errno
 import os
 
 from hpcrun.errors import ImageError, RuntimeSetupError
 from hpcrun.runtime import syscalls as sc
+
+LOST = (errno.ENOTCONN, errno.ECONNABORTED)   # the FUSE connection is gone: its daemon died
 
 
 def which(names, path=None):
@@ -74,18 +77,75 @@ def mount(devfd, image_fd, image_path, offset, mountpoint, daemon, uid, gid, hos
     try:
         os.listdir(mountpoint)   # blocks until the daemon serves, ENOTCONN if it died
     except OSError as e:
-        try:
-            os.kill(pid, 9)        # it may still be serving a broken image
-        except ProcessLookupError:
-            pass
-        status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-        os.lseek(log, 0, 0)
-        said = os.read(log, 4096).decode(errors="replace").strip().splitlines()
-        os.close(log)
-        if status == 127 and not said:
-            raise RuntimeSetupError(f"cannot start {daemon}", "run `hpcrun check`") from None
-        detail = said[-1] if said else e.strerror
-        raise ImageError(f"{image_path}: squashfuse cannot read the image: {detail}",
-                         "the image is corrupt: copy or build it again") from None
+        raise _mount_failed(pid, log, daemon, image_path, e) from None
     os.close(log)
     return pid
+
+
+def _mount_failed(pid, log, daemon, image_path, e):
+    """The error for a mount whose first listing failed with e; reaps the daemon."""
+    code = exit_code(pid, 1.0 if e.errno in LOST else 0)
+    if code is None:             # still serving: it refuses a broken image
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    os.lseek(log, 0, 0)
+    said = os.read(log, 4096).decode(errors="replace").strip().splitlines()
+    os.close(log)
+    if code is not None and code < 0:   # a signal from outside: nothing says the image is bad
+        return died(image_path, code, "while mounting")
+    if code == 127 and not said:
+        return RuntimeSetupError(f"cannot start {daemon}", "run `hpcrun check`")
+    detail = said[-1] if said else e.strerror
+    return ImageError(f"{image_path}: squashfuse cannot read the image: {detail}",
+                      "the image is corrupt: copy or build it again")
+
+
+def exit_code(pid, wait=0.0):
+    """The daemon's exit code once it has exited (then reaped; negative: killed by that
+    signal), else None. Waits up to `wait` seconds: a daemon whose connection is gone is
+    exiting, but may not be reapable yet."""
+    while True:
+        got, status = os.waitpid(pid, os.WNOHANG)
+        if got:
+            return os.waitstatus_to_exitcode(status)
+        if wait <= 0:
+            return None
+        import time
+        time.sleep(0.01)
+        wait -= 0.01
+
+
+def died(image_path, code, when):
+    how = f"was killed (signal {-code})" if code < 0 else f"exited (status {code})"
+    return RuntimeSetupError(f"squashfuse {how} {when} {image_path}",
+                             "run it again; if it keeps failing, run `hpcrun check`")
+
+
+def set_up_failed(pid, image_path, exc):
+    """Setting the container up failed with exc while the daemon pid served image_path:
+    stop the daemon, and return the error to raise instead of exc (None: exc stands).
+    A daemon that died first is the cause, whatever exc says (a bind destination 'not
+    in the image', an OSError on /etc/passwd)."""
+    lost = _lost(exc)
+    code = exit_code(pid, 1.0 if lost else 0)
+    if code is not None:
+        return died(image_path, code, "while the container was set up from")
+    try:
+        os.kill(pid, 15)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+    if lost:
+        return RuntimeSetupError(f"the FUSE connection to {image_path} was lost while the container was set up",
+                                 "run it again; if it keeps failing, run `hpcrun check`")
+    return None
+
+
+def _lost(exc):
+    """Whether exc (or what it was raised from) is the FUSE connection going away."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in LOST:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False

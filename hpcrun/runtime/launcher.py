@@ -100,9 +100,11 @@ def build(plan, image, timer, verbose=False, daemon=None, sandbox=None, keep=Non
     timer("image")
     try:
         _container(plan, lower, timer, verbose)
-    except BaseException:
+    except BaseException as e:
         if daemon_pid:
-            _stop(daemon_pid)
+            lost = fuse.set_up_failed(daemon_pid, image.path, e)   # stops the daemon
+            if lost is not None:
+                raise lost from None
         raise
     return daemon_pid
 

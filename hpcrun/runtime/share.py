@@ -11,9 +11,16 @@ task, and the FUSE daemon (detached: it lives as long as the mount) with them.
 
 Races are settled by one flock per container: a task holds it from connecting until
 it has the fds (or while it starts a keeper), and a keeper exits only holding it, so
-no task can connect to a keeper on its way out.
+no task can connect to a keeper on its way out. A keeper whose FUSE daemon died leaves
+at once: until it holds the lock it answers DEAD (no fds), and the task, holding the
+lock, replaces it by a new keeper; the old one then removes only files that are still
+its own.
+
+Everything lives in a run directory checked to be ours and private, and is reached
+through that directory's fd, never by a path another user could swap in meanwhile.
 """
 import _socket   # not `socket`: its enum classes cost ~5 ms on every task's start
+import errno
 import fcntl
 import os
 import struct
@@ -26,30 +33,75 @@ from hpcrun.runtime import launcher, syscalls as sc
 
 NS_FLAGS = {"user": sc.CLONE_NEWUSER, "ipc": sc.CLONE_NEWIPC, "uts": sc.CLONE_NEWUTS,
             "net": sc.CLONE_NEWNET, "mnt": sc.CLONE_NEWNS}
+DEAD = b"dead"   # a leaving keeper's answer, without fds: start a new one
 
 
 def run_dir(env, uid):
-    """The user's private directory for keeper sockets: $XDG_RUNTIME_DIR/hpcrun when that
-    is ours, else /tmp/hpcrun-UID; refused unless it is a real directory, ours, 0700."""
+    """(path, fd, refused) of the user's private directory for keeper sockets: the first
+    of $XDG_RUNTIME_DIR/hpcrun (when that is ours), /tmp/hpcrun-UID, /dev/shm/hpcrun-UID
+    that is a real directory of ours with mode 0700 (made when missing), and why the ones
+    before it were not. Paths in /tmp and /dev/shm are anybody's to take first; every task
+    of the user tries the same ones in the same order, so they agree. (None, None,
+    refused) when none will do."""
     base = env.get("XDG_RUNTIME_DIR")
     try:
         st = os.lstat(base) if base else None
         ok = st is not None and st.st_uid == uid and (st.st_mode & 0o077) == 0
     except OSError:
         ok = False
-    path = os.path.join(base, "hpcrun") if ok else f"/tmp/hpcrun-{uid}"
+    refused = []
+    for path in ([os.path.join(base, "hpcrun")] if ok else []) + [f"/tmp/hpcrun-{uid}", f"/dev/shm/hpcrun-{uid}"]:
+        fd, why = _private_dir(path, uid)
+        if fd is not None:
+            return path, fd, refused
+        refused.append(f"{path} {why}")
+    return None, None, refused
+
+
+def _private_dir(path, uid):
+    """(fd, None) for path when it is a directory of ours with mode 0700, made if missing;
+    else (None, why not). Never follows a link, never opens a FIFO or a device."""
+    for _ in range(10):
+        try:
+            os.mkdir(path, 0o700)
+            made = True
+        except FileExistsError:
+            made = False
+        except OSError as e:
+            return None, f"cannot be made ({e.strerror})"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            break
+        except FileNotFoundError:
+            continue   # a leaving keeper of ours removed it after our mkdir
+        except OSError as e:
+            return None, _unusable(path, uid, e)
+    else:
+        return None, "keeps disappearing"
+    st = os.fstat(fd)
+    if st.st_uid != uid:
+        why = f"is not yours (owner {st.st_uid})"
+    elif made:
+        os.fchmod(fd, 0o700)   # whatever the umask took away
+        return fd, None
+    elif st.st_mode & 0o777 != 0o700:
+        why = f"has mode {st.st_mode & 0o777:o}, not 700"
+    else:
+        return fd, None
+    os.close(fd)
+    return None, why
+
+
+def _unusable(path, uid, e):
+    """Why path, which open(O_DIRECTORY|O_NOFOLLOW) refused with e, is no run directory."""
     try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    except OSError as e:
-        raise RuntimeSetupError(f"cannot make {path} for shared containers: {e.strerror}",
-                                "use --no-sharens") from None
-    st = os.lstat(path)
-    if not os.path.isdir(path) or os.path.islink(path) or st.st_uid != uid or st.st_mode & 0o077:
-        raise RuntimeSetupError(f"{path} is not a private directory of yours (owner {st.st_uid}, "
-                                f"mode {st.st_mode & 0o777:o})", "remove it, or use --no-sharens")
-    return path
+        owner = os.lstat(path).st_uid
+    except OSError:
+        owner = uid
+    if owner != uid:
+        return f"is not yours (owner {owner})"
+    return {errno.ELOOP: "is a symbolic link", errno.ENOTDIR: "is not a directory"}.get(
+        e.errno, f"cannot be opened ({e.strerror})")
 
 
 def container_id(plan, image):
@@ -60,28 +112,23 @@ def container_id(plan, image):
     return f"{zlib.crc32(key):08x}{zlib.adler32(key):08x}", key
 
 
-def run(plan, image, daemon, timer, verbose=False):
+def run(plan, image, daemon, timer, verbose=False, quiet=False):
     """Join (or start, then join) the shared container for this plan and run the
-    command in it; returns its exit status."""
+    command in it; returns its exit status. Without a private run directory the task
+    runs in a container of its own."""
     cid, key = container_id(plan, image)
-    rundir, lock = _lock(cid)
-    sock_path = os.path.join(rundir, cid + ".sock")
+    rundir, dirfd, lock, refused = _lock(cid)
+    if refused and not quiet:
+        where = f"sharing containers through {rundir}" if rundir else "not sharing this container"
+        sys.stderr.write(f"hpcrun: note: {', '.join(refused)}: {where}\n")
+    if lock is None:
+        plan.share = False   # as with --no-sharens
+        return launcher.launch(plan, image, timer, verbose, daemon)
     try:
-        conn = _connect(sock_path)
-        started = conn is None
-        if started:
-            _sweep(rundir, cid)
-            try:
-                _start_keeper(plan, image, daemon, rundir, cid, key, lock, verbose)
-            except BaseException:
-                _forget(rundir, cid)   # we hold the lock: nobody else is using these
-                raise
-            conn = _connect(sock_path)
-            if conn is None:
-                raise RuntimeSetupError("the shared container's keeper did not answer", "use --no-sharens")
-        fds = _receive(conn, key)
+        conn, fds, started = _join(plan, image, daemon, rundir, dirfd, cid, key, lock, verbose)
     finally:
         os.close(lock)
+        os.close(dirfd)
     if verbose:
         launcher.say(f"{'started' if started else 'joined'} shared container {cid}")
     timer("share")
@@ -96,32 +143,77 @@ def run(plan, image, daemon, timer, verbose=False):
         conn.close()   # our reference; forked children hold theirs until they exit
 
 
+def _join(plan, image, daemon, rundir, dirfd, cid, key, lock, verbose):
+    """(connection, namespace fds, whether we started the keeper), holding the lock."""
+    conn = _connect(dirfd, cid)
+    fds = _receive(conn, key) if conn is not None else None
+    if fds is not None:
+        return conn, fds, False
+    if conn is not None:   # a keeper on its way out (its FUSE daemon died): replace it
+        conn.close()
+        _unlink(dirfd, cid + ".sock")
+    _sweep(dirfd, cid)
+    try:
+        _start_keeper(plan, image, daemon, rundir, dirfd, cid, key, lock, verbose)
+    except BaseException:
+        _forget(rundir, dirfd, cid)   # we hold the lock: nobody else is using these
+        raise
+    conn = _connect(dirfd, cid)
+    fds = _receive(conn, key) if conn is not None else None
+    if fds is None:
+        raise RuntimeSetupError("the shared container's keeper did not answer", "use --no-sharens")
+    return conn, fds, True
+
+
 def _lock(cid):
-    """(run directory, fd holding the container's flock). A keeper removes the lock file
-    (and the directory, when empty) as it leaves; a lock taken on a removed file is
+    """(run directory, its fd, fd holding the container's flock, refused run directories);
+    Nones but refused when there is no private run directory. A keeper removes the lock
+    file (and the directory, when empty) as it leaves; a lock taken on a removed file is
     worthless, so take it again on the new one."""
     for _ in range(100):
-        rundir = run_dir(os.environ, os.getuid())
-        path = os.path.join(rundir, cid + ".lock")
+        rundir, dirfd, refused = run_dir(os.environ, os.getuid())
+        if dirfd is None:
+            return None, None, None, refused
         try:
-            lock = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            lock = os.open(cid + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                           dir_fd=dirfd)
         except FileNotFoundError:
+            os.close(dirfd)
             continue          # the directory went between mkdir and open
         fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if os.stat(path).st_ino == os.fstat(lock).st_ino:
-                return rundir, lock
-        except FileNotFoundError:
-            pass
+        if _file_id(dirfd, cid + ".lock") == _fd_id(lock):
+            return rundir, dirfd, lock, refused
         os.close(lock)
-    raise RuntimeSetupError(f"cannot lock {path}", "use --no-sharens")
+        os.close(dirfd)
+    raise RuntimeSetupError(f"cannot lock {rundir}/{cid}.lock", "use --no-sharens")
 
 
-def _sweep(rundir, cid):
+def _file_id(dirfd, name):
+    """(device, inode) of name in the directory, None if it is not there."""
+    try:
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _fd_id(fd):
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _unlink(dirfd, name):
+    try:
+        os.unlink(name, dir_fd=dirfd)
+    except FileNotFoundError:
+        pass
+
+
+def _sweep(dirfd, cid):
     """Remove what killed keepers of other containers left: a socket nobody listens on,
     whose lock nobody holds. Only when starting a keeper, which is rare."""
     try:
-        names = os.listdir(rundir)
+        names = os.listdir(dirfd)
     except OSError:
         return
     for name in names:
@@ -129,14 +221,14 @@ def _sweep(rundir, cid):
         if not name.endswith(".sock") or other == cid:
             continue
         try:
-            lock = os.open(os.path.join(rundir, other + ".lock"), os.O_RDWR | os.O_CLOEXEC)
+            lock = os.open(other + ".lock", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
         except OSError:
             continue
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            conn = _connect(os.path.join(rundir, name))   # refused: unlinks the socket
+            conn = _connect(dirfd, other)   # refused: unlinks the socket
             if conn is None:
-                os.unlink(os.path.join(rundir, other + ".lock"))
+                _unlink(dirfd, other + ".lock")
             else:
                 conn.close()
         except OSError:
@@ -145,36 +237,32 @@ def _sweep(rundir, cid):
             os.close(lock)
 
 
-def _forget(rundir, cid, dirfd=None, parentfd=None):
-    """The container's socket and lock file go, the directory too when no other container
-    uses it; only while holding its lock. dirfd/parentfd: the keeper's way to them after
-    it left the host's view."""
+def _forget(rundir, dirfd, cid):
+    """A failed start's socket and lock file go, the directory too when no other
+    container uses it; only while holding its lock."""
     for name in (cid + ".sock", cid + ".lock"):
-        try:
-            os.unlink(name if dirfd is not None else os.path.join(rundir, name), dir_fd=dirfd)
-        except FileNotFoundError:
-            pass
+        _unlink(dirfd, name)
     try:
-        os.rmdir(os.path.basename(rundir) if parentfd is not None else rundir, dir_fd=parentfd)
+        os.rmdir(rundir)
     except OSError:
         pass   # other containers' files are there
 
 
-def _connect(path):
+def _connect(dirfd, cid):
+    """A connection to the container's keeper, None when none listens. Through the
+    directory's fd: the path may have been taken by someone else since we checked it."""
     s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     try:
-        s.connect(path)
+        s.connect(f"/proc/self/fd/{dirfd}/{cid}.sock")
     except (FileNotFoundError, ConnectionRefusedError):
         s.close()
-        try:
-            os.unlink(path)   # a keeper that was killed; we hold the lock
-        except FileNotFoundError:
-            pass
+        _unlink(dirfd, cid + ".sock")   # a keeper that was killed; we hold the lock
         return None
     uid = _peer_uid(s)
     if uid != os.getuid():
         s.close()
-        raise RuntimeSetupError(f"{path}: keeper runs as uid {uid}, not as you", "use --no-sharens")
+        raise RuntimeSetupError(f"the keeper of shared container {cid} runs as uid {uid}, not as you",
+                                "use --no-sharens")
     return s
 
 
@@ -183,12 +271,18 @@ def _peer_uid(sock):
 
 
 def _receive(conn, key):
-    """{namespace name: fd} from the keeper, which answers 'NAMES\0KEY' plus the fds."""
-    msg, anc, _flags, _addr = conn.recvmsg(len(key) + 256, _socket.CMSG_SPACE(8 * 4))
+    """{namespace name: fd} from the keeper, which answers 'NAMES\0KEY' plus the fds;
+    None when it answers 'dead' (it is leaving: its FUSE daemon died) or went away."""
+    try:
+        msg, anc, _flags, _addr = conn.recvmsg(len(key) + 256, _socket.CMSG_SPACE(8 * 4))
+    except ConnectionResetError:
+        return None
     fds = []
     for level, kind, data in anc:
         if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
             fds += struct.unpack(f"{len(data) // 4}i", data[:len(data) - len(data) % 4])
+    if not fds and msg in (b"", DEAD):
+        return None
     names, _, their_key = msg.partition(b"\0")
     names = names.decode().split()
     if their_key != key or len(names) != len(fds) or not fds:
@@ -199,7 +293,7 @@ def _receive(conn, key):
     return dict(zip(names, fds))
 
 
-def _start_keeper(plan, image, daemon, rundir, cid, key, lock, verbose):
+def _start_keeper(plan, image, daemon, rundir, dirfd, cid, key, lock, verbose):
     """Fork the keeper (detached: its own session, reparented) and wait until it serves
     or reports why it cannot; its error becomes ours."""
     r, w = os.pipe2(os.O_CLOEXEC)
@@ -213,7 +307,7 @@ def _start_keeper(plan, image, daemon, rundir, cid, key, lock, verbose):
             os.close(lock)   # the lock stays with the task; the keeper opens its own
             os.setsid()      # not in the terminal's process group: ^C is for the task
             if os.fork() == 0:
-                _keeper(plan, image, daemon, rundir, cid, key, w, verbose)
+                _keeper(plan, image, daemon, rundir, dirfd, cid, key, w, verbose)
             code = 0
         finally:
             os._exit(code)
@@ -234,27 +328,66 @@ def _start_keeper(plan, image, daemon, rundir, cid, key, lock, verbose):
     raise HpcrunError(line.removeprefix("hpcrun: error: "), code=int(code))
 
 
-def _keeper(plan, image, daemon, rundir, cid, key, report, verbose):
-    """Never returns. Builds the container, reports, then serves fds until idle."""
-    status = 0
+class _Files:
+    """A keeper's socket and lock file, reached through fds (the keeper leaves the host's
+    view), and removed only while they are still the ones it made: a task may have
+    replaced a leaving keeper by a new one meanwhile."""
+
+    def __init__(self, rundir, dirfd, cid):
+        self.dirfd, self.cid, self.base = dirfd, cid, os.path.basename(rundir)
+        self.parentfd = os.open(os.path.dirname(rundir), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.lock = os.open(cid + ".lock", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+        self.sock_id = None
+
+    def fds(self):
+        return {self.dirfd, self.parentfd, self.lock}
+
+    def bind(self, listener):
+        listener.bind(f"/proc/self/fd/{self.dirfd}/{self.cid}.sock")
+        self.sock_id = _file_id(self.dirfd, self.cid + ".sock")
+
+    def try_lock(self):
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    def remove(self):
+        """Holding the lock: our socket goes, and the lock file unless a newer keeper
+        (whose socket is there) uses it; the directory too when empty."""
+        sock = _file_id(self.dirfd, self.cid + ".sock")
+        if sock == self.sock_id:
+            _unlink(self.dirfd, self.cid + ".sock")
+        if sock in (self.sock_id, None) and _file_id(self.dirfd, self.cid + ".lock") == _fd_id(self.lock):
+            _unlink(self.dirfd, self.cid + ".lock")
+        try:
+            os.rmdir(self.base, dir_fd=self.parentfd)
+        except OSError:
+            pass   # other containers' files are there, or it is not ours
+
+
+def _keeper(plan, image, daemon, rundir, dirfd, cid, key, report, verbose):
+    """Never returns. Builds the container, reports, then serves fds until idle or until
+    its FUSE daemon dies; removes its files as it goes, also when its task is gone."""
+    status = 1
     try:
         import select  # noqa: F401  (before the host's files are out of reach)
         import signal
         import socket
-        dirfd = os.open(rundir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        parentfd = os.open(os.path.dirname(rundir), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        lock = os.open(cid + ".lock", os.O_RDWR | os.O_CLOEXEC, dir_fd=dirfd)
+        files = _Files(rundir, dirfd, cid)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        listener.bind(os.path.join(rundir, cid + ".sock"))   # in the host's view, before unshare
+        files.bind(listener)   # in the host's view, before unshare
         listener.listen(64)
-        _close_fds_but({0, 1, 2, report, dirfd, parentfd, lock, listener.fileno(), image.fd})
+        _close_fds_but({0, 1, 2, report, listener.fileno(), image.fd} | files.fds())
         keep = []
         try:
-            launcher.build(plan, image, lambda phase: None, verbose, daemon, keep=keep)
+            daemon_pid = launcher.build(plan, image, lambda phase: None, verbose, daemon, keep=keep)
         except BaseException as e:   # the task that waits says it (and removes our files)
             said = (f"{e.code} {e.line()}" if isinstance(e, HpcrunError)
                     else f"254 cannot build the shared container: {type(e).__name__}: {e}")
-            os.write(report, said.encode())
+            if not _tell(report, said.encode()):   # the task is gone: nobody else cleans up
+                _leave(listener, files)
             os._exit(1)
         os.chdir("/")
         # Nothing of the first task's may stay open here: a pipe of srun's held by us
@@ -268,13 +401,24 @@ def _keeper(plan, image, daemon, rundir, cid, key, report, verbose):
         sc.set_name("hpcrun-keeper")   # for ps, pkill and epilogs
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        os.write(report, b"ok")
+        _tell(report, b"ok")   # a task killed meanwhile can't hear it: serve whoever comes next
         os.close(report)
-        _serve(listener, dict(keep), key, lock, dirfd, parentfd, rundir, cid, plan.share_idle)
-    except BaseException:
-        status = 1
+        try:
+            _serve(listener, dict(keep), key, files, plan.share_idle, daemon_pid)
+        finally:
+            _leave(listener, files)
+        status = 0
     finally:
         os._exit(status)
+
+
+def _tell(fd, data):
+    """Write to the waiting task; False if it is gone (EPIPE: SIGPIPE is ignored)."""
+    try:
+        os.write(fd, data)
+        return True
+    except OSError:
+        return False
 
 
 def _close_fds_but(keep):
@@ -288,30 +432,52 @@ def _close_fds_but(keep):
                 pass   # the fd listdir itself used
 
 
-def _serve(listener, nsfds, key, lock, dirfd, parentfd, rundir, cid, idle):
+class _Daemon:
+    """The FUSE daemon, the keeper's child. `watch`: fds for select that wake when it
+    exits (a pidfd; none before Linux 5.3, where alive() before each answer must do)."""
+
+    def __init__(self, pid):
+        self.pid, self.dead, self.watch = pid, False, []
+        if pid:
+            try:
+                self.watch = [os.pidfd_open(pid)]
+            except OSError:
+                pass
+
+    def alive(self):
+        if self.pid and not self.dead:
+            try:
+                self.dead = os.waitpid(self.pid, os.WNOHANG)[0] != 0
+            except ChildProcessError:
+                self.dead = True
+        return not self.dead
+
+
+def _serve(listener, nsfds, key, files, idle, daemon_pid):
+    """Answer each task with the namespace fds. Returns when idle (holding the lock), or
+    at once when the FUSE daemon is gone: its mount is dead, nobody may join it."""
     import select
     import socket
     names = " ".join(nsfds).encode() + b"\0" + key
     fds = list(nsfds.values())
-    me = os.getuid()
+    fuse = _Daemon(daemon_pid)
     tasks = []
     wait = idle
-    while True:
-        ready, _, _ = select.select([listener] + tasks, [], [], None if tasks else wait)
+    while fuse.alive():
+        ready, _, _ = select.select([listener] + fuse.watch + tasks, [], [], None if tasks else wait)
         if not ready:   # idle: leave, unless a task is connecting right now
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                wait = 0.05   # it will connect (or start another keeper) in a moment
-                continue
-            _forget(rundir, cid, dirfd, parentfd)   # the lock file while locked by us: see _lock
-            return
+            if files.try_lock():
+                return
+            wait = 0.05   # it will connect (or start another keeper) in a moment
+            continue
         wait = idle
         for s in ready:
             if s is listener:
-                conn, _ = listener.accept()
-                if _peer_uid(conn) != me:
-                    conn.close()
+                conn = _accept(listener)
+                if conn is None:
+                    continue
+                if not fuse.alive():   # checked before every answer
+                    _refuse(conn)
                     continue
                 try:
                     socket.send_fds(conn, [names], fds)
@@ -319,7 +485,7 @@ def _serve(listener, nsfds, key, lock, dirfd, parentfd, rundir, cid, idle):
                     conn.close()
                     continue
                 tasks.append(conn)
-            else:
+            elif s in tasks:
                 try:
                     gone = not s.recv(16)
                 except OSError:
@@ -327,3 +493,36 @@ def _serve(listener, nsfds, key, lock, dirfd, parentfd, rundir, cid, idle):
                 if gone:
                     tasks.remove(s)
                     s.close()
+
+
+def _accept(listener):
+    """The next task's connection; None if it is not the user's or already gone."""
+    try:
+        conn, _ = listener.accept()
+    except OSError:
+        return None
+    if _peer_uid(conn) != os.getuid():
+        conn.close()
+        return None
+    return conn
+
+
+def _refuse(conn):
+    try:
+        conn.send(DEAD)
+    except OSError:
+        pass
+    conn.close()
+
+
+def _leave(listener, files):
+    """Stop serving and go: a task that connects meanwhile is told DEAD (it starts a new
+    keeper). Holding the lock no task is between connecting and its answer, and our files
+    go unless a newer keeper's replaced them."""
+    import select
+    while not files.try_lock():
+        if select.select([listener], [], [], 0.05)[0]:
+            conn = _accept(listener)
+            if conn is not None:
+                _refuse(conn)
+    files.remove()
