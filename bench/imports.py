@@ -21,8 +21,9 @@ command once, in a random order), it times `python3.11 -E -S SCRIPT` for both sc
     host         /usr/bin/python3.11 -E -S TREE/mods/SCRIPT
 
 Every hpcrun-img and ch-run run mounts the image anew, so each is cold for the
-squashfuse caches; hpcrun-warm runs reuse one mount (node-level sharing) (the kernel's page cache of the .sqfs file stays warm, as do the
-dentry and page caches of the plain directory). "imports" is the median with
+squashfuse caches; hpcrun-warm runs reuse one mount (node-level sharing) (the kernel's
+page cache of the .sqfs file stays warm, as do the dentry and page caches of the plain
+directory). "imports" is the median with
 importall.py minus the median with empty.py. Printed: medians, p90, and the ratios
 image / plain directory. Started as root, the script re-runs itself as --user
 (default hpctest). Python 3 stdlib only.

@@ -3,7 +3,8 @@ names, a full disk), each built by root (as build hosts do) and by the test user
 case: the canary tree outside the build, the output directory's siblings and the sources
 are unchanged byte for byte, mode for mode and owner for owner; the build fails with one
 `hpcrun: error:` line and a documented code, or succeeds with the hostile link kept as a
-link inside the image (or, at a name the build writes, replaced by that file inside it); nothing temporary is left next to OUT (no_leaks: no process)."""
+link inside the image (or, at a name the build writes, replaced by that file inside it);
+nothing temporary is left next to OUT (no_leaks: no process)."""
 import os
 import pwd
 import re
