@@ -6,6 +6,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${HPCRUN_VENV:-/opt/hpcrun-venv}
 TEST_USER=${HPCRUN_TEST_USER:-hpctest}
+export HPCRUN_BIN=${HPCRUN_BIN:-$VENV/bin/hpcrun}   # the hpcrun the integration tests run
 bash "$here/tests/setup-host.sh"
 bash "$here/tests/slurm-up.sh"      # a real one-node Slurm for tests/batch
 cd "$here"
