@@ -54,7 +54,7 @@ def run_container(req):
     for path in opts["env_file"]:
         try:
             with open(path, encoding="utf-8") as f:
-                env_files.append(envvars.parse_env_file(path, f.read()))
+                env_files.append(envvars.parse_env_file(path, f.read(), host.env))
         except OSError as e:
             raise errors.UsageError(f"--env-file {path}: {e.strerror}", "check the path") from None
     timer("config")

@@ -266,8 +266,10 @@ def test_user_binds_from_options_and_env(cfg):
     assert user == [("/o1", "/o1", False), ("/o2", "/mnt/o2", True), ("/e1", "/mnt/e1", True),
                     ("/e2", "/e2", False), ("/data/proj/rel", "/r", False)]
     assert all(m.kind == "bind" and not m.optional for m in p.mounts if m.name == "user")
-    # the bind variables themselves are not passed into the container
-    assert "HPCRUN_BIND" not in p.env and "APPTAINER_BIND" not in p.env
+    # the bind variables themselves are not passed into the container; Apptainer's
+    # APPTAINER_BIND there lists the destinations (for nested containers)
+    assert "HPCRUN_BIND" not in p.env
+    assert p.env["APPTAINER_BIND"] == p.env["SINGULARITY_BIND"] == "/o1,/mnt/o2,/mnt/e1,/e2,/r"
 
 
 def test_bad_user_bind(cfg):

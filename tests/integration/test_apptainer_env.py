@@ -1,0 +1,102 @@
+"""What the command sees inside the container, old (Singularity 2.x) images and
+registry references, as Apptainer does it (issue 9)."""
+import os
+
+from hpcrun_testlib import WORK, hpcrun
+
+
+def env_of(r):
+    assert r.returncode == 0, r.stderr
+    return dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+
+
+def test_pwd_is_the_container_working_directory(images, utmp):
+    # ReFrame's line: the host's $PWD and $OLDPWD must not leak in
+    r = hpcrun("exec", "-B", f"{utmp}:/rfm", "--pwd", "/rfm", images["sif"], "sh", "-c",
+               'pwd; echo "$PWD"; echo "${OLDPWD-unset}"', env={"PWD": "/host/dir", "OLDPWD": "/host/old"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["/rfm", "/rfm", "unset"]
+    r = hpcrun("exec", "--cleanenv", images["plain"], "sh", "-c", 'echo "$PWD"', cwd=str(utmp),
+               env={"PWD": "/host/dir"})
+    assert r.stdout.strip() == str(utmp), r.stderr
+
+
+def test_container_variables(images, utmp):
+    for clean in ([], ["--cleanenv"]):
+        r = hpcrun("exec", *clean, "-B", f"{utmp}:/mnt", "busybox.sif", "env", cwd=WORK,
+                   env={"APPTAINER_BIND": f"{utmp}:/srv"})
+        env = env_of(r)
+        path = os.path.join(WORK, "busybox.sif")
+        for prefix in ("APPTAINER_", "SINGULARITY_"):
+            assert env[prefix + "CONTAINER"] == path
+            assert env[prefix + "NAME"] == "busybox.sif"
+            assert env[prefix + "BIND"] == "/mnt,/srv"   # destinations: flag, then variable
+        assert env["APPTAINER_COMMAND"] == "exec"
+    env = env_of(hpcrun("exec", images["sif"], "env"))
+    assert "APPTAINER_BIND" not in env   # none given: unset, as Apptainer's action script leaves it
+    r = hpcrun("run", images["plain"], "-c", "echo $APPTAINER_COMMAND")
+    assert r.stdout.strip() == "run", r.stderr
+
+
+def test_env_option_splits_on_commas_as_apptainer(images):
+    r = hpcrun("exec", "--env", "A=1,B=2", "--env", "C=x,y", "--env", '"D=1,2",E=3', images["plain"], "env")
+    env = env_of(r)
+    assert (env["A"], env["B"], env["C"], env["D"], env["E"]) == ("1", "2", "x,y", "1,2", "3")
+
+
+def test_prepend_and_append_path_applied_once(images):
+    for kind in ("sif", "plain"):   # with and without the image's environment scripts
+        r = hpcrun("exec", images[kind], "sh", "-c", 'echo "$PATH"',
+                   env={"APPTAINERENV_PREPEND_PATH": "/pre", "APPTAINERENV_APPEND_PATH": "/app"})
+        assert r.returncode == 0, r.stderr
+        parts = r.stdout.strip().split(":")
+        assert parts[0] == "/pre" and parts[-1] == "/app" and parts.count("/pre") == parts.count("/app") == 1, parts
+
+
+def test_env_values_are_evaluated_in_the_container_by_default(images, utmp):
+    home = env_of(hpcrun("exec", images["plain"], "env"))["HOME"]
+    for kind in ("sif", "plain"):
+        r = hpcrun("exec", "--env", "B=$IMAGE_VAR-b", images[kind], "sh", "-c", 'echo "$A|$B"',
+                   env={"APPTAINERENV_A": "$HOME/x"})
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == f"{home}/x|" + ("from_image-b" if kind == "sif" else "-b")
+
+
+def test_env_file_is_read_as_apptainer_evaluates_it(images, utmp):
+    (utmp / "e.env").write_text('# comment\nexport A=1 B="two words"\nC=$A-${B}\nD=\'$HOME\'\n')
+    r = hpcrun("exec", "--env-file", str(utmp / "e.env"), images["plain"], "env")
+    env = env_of(r)
+    assert (env["A"], env["B"], env["C"]) == ("1", "two words", "1-two words")
+    assert env["D"] == env["HOME"]   # literal $HOME from the file, evaluated in the container
+    (utmp / "bad.env").write_text("A=$(id)\n")
+    r = hpcrun("exec", "--env-file", str(utmp / "bad.env"), images["plain"], "true")
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "line 1" in r.stderr, r.stderr
+
+
+def run_as_script(image, *args):
+    """./IMAGE ARGS, as a user runs it: the kernel starts `env run-singularity IMAGE ARGS`."""
+    import subprocess
+    from hpcrun_testlib import HPCRUN, as_user, user_env
+    env = user_env({"PATH": os.path.dirname(HPCRUN) + ":/usr/bin:/bin"})
+    return subprocess.run(as_user(["./" + os.path.basename(image), *args]), cwd=os.path.dirname(image),
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_singularity2_image_runs(images, utmp):
+    old = utmp / "old.img"
+    with open(images["squashfs"], "rb") as f:
+        old.write_bytes(b"#!/usr/bin/env run-singularity\n" + f.read())
+    old.chmod(0o755)
+    r = hpcrun("exec", str(old), "cat", "/.singularity.d/env/90-environment.sh")
+    assert r.returncode == 0 and "IMAGE_VAR=from_image" in r.stdout, r.stderr
+    r = run_as_script(str(old), "a", "b")
+    assert (r.returncode, r.stdout) == (0, "runscript:a b\n"), r.stderr
+
+
+def test_sif_is_written_executable_and_runs_as_a_script(images, bdir):
+    out = bdir / "b.sif"
+    r = hpcrun("build", str(out), images["sandbox"])
+    assert r.returncode == 0, r.stderr
+    assert out.stat().st_mode & 0o777 == 0o755
+    r = run_as_script(str(out), "x")
+    assert (r.returncode, r.stdout) == (0, "runscript:x\n"), r.stderr
