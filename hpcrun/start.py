@@ -58,6 +58,9 @@ def run_container(req):
         except OSError as e:
             raise errors.UsageError(f"--env-file {path}: {e.strerror}", "check the path") from None
     timer("config")
+    if "://" in image_path:   # docker://, oras://: from the SIF cache (pulled when missing)
+        from hpcrun.images import refcache
+        image_path = refcache.resolve(image_path, quiet=opts["quiet"])
     image = open_image(image_path)
     if image.warning and not opts["quiet"]:
         sys.stderr.write(f"hpcrun: warning: {image.warning}\n")

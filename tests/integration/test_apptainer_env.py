@@ -3,6 +3,7 @@ registry references, as Apptainer does it (issue 9)."""
 import os
 
 from hpcrun_testlib import WORK, hpcrun
+from test_pull import proxy, registry  # noqa: F401  (a loopback registry and a counting proxy)
 
 
 def env_of(r):
@@ -100,3 +101,38 @@ def test_sif_is_written_executable_and_runs_as_a_script(images, bdir):
     assert out.stat().st_mode & 0o777 == 0o755
     r = run_as_script(str(out), "x")
     assert (r.returncode, r.stdout) == (0, "runscript:x\n"), r.stderr
+
+
+def test_exec_docker_ref_runs_from_the_sif_cache(proxy):
+    import test_pull
+    env = test_pull.cache_env("refcache")
+    ref = f"docker://{proxy}/test/busybox:v1"
+    r = hpcrun("exec", ref, "sh", "-c", 'echo "$APPTAINER_CONTAINER"', env=env)
+    assert r.returncode == 0, r.stderr
+    assert test_pull.TokenProxy.blob_gets == 3
+    top = os.path.join(env["XDG_CACHE_HOME"], "hpcrun", "sif")
+    sifs = [n for n in os.listdir(top) if n.endswith(".sif")]
+    assert len(sifs) == 1 and r.stdout.strip() == os.path.join(top, sifs[0])
+    assert hpcrun("cache", "clean", env=env).returncode == 0   # the layers go, the SIF stays
+    r = hpcrun("exec", ref, "true", env=env)
+    assert r.returncode == 0 and test_pull.TokenProxy.blob_gets == 3, "the second run must not pull"
+    assert sorted(os.listdir(top)) == sorted([sifs[0], sifs[0][:-4] + ".lock"])
+
+
+def test_concurrent_runs_of_one_ref_share_one_pull(registry):
+    import test_pull
+    from hpcrun_testlib import spawn
+    env = test_pull.cache_env("refcache-race")
+    procs = [spawn("exec", f"docker://{registry}/test/busybox:v1", "echo", "ok", env=env) for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs) and [o for o, _ in outs] == ["ok\n"] * 3, outs
+    top = os.path.join(env["XDG_CACHE_HOME"], "hpcrun", "sif")
+    assert len([n for n in os.listdir(top) if n.endswith(".sif")]) == 1
+    assert not [n for n in os.listdir(top) if n.startswith(".")], os.listdir(top)   # no temp left
+
+
+def test_library_and_shub_refs_refused_in_one_line(images):
+    for ref in ("library://alpine:3", "shub://a/b"):
+        r = hpcrun("exec", ref, "true")
+        assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert ref.split(":")[0] in r.stderr.lower() or "hub" in r.stderr.lower(), r.stderr
