@@ -136,3 +136,51 @@ def test_library_and_shub_refs_refused_in_one_line(images):
         r = hpcrun("exec", ref, "true")
         assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert ref.split(":")[0] in r.stderr.lower() or "hub" in r.stderr.lower(), r.stderr
+
+
+def _retagged_layout(src, dst, greeting):
+    """A copy of the OCI layout src whose image config says GREETING=greeting."""
+    import hashlib
+    import json
+    import shutil
+    shutil.copytree(src, dst)
+
+    def blob(digest):
+        with open(os.path.join(dst, "blobs", "sha256", digest[7:]), "rb") as f:
+            return json.load(f)
+
+    def put(obj):
+        data = json.dumps(obj).encode()
+        hexd = hashlib.sha256(data).hexdigest()
+        with open(os.path.join(dst, "blobs", "sha256", hexd), "wb") as f:
+            f.write(data)
+        return {"digest": "sha256:" + hexd, "size": len(data)}
+
+    with open(os.path.join(dst, "index.json")) as f:
+        index = json.load(f)
+    manifest = blob(index["manifests"][0]["digest"])
+    config = blob(manifest["config"]["digest"])
+    config["config"]["Env"] = ["PATH=/bin:/usr/bin", f"GREETING={greeting}"]
+    manifest["config"].update(put(config))
+    index["manifests"][0].update(put(manifest))
+    with open(os.path.join(dst, "index.json"), "w") as f:
+        json.dump(index, f)
+
+
+def test_moving_tag_is_resolved_again(registry, utmp):
+    import subprocess
+    import test_pull
+    env = test_pull.cache_env("refcache-moving")
+    ref = f"docker://{registry}/test/busybox:moving"
+    layout = os.path.join(WORK, "registry-layout")   # what the registry fixture pushed as v1
+    moved = str(utmp / "moved")
+    _retagged_layout(layout, moved, "moved")
+    for src, want in ((layout, "it's oci"), (moved, "moved")):
+        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{src}:v1",
+                        ref], check=True)
+        r = hpcrun("exec", ref, "sh", "-c", 'echo "$GREETING"', env=env)
+        assert (r.returncode, r.stdout.strip()) == (0, want), r.stderr
+    top = os.path.join(env["XDG_CACHE_HOME"], "hpcrun", "sif")
+    assert len([n for n in os.listdir(top) if n.endswith(".sif")]) == 2
+    r = hpcrun("inspect", ref, env=env)
+    assert r.returncode == 0 and "test-image" in r.stdout, r.stderr
