@@ -65,7 +65,8 @@ def manifest_digest(reg, reference, ref):
 
 
 def sif_dir(registry):
-    """cache/sif, each level the caller's (or root's), as the blob cache's."""
+    """cache/sif, each level the caller's (or root's), as the blob cache's; the two levels
+    hpcrun makes also not writable by others."""
     cache = registry.cache_dir()
     top = os.path.join(cache, "sif")
     try:
@@ -79,6 +80,9 @@ def sif_dir(registry):
             except FileExistsError:
                 pass
             registry._own_dir(path)
+            if os.stat(path).st_mode & 0o022:   # others could swap a SIF in after the check
+                raise ImageError(f"cache directory {path} is writable by others",
+                                 f"chmod go-w {path}, or set XDG_CACHE_HOME to a directory of your own")
     except OSError as e:
         raise registry._write_error(e, top) from None
     return top

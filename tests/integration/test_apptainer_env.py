@@ -17,9 +17,10 @@ def test_pwd_is_the_container_working_directory(images, utmp):
                'pwd; echo "$PWD"; echo "${OLDPWD-unset}"', env={"PWD": "/host/dir", "OLDPWD": "/host/old"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["/rfm", "/rfm", "unset"]
-    r = hpcrun("exec", "--cleanenv", images["plain"], "sh", "-c", 'echo "$PWD"', cwd=str(utmp),
-               env={"PWD": "/host/dir"})
-    assert r.stdout.strip() == str(utmp), r.stderr
+    for clean in ([], ["--cleanenv"]):   # what the command itself gets, not what a shell fixed
+        env = env_of(hpcrun("exec", *clean, "-B", f"{utmp}:/rfm", "--pwd", "/rfm", images["plain"], "env",
+                            cwd=str(utmp), env={"PWD": str(utmp), "OLDPWD": "/host/old"}))
+        assert env["PWD"] == "/rfm" and "OLDPWD" not in env
 
 
 def test_container_variables(images, utmp):
@@ -132,10 +133,10 @@ def test_concurrent_runs_of_one_ref_share_one_pull(registry):
 
 
 def test_library_and_shub_refs_refused_in_one_line(images):
-    for ref in ("library://alpine:3", "shub://a/b"):
+    for ref, why in (("library://alpine:3", "library is not supported"), ("shub://a/b", "Singularity Hub")):
         r = hpcrun("exec", ref, "true")
-        assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-        assert ref.split(":")[0] in r.stderr.lower() or "hub" in r.stderr.lower(), r.stderr
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert ref in r.stderr and why in r.stderr and "docker://" in r.stderr, r.stderr
 
 
 def _retagged_layout(src, dst, greeting):
@@ -184,3 +185,29 @@ def test_moving_tag_is_resolved_again(registry, utmp):
     assert len([n for n in os.listdir(top) if n.endswith(".sif")]) == 2
     r = hpcrun("inspect", ref, env=env)
     assert r.returncode == 0 and "test-image" in r.stdout, r.stderr
+
+
+def test_pwd_follows_where_the_command_starts(images, utmp):
+    # --contain: the host directory is not there, the command starts in the home (as Apptainer's)
+    env = env_of(hpcrun("exec", "--contain", images["plain"], "env", cwd=str(utmp), env={"PWD": str(utmp)}))
+    assert env["PWD"] == env["HOME"]
+    r = hpcrun("exec", "--contain", images["plain"], "pwd", cwd=str(utmp))
+    assert r.stdout.strip() == env["HOME"], r.stderr
+
+
+def test_sif_cache_of_another_user_is_refused(registry, bdir):
+    import pwd
+    import test_pull
+    from hpcrun_testlib import USER, user
+    other = pwd.getpwnam(USER + "2")
+    for name, owner, mode in (("planted", other, 0o755), ("open", user(), 0o777)):
+        env = test_pull.cache_env("refcache-" + name)
+        top = os.path.join(env["XDG_CACHE_HOME"], "hpcrun", "sif")
+        os.makedirs(top)
+        for d in (os.path.dirname(os.path.dirname(top)), os.path.dirname(top)):
+            os.chown(d, user().pw_uid, user().pw_gid)
+        os.chown(top, owner.pw_uid, owner.pw_gid)
+        os.chmod(top, mode)   # another user's, or open to all: a SIF could be swapped in
+        r = hpcrun("exec", f"docker://{registry}/test/busybox:v1", "true", env=env)
+        assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert top in r.stderr and ("another user" in r.stderr or "writable by others" in r.stderr), r.stderr

@@ -356,3 +356,14 @@ def test_pmix_steps_share_one_container(cfg):
     a, b = (plan(cfg, h) for h in steps)
     assert "/spool" in [m.src for m in a.mounts]
     assert share_key(a, (1,)) == share_key(b, (1,))
+
+
+def test_container_variables_and_no_eval(cfg):
+    o = options.defaults()
+    o["no_eval"] = True   # cli9's option; the plan reads it with opts.get
+    p = build_plan(o, "shell", "rel/app.sif", "sif", [], cfg, host(env={"PWD": "/x", "OLDPWD": "/y"}))
+    assert p.no_eval and p.env["APPTAINER_NO_EVAL"] == p.env["SINGULARITY_NO_EVAL"] == "1"
+    assert p.env["APPTAINER_CONTAINER"] == "/data/proj/rel/app.sif" and p.env["SINGULARITY_NAME"] == "app.sif"
+    assert p.env["APPTAINER_COMMAND"] == "shell" and p.env["PWD"] == p.cwd and "OLDPWD" not in p.env
+    q = plan(cfg)   # without the option (before cli9's merge) values are evaluated
+    assert not q.no_eval and "APPTAINER_NO_EVAL" not in q.env and "APPTAINER_BIND" not in q.env
