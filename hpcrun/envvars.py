@@ -162,11 +162,12 @@ def build(host_env, *, cleanenv, keep, env_files, env_opts, home, default_path, 
     for fe in env_files:
         forced.update(fe)
     forced.update(env_opts)
-    env.update({k: v for k, v in forced.items() if k not in ("PREPEND_PATH", "APPEND_PATH")})
-    if "PREPEND_PATH" in forced:
-        env["PATH"] = forced["PREPEND_PATH"] + ":" + env["PATH"]
-    if "APPEND_PATH" in forced:
-        env["PATH"] = env["PATH"] + ":" + forced["APPEND_PATH"]
+    env.update({k: v for k, v in forced.items() if k not in PATH_KEYS})
+    if "PATH" not in forced:   # a PATH given wins over both, as in Apptainer's 99-runtimevars.sh
+        if "PREPEND_PATH" in forced:
+            env["PATH"] = forced["PREPEND_PATH"] + ":" + env["PATH"]
+        if "APPEND_PATH" in forced:
+            env["PATH"] = env["PATH"] + ":" + forced["APPEND_PATH"]
     return env, forced
 
 
@@ -202,11 +203,14 @@ def wrapper_script(forced, no_eval=True):
         lines.append(f"PATH=${{PATH%{quote(':' + forced['APPEND_PATH'])}}}")
     lines.append(f'for __f in {ENV_DIR}/*.sh; do [ -f "$__f" ] && . "$__f"; done; unset __f')
     for k, v in forced.items():
-        if k not in PATH_KEYS:
+        if k not in PATH_KEYS and k != "PATH":
             lines.append(f"export {k}={q(v)}")
-    if "PREPEND_PATH" in forced:
-        lines.append(f'export PATH={q(forced["PREPEND_PATH"])}:"$PATH"')
-    if "APPEND_PATH" in forced:
-        lines.append(f'export PATH="$PATH":{q(forced["APPEND_PATH"])}')
+    if "PATH" in forced:   # last and alone, as Apptainer's 99-runtimevars.sh applies it
+        lines.append(f"export PATH={q(forced['PATH'])}")
+    else:
+        if "PREPEND_PATH" in forced:
+            lines.append(f'export PATH={q(forced["PREPEND_PATH"])}:"$PATH"')
+        if "APPEND_PATH" in forced:
+            lines.append(f'export PATH="$PATH":{q(forced["APPEND_PATH"])}')
     lines.append('exec "$@"')
     return "\n".join(lines)

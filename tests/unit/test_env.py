@@ -228,3 +228,13 @@ def test_wrapper_evaluates_unless_no_eval(no_eval):
         assert out == '/h/x|q"uote|a$b|/h/bin:/usr/bin:/bin\n'
     assert envvars.needs_eval(forced, False) and not envvars.needs_eval(forced, True)
     assert not envvars.needs_eval({"A": "plain"}, False)
+
+
+def test_path_given_wins_over_prepend_and_append():
+    host_env = {"APPTAINERENV_PATH": "/only", "APPTAINERENV_PREPEND_PATH": "/pre",
+                "APPTAINERENV_APPEND_PATH": "/app"}
+    env, forced = build(host_env, cleanenv=False, keep=set(), env_files=[], env_opts={}, home="/h",
+                        default_path="/usr/bin:/bin", extra={})
+    assert env["PATH"] == "/only"
+    out = _sh(wrapper_script(forced, True), {"PATH": env["PATH"]}, "/bin/sh", "-c", 'echo "$PATH"')
+    assert out == "/only\n"
