@@ -21,6 +21,8 @@ def resolve(ref, quiet=False):
         if ref.startswith(scheme):
             raise UsageError(f"{ref}: {why}", "pull it with another tool, or use docker:// or oras://")
     scheme = next((s for s in PULLED if ref.startswith(s)), None)
+    if scheme is None and os.path.lexists(ref):   # a file that merely has :// in its path
+        return ref
     if scheme is None:
         raise UsageError(f"{ref}: unknown image reference scheme",
                          "use a file, a directory, docker://REF or oras://REF")
