@@ -99,6 +99,9 @@ def build(out, source, force, quiet, build_args, notest, compress, reproducible,
 def inspect(image, which, as_json):
     """Show IMAGE's metadata without mounting or running it."""
     from hpcrun.images import inspect as insp
+    if "://" in image:   # docker://, oras://: the cached SIF (env9, refcache)
+        from hpcrun.images import refcache
+        image = refcache.resolve(image, quiet=True)
     meta = insp.metadata(image)
     keys = ["labels", "environment", "runscript", "deffile", "helpfile", "startscript", "test"]
     which = keys if which == "all" else [which or "labels"]

@@ -10,23 +10,109 @@ from hpcrun.errors import UsageError
 OWN_PREFIXES = ("HPCRUN_", "APPTAINER_", "APPTAINERENV_", "SINGULARITY_", "SINGULARITYENV_")
 FORCE_PREFIXES = ("SINGULARITYENV_", "APPTAINERENV_", "HPCRUN_ENV_")  # rising precedence
 ENV_DIR = "/.singularity.d/env"
+HOST_ONLY = ("PATH", "PWD", "OLDPWD")   # PWD is the container's (plan), OLDPWD means nothing there
+PATH_KEYS = ("PREPEND_PATH", "APPEND_PATH")
+READONLY = ("EUID", "GID", "HOME", "IFS", "OPTIND", "PWD", "UID")   # Apptainer drops these from env files
 
 
-def parse_env_file(path, text):
+def parse_env_file(path, text, host_env=None):
+    """An env file as Apptainer reads it (it evaluates the file with an embedded shell,
+    commands disabled): assignment lines, optionally after `export`, several per line;
+    comments; quotes; $VAR and ${VAR} from earlier assignments or the host environment
+    (host_env) expanded, except inside single quotes. A command is an error, as there."""
     out = {}
+    scope = dict(host_env or {})
     for n, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[7:].lstrip()
-        key, eq, value = line.partition("=")
-        if not eq or not valid_name(key):
+        try:
+            words = shell_words(line, scope)
+        except ValueError as e:
+            raise UsageError(f"--env-file {path}: line {n}: {e}", "fix the line or remove it") from None
+        exported = bool(words) and words[0] == ("export", False)
+        if exported and len(words) == 1:
             raise UsageError(f"--env-file {path}: line {n} is not KEY=VALUE", "fix the line or remove it")
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        out[key] = value
+        for word, had_eq in words[exported:]:
+            key, eq, value = word.partition("=")
+            if exported and not had_eq and valid_name(word):
+                if word in scope and word not in READONLY:   # `export NAME`: an existing value
+                    out[word] = scope[word]
+                continue
+            if not had_eq or not valid_name(key):
+                raise UsageError(f"--env-file {path}: line {n} is not KEY=VALUE",
+                                 "fix the line or remove it (commands are not run)")
+            scope[key] = value
+            if key not in READONLY:
+                out[key] = value
     return out
+
+
+def shell_words(line, scope):
+    """Split one line into shell words -> [(text, has an unquoted '=' after a name)]:
+    quotes removed, variables expanded (not inside '...'), an unquoted # starting a word
+    ends the line. Command substitution is refused."""
+    words, cur, eq, quote_ch, i, n = [], None, False, None, 0, len(line)
+
+    def add(text):
+        nonlocal cur
+        cur = (cur or "") + text
+
+    while i < n:
+        c = line[i]
+        if quote_ch == "'":
+            if c == "'":
+                quote_ch = None
+            else:
+                add(c)
+        elif c == "\\" and quote_ch is None:
+            if i + 1 < n:
+                i += 1
+                add(line[i])
+        elif c == "\\" and i + 1 < n:   # in "...": only these are escapes
+            i += 1
+            add(line[i] if line[i] in '$`"\\' else "\\" + line[i])
+        elif c == "`" or c == "$" and line[i + 1:i + 2] == "(":
+            raise ValueError("command substitution is not run")
+        elif c == "$" and i + 1 < n and (line[i + 1] in "{_" or line[i + 1].isalpha()):
+            if line[i + 1] == "{":
+                j = line.find("}", i)
+                if j < 0:
+                    raise ValueError("unterminated ${")
+                name, end = line[i + 2:j], j + 1
+            else:
+                j = i + 1
+                while j < n and (line[j].isalnum() or line[j] == "_"):
+                    j += 1
+                name, end = line[i + 1:j], j
+            if not valid_name(name):
+                raise ValueError(f"unsupported expansion ${{{name}}}")
+            add(scope.get(name, ""))
+            i = end
+            continue
+        elif quote_ch == '"':
+            if c == '"':
+                quote_ch = None
+            else:
+                add(c)
+        elif c in "'\"":
+            quote_ch = c
+            add("")
+        elif c in " \t":
+            if cur is not None:
+                words.append((cur, eq))
+                cur, eq = None, False
+        elif c == "#" and cur is None:
+            break
+        elif c in ";&|<>()":
+            raise ValueError(f"{c!r}: only assignments are read")
+        else:
+            if c == "=" and not eq and cur is not None and valid_name(cur):
+                eq = True
+            add(c)
+        i += 1
+    if quote_ch:
+        raise ValueError("unterminated quote")
+    if cur is not None:
+        words.append((cur, eq))
+    return words
 
 
 def valid_name(key):
@@ -34,12 +120,27 @@ def valid_name(key):
 
 
 def parse_env_opts(values):
+    """--env as Apptainer's map flag (pflag StringToString) reads it: one '=' in the
+    argument is one pair (commas kept, surrounding '"' trimmed); more are a CSV record of
+    pairs, so a comma inside a value needs CSV quotes: --env '"A=1,2",B=3'. Repeated
+    --env options add up, a later key wins."""
     out = {}
     for item in values:
-        key, eq, value = item.partition("=")
-        if not eq or not valid_name(key):
-            raise UsageError(f"--env {item!r}: not KEY=VALUE", "e.g. --env OMP_NUM_THREADS=4")
-        out[key] = value
+        if item.count("=") == 1:
+            pairs = [item.strip('"')]
+        elif "=" not in item:
+            pairs = [item]
+        else:
+            import csv
+            try:
+                pairs = next(csv.reader([item], strict=True), [])
+            except csv.Error as e:
+                raise UsageError(f"--env {item!r}: {e}", 'quote a value with commas: --env \'"A=1,2",B=3\'') from None
+        for pair in pairs:
+            key, eq, value = pair.partition("=")
+            if not eq or not valid_name(key):
+                raise UsageError(f"--env {pair!r}: not KEY=VALUE", "e.g. --env OMP_NUM_THREADS=4")
+            out[key] = value
     return out
 
 
@@ -49,7 +150,7 @@ def build(host_env, *, cleanenv, keep, env_files, env_opts, home, default_path, 
     if cleanenv:
         env = {k: v for k, v in host_env.items() if k in keep}
     else:
-        env = {k: v for k, v in host_env.items() if not k.startswith(OWN_PREFIXES) and k != "PATH"}
+        env = {k: v for k, v in host_env.items() if not k.startswith(OWN_PREFIXES) and k not in HOST_ONLY}
     env["PATH"] = default_path
     env["HOME"] = home
     env.update(extra)
@@ -61,11 +162,12 @@ def build(host_env, *, cleanenv, keep, env_files, env_opts, home, default_path, 
     for fe in env_files:
         forced.update(fe)
     forced.update(env_opts)
-    env.update({k: v for k, v in forced.items() if k not in ("PREPEND_PATH", "APPEND_PATH")})
-    if "PREPEND_PATH" in forced:
-        env["PATH"] = forced["PREPEND_PATH"] + ":" + env["PATH"]
-    if "APPEND_PATH" in forced:
-        env["PATH"] = env["PATH"] + ":" + forced["APPEND_PATH"]
+    env.update({k: v for k, v in forced.items() if k not in PATH_KEYS})
+    if "PATH" not in forced:   # a PATH given wins over both, as in Apptainer's 99-runtimevars.sh
+        if "PREPEND_PATH" in forced:
+            env["PATH"] = forced["PREPEND_PATH"] + ":" + env["PATH"]
+        if "APPEND_PATH" in forced:
+            env["PATH"] = env["PATH"] + ":" + forced["APPEND_PATH"]
     return env, forced
 
 
@@ -73,15 +175,42 @@ def quote(value):
     return "'" + value.replace("'", "'\\''") + "'"
 
 
-def wrapper_script(forced):
-    """Shell text that sources the image's env scripts, then re-applies forced values."""
-    lines = [f'for __f in {ENV_DIR}/*.sh; do [ -f "$__f" ] && . "$__f"; done; unset __f']
+def dquote(value):
+    """Apptainer's default: the value in double quotes, evaluated by the container's shell
+    ($VAR, $(cmd), one level of backslashes); only '"' is escaped."""
+    return '"' + value.replace('"', '\\"') + '"'
+
+
+EVAL_CHARS = ("$", "`", "\\")
+
+
+def needs_eval(forced, no_eval):
+    """Would the container's shell change a forced value (so the wrapper must run)?"""
+    return not no_eval and any(c in v for v in forced.values() for c in EVAL_CHARS)
+
+
+def wrapper_script(forced, no_eval=True):
+    """Shell text that sources the image's env scripts, then re-applies forced values
+    (evaluated by the shell unless no_eval). The PATH it starts with already has
+    PREPEND/APPEND_PATH (for images without a wrapper): they are taken off first, so
+    that they are applied once, after the image's scripts, as Apptainer's
+    99-runtimevars.sh does."""
+    q = quote if no_eval else dquote
+    lines = []
+    if "PREPEND_PATH" in forced:
+        lines.append(f"PATH=${{PATH#{quote(forced['PREPEND_PATH'] + ':')}}}")
+    if "APPEND_PATH" in forced:
+        lines.append(f"PATH=${{PATH%{quote(':' + forced['APPEND_PATH'])}}}")
+    lines.append(f'for __f in {ENV_DIR}/*.sh; do [ -f "$__f" ] && . "$__f"; done; unset __f')
     for k, v in forced.items():
-        if k == "PREPEND_PATH":
-            lines.append(f'export PATH={quote(v)}:"$PATH"')
-        elif k == "APPEND_PATH":
-            lines.append(f'export PATH="$PATH":{quote(v)}')
-        else:
-            lines.append(f"export {k}={quote(v)}")
+        if k not in PATH_KEYS and k != "PATH":
+            lines.append(f"export {k}={q(v)}")
+    if "PATH" in forced:   # last and alone, as Apptainer's 99-runtimevars.sh applies it
+        lines.append(f"export PATH={q(forced['PATH'])}")
+    else:
+        if "PREPEND_PATH" in forced:
+            lines.append(f'export PATH={q(forced["PREPEND_PATH"])}:"$PATH"')
+        if "APPEND_PATH" in forced:
+            lines.append(f'export PATH="$PATH":{q(forced["APPEND_PATH"])}')
     lines.append('exec "$@"')
     return "\n".join(lines)

@@ -129,6 +129,25 @@ def under(path, top):
     return path == top or path.startswith(top.rstrip("/") + "/")
 
 
+def container_vars(action, image_path, bind_dsts, cwd, no_eval):
+    """What Apptainer tells the command about its container (set under --cleanenv too):
+    the image as an absolute path and its name, under both prefixes; the action; the
+    bind destinations (for nested containers; unset when there are none, as Apptainer's
+    action script drops empty ones); PWD, the working directory inside."""
+    path = os.path.normpath(image_path)
+    name = os.path.basename(path)
+    out = {"HPCRUN_CONTAINER": path, "HPCRUN_NAME": name, "APPTAINER_COMMAND": action, "PWD": cwd,
+           "APPTAINER_ENVIRONMENT": "/.singularity.d/env/91-environment.sh",
+           "SINGULARITY_ENVIRONMENT": "/.singularity.d/env/91-environment.sh"}
+    for prefix in ("APPTAINER_", "SINGULARITY_"):
+        out[prefix + "CONTAINER"], out[prefix + "NAME"] = path, name
+        if bind_dsts:
+            out[prefix + "BIND"] = ",".join(bind_dsts)
+        if no_eval:
+            out[prefix + "NO_EVAL"] = "1"
+    return out
+
+
 def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=()):
     """opts: parsed options (options.defaults() shape). Returns a Plan."""
     contain = opts["contain"] or opts["containall"]
@@ -196,14 +215,15 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
 
     binds = opts["bind"] + [v for k in ("HPCRUN_BIND", "APPTAINER_BIND") if host.env.get(k)
                             for v in [host.env[k]]]
-    for b in bindspec.parse(binds, host.cwd):
+    user_binds = bindspec.parse(binds, host.cwd)
+    for b in user_binds:
         mounts.append(Mount("user", "bind", b.src, b.dst, readonly=b.readonly))
 
     for m in mounts:
         check_destination(m)
 
-    extra = {"HPCRUN_CONTAINER": image_path, "HPCRUN_NAME": os.path.basename(image_path.rstrip("/")),
-             "APPTAINER_CONTAINER": image_path, "APPTAINER_NAME": os.path.basename(image_path.rstrip("/"))}
+    extra = container_vars(action, os.path.join(host.cwd, image_path), [b.dst for b in user_binds], cwd,
+                           bool(opts.get("no_eval")))
     if action == "shell":
         extra["PS1"] = "hpcrun> "
     if fakeroot:
@@ -236,7 +256,7 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
         home=home, gecos=host.gecos, shell=host.shell,
         passwd_line=lines[0], group_line=lines[1],
         mounts=mounts, writable=opts["writable_tmpfs"] or opts["writable"], in_place=opts["writable"], cwd=cwd, pwd_given=bool(opts["pwd"]),
-        env=env, forced=forced, unsquash=unsquash,
+        env=env, forced=forced, no_eval=bool(opts.get("no_eval")), unsquash=unsquash,
         tmpfs_size=cfg["tmpfs_size"], new_proc=pid and "proc" not in skip,
         share=share, share_idle=cfg["share_idle_timeout"],
     )
@@ -245,7 +265,7 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
 # What a task may differ in and still join another's container: its command, its
 # environment, its working directory and its own PID namespace. Everything else
 # shapes the container and must be equal.
-PER_TASK = ("action", "args", "env", "forced", "cwd", "pwd_given", "new_proc", "share", "share_idle")
+PER_TASK = ("action", "args", "env", "forced", "no_eval", "cwd", "pwd_given", "new_proc", "share", "share_idle")
 
 
 def share_key(plan, image_id):

@@ -54,10 +54,13 @@ def run_container(req):
     for path in opts["env_file"]:
         try:
             with open(path, encoding="utf-8") as f:
-                env_files.append(envvars.parse_env_file(path, f.read()))
+                env_files.append(envvars.parse_env_file(path, f.read(), host.env))
         except OSError as e:
             raise errors.UsageError(f"--env-file {path}: {e.strerror}", "check the path") from None
     timer("config")
+    if "://" in image_path:   # docker://, oras://: from the SIF cache (pulled when missing)
+        from hpcrun.images import refcache
+        image_path = refcache.resolve(image_path, quiet=opts["quiet"])
     image = open_image(image_path)
     if image.warning and not opts["quiet"]:
         sys.stderr.write(f"hpcrun: warning: {image.warning}\n")

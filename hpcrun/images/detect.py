@@ -80,6 +80,20 @@ def open_file(path, dirs=True, what="container image"):
                      "give a .sif or squashfs file, or a sandbox directory" if dirs else "give a .sif file")
 
 
+LAUNCH = b" run-singularity"   # Singularity 2.x images start `#!/usr/bin/env run-singularity\n`
+LAUNCH_SEARCH = 2048          # how far Apptainer looks for it
+
+
+def launch_offset(head):
+    """Where the squashfs of a Singularity 2.x image starts (after its launch line, as
+    Apptainer finds it), or 0 when head is not such an image."""
+    i = head.find(LAUNCH) if head[:2] == b"#!" else -1
+    if i < 0:
+        return 0
+    offset = i + len(LAUNCH) + 1
+    return offset if head[offset:offset + 4] == b"hsqs" else 0
+
+
 def open_image(path):
     """Open and identify the image at path; the caller owns the returned Image."""
     fd = open_file(path)
@@ -87,7 +101,7 @@ def open_image(path):
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
             return Image(os.path.realpath(path), "sandbox", fd)   # host path, symlinks resolved
-        head = os.pread(fd, 64, 0)
+        head = os.pread(fd, LAUNCH_SEARCH, 0)
         if head[32:42] == b"SIF_MAGIC\0":
             from hpcrun.images import sif
             sf = sif.SifFile(path, fd)
@@ -97,6 +111,10 @@ def open_image(path):
         if head[:4] == b"hsqs":
             check_squashfs(path, fd, 0, st.st_size)
             return Image(path, "squashfs", fd, 0, st.st_size)
+        offset = launch_offset(head)
+        if offset:   # Singularity 2.x: a launch line, then the squashfs
+            check_squashfs(path, fd, offset, st.st_size - offset)
+            return Image(path, "squashfs", fd, offset, st.st_size - offset)
         raise ImageError(f"{path}: not a container image (neither SIF, squashfs nor a directory)",
                          "give a .sif or squashfs file, or a sandbox directory")
     except BaseException:

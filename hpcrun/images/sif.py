@@ -176,4 +176,11 @@ def write_sif(out, squashfs, arch=None, now=None, uuid_bytes=None):
             if not chunk:
                 break
             f.write(chunk)
+        os.fchmod(f.fileno(), 0o755 & ~_umask())   # executable, like Apptainer's: `./image.sif args` runs it
     os.replace(tmp, out)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -275,8 +275,8 @@ def resolve_argv(plan, exists, access):
         has_env = any(n.endswith(".sh") for n in os.listdir(envvars.ENV_DIR))
     except OSError:
         has_env = False
-    if has_env:
-        argv = ["/bin/sh", "-c", envvars.wrapper_script(plan.forced), "hpcrun"] + argv
+    if has_env or envvars.needs_eval(plan.forced, plan.no_eval) and exists("/bin/sh"):
+        argv = ["/bin/sh", "-c", envvars.wrapper_script(plan.forced, plan.no_eval), "hpcrun"] + argv
     return argv
 
 
@@ -290,6 +290,7 @@ def _chdir(plan):
             os.chdir("/")
         else:
             os.chdir(plan.home)
+        plan.env["PWD"] = os.getcwd()   # where the command really starts
 
 
 def find_program(name, path):

@@ -115,9 +115,12 @@ G=a=b=c
 """
     with pytest.raises(UsageError):
         parse_env_file("f", text)       # "H = x": the key has a space
-    out = parse_env_file("f", text.replace("  H = x\n", ""))
-    assert out == {"A": "1", "B": "two words", "C": "quoted # not a comment", "D": "single",
-                   "E": "", "F": '"unbalanced', "G": "a=b=c"}
+    with pytest.raises(UsageError):
+        parse_env_file("f", text.replace("  H = x\n", ""))   # F: a shell syntax error in Apptainer
+    out = parse_env_file("f", text.replace("  H = x\n", "").replace('F="unbalanced\n', ""))
+    # as Apptainer's shell evaluation: `export B=two words` exports B=two (and `words`)
+    assert out == {"A": "1", "B": "two", "C": "quoted # not a comment", "D": "single",
+                   "E": "", "G": "a=b=c"}
 
 
 @pytest.mark.parametrize("line", ["NOEQUALS", "1A=x", "A-B=x", "=x", "export", "a b=c"])
@@ -200,3 +203,38 @@ def test_wrapper_sources_env_dir_first():
     assert envvars.ENV_DIR in lines[0]
     assert lines[1] == "export X='forced'"
     assert lines[-1] == 'exec "$@"'
+
+
+def test_env_opts_as_apptainers_map_flag():
+    assert parse_env_opts(["A=1,B=2", "C=x,y", '"D=1,2",E=3', 'F="q"']) == {
+        "A": "1", "B": "2", "C": "x,y", "D": "1,2", "E": "3", "F": "\"q"}   # pflag trims the whole argument
+    with pytest.raises(UsageError):
+        parse_env_opts(['"A=1,B=2'])   # an open CSV quote
+
+
+def _sh(script, env, *argv):
+    return subprocess.run(["/bin/sh", "-c", script, "hpcrun", *argv], env=env, capture_output=True,
+                          text=True).stdout
+
+
+@pytest.mark.parametrize("no_eval", [False, True])
+def test_wrapper_evaluates_unless_no_eval(no_eval):
+    forced = {"A": "$HOME/x", "B": 'q"uote', "C": "a\\$b", "PREPEND_PATH": "$HOME/bin"}
+    env = {"HOME": "/h", "PATH": "$HOME/bin:/usr/bin:/bin"}   # as build() left it: literal prefix
+    out = _sh(envvars.wrapper_script(forced, no_eval), env, "sh", "-c", 'echo "$A|$B|$C|$PATH"')
+    if no_eval:
+        assert out == '$HOME/x|q"uote|a\\$b|$HOME/bin:/usr/bin:/bin\n'
+    else:
+        assert out == '/h/x|q"uote|a$b|/h/bin:/usr/bin:/bin\n'
+    assert envvars.needs_eval(forced, False) and not envvars.needs_eval(forced, True)
+    assert not envvars.needs_eval({"A": "plain"}, False)
+
+
+def test_path_given_wins_over_prepend_and_append():
+    host_env = {"APPTAINERENV_PATH": "/only", "APPTAINERENV_PREPEND_PATH": "/pre",
+                "APPTAINERENV_APPEND_PATH": "/app"}
+    env, forced = build(host_env, cleanenv=False, keep=set(), env_files=[], env_opts={}, home="/h",
+                        default_path="/usr/bin:/bin", extra={})
+    assert env["PATH"] == "/only"
+    out = _sh(wrapper_script(forced, True), {"PATH": env["PATH"]}, "/bin/sh", "-c", 'echo "$PATH"')
+    assert out == "/only\n"

@@ -266,8 +266,10 @@ def test_user_binds_from_options_and_env(cfg):
     assert user == [("/o1", "/o1", False), ("/o2", "/mnt/o2", True), ("/e1", "/mnt/e1", True),
                     ("/e2", "/e2", False), ("/data/proj/rel", "/r", False)]
     assert all(m.kind == "bind" and not m.optional for m in p.mounts if m.name == "user")
-    # the bind variables themselves are not passed into the container
-    assert "HPCRUN_BIND" not in p.env and "APPTAINER_BIND" not in p.env
+    # the bind variables themselves are not passed into the container; Apptainer's
+    # APPTAINER_BIND there lists the destinations (for nested containers)
+    assert "HPCRUN_BIND" not in p.env
+    assert p.env["APPTAINER_BIND"] == p.env["SINGULARITY_BIND"] == "/o1,/mnt/o2,/mnt/e1,/e2,/r"
 
 
 def test_bad_user_bind(cfg):
@@ -354,3 +356,14 @@ def test_pmix_steps_share_one_container(cfg):
     a, b = (plan(cfg, h) for h in steps)
     assert "/spool" in [m.src for m in a.mounts]
     assert share_key(a, (1,)) == share_key(b, (1,))
+
+
+def test_container_variables_and_no_eval(cfg):
+    o = options.defaults()
+    o["no_eval"] = True   # cli9's option; the plan reads it with opts.get
+    p = build_plan(o, "shell", "rel/app.sif", "sif", [], cfg, host(env={"PWD": "/x", "OLDPWD": "/y"}))
+    assert p.no_eval and p.env["APPTAINER_NO_EVAL"] == p.env["SINGULARITY_NO_EVAL"] == "1"
+    assert p.env["APPTAINER_CONTAINER"] == "/data/proj/rel/app.sif" and p.env["SINGULARITY_NAME"] == "app.sif"
+    assert p.env["APPTAINER_COMMAND"] == "shell" and p.env["PWD"] == p.cwd and "OLDPWD" not in p.env
+    q = plan(cfg)   # without the option (before cli9's merge) values are evaluated
+    assert not q.no_eval and "APPTAINER_NO_EVAL" not in q.env and "APPTAINER_BIND" not in q.env
