@@ -14,15 +14,20 @@ cd "$here"
 "$VENV/bin/ruff" format --check .
 pytest=("$VENV/bin/python" -m pytest -q -p no:cacheprovider)
 "${pytest[@]}" tests/unit
-# The unit tests once more without privilege (a copy if the test user can't read this tree).
+# The unit tests once more without privilege (a copy, with the shared SIF test data beside
+# it, if the test user can't read this tree).
 tree=$here
-if ! setpriv --reuid="$TEST_USER" --regid="$(id -g "$TEST_USER")" --clear-groups test -r "$here/tests/unit/conftest.py"; then
-    tree=$(mktemp -d /tmp/hpcrun-unit-XXXXXX)
+as_user=(setpriv --reuid="$TEST_USER" --regid="$(id -g "$TEST_USER")" --init-groups --inh-caps=-all)
+data="$here/../shared/testdata"
+if ! "${as_user[@]}" test -r "$here/tests/unit/conftest.py" || { [ -d "$data" ] && ! "${as_user[@]}" test -r "$data/sif"; }; then
+    base=$(mktemp -d /tmp/hpcrun-unit-XXXXXX)
+    trap 'rm -rf "$base"' EXIT
+    tree=$base/main
+    mkdir "$tree"
     cp -a "$here/hpcrun" "$here/conf" "$here/tests" "$here/pyproject.toml" "$here/setup.cfg" "$tree/"
-    chmod -R a+rX "$tree"
-    trap 'rm -rf "$tree"' EXIT
+    if [ -d "$data" ]; then mkdir "$base/shared" && cp -a "$data" "$base/shared/"; fi
+    chmod -R a+rX "$base"
 fi
-(cd / && setpriv --reuid="$TEST_USER" --regid="$(id -g "$TEST_USER")" --init-groups --inh-caps=-all \
-    env -i PATH=/usr/bin:/bin HOME="$(getent passwd "$TEST_USER" | cut -d: -f6)" LANG=C.UTF-8 \
+(cd / && "${as_user[@]}" env -i PATH=/usr/bin:/bin HOME="$(getent passwd "$TEST_USER" | cut -d: -f6)" LANG=C.UTF-8 \
     PYTHONDONTWRITEBYTECODE=1 "${pytest[@]}" "$tree/tests/unit")
 exec "${pytest[@]}" tests/integration tests/batch "$@"

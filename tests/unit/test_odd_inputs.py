@@ -14,8 +14,10 @@ from hpcrun.images import detect, sif, siftool
 from hpcrun import plan as planmod
 from hpcrun.plan import Host, build_plan
 
+from .testdata import SIF_DATA
+
 CONF = os.path.join(os.path.dirname(__file__), "..", "..", "conf", "hpcrun.yaml")
-DATA = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "testdata", "sif"))
+DATA = SIF_DATA
 EVIL = "x\nroot2:x:0:0::/:/bin/sh"
 
 

@@ -13,12 +13,13 @@ from hpcrun.errors import IMAGE, ImageError
 from hpcrun.images import detect, sif
 from hpcrun.images.detect import open_image
 
-TESTDATA = "/work/shared/testdata/sif"
+from .testdata import SIF_DATA
+
+TESTDATA = SIF_DATA
 ONE_GROUP = os.path.join(TESTDATA, "one-group.sif")
 LEGACY = os.path.join(TESTDATA, "two-groups-signed-legacy-all.sif")
 SBOM = os.path.join(TESTDATA, "one-object-sbom.sif")
 
-needs_testdata = pytest.mark.skipif(not os.path.isdir(TESTDATA), reason="no SIF test data")
 needs_mksquashfs = pytest.mark.skipif(shutil.which("mksquashfs") is None, reason="no mksquashfs")
 
 
@@ -81,7 +82,6 @@ def describe(d):
     raise AssertionError(f"unexpected datatype {d.datatype:#x}")
 
 
-@needs_testdata
 @pytest.mark.parametrize("name", ["one-group.sif", "two-groups-signed-legacy-all.sif",
                                   "one-object-sbom.sif"])
 def test_descriptors_match_siftool_list(name):
@@ -98,7 +98,6 @@ def test_descriptors_match_siftool_list(name):
         assert describe(d) == (row["type"], row["detail"])
 
 
-@needs_testdata
 def test_header_matches_siftool_header():
     fields = {}
     with open(ONE_GROUP + ".header", encoding="utf-8") as f:
@@ -119,14 +118,12 @@ def test_header_matches_siftool_header():
     assert sf.file_size == os.path.getsize(ONE_GROUP)
 
 
-@needs_testdata
 def test_struct_sizes():
     assert sif.HEADER.size == 128
     assert sif.DESCRIPTOR.size == 585
     assert detect.SUPERBLOCK.size == 96
 
 
-@needs_testdata
 def test_one_group_primary_partition():
     sf = sif.SifFile(ONE_GROUP)
     part = sf.primary_partition()
@@ -134,7 +131,6 @@ def test_one_group_primary_partition():
     assert (part.fstype, part.parttype, part.arch) == (sif.FS_SQUASH, sif.PRIMSYS, "386")
 
 
-@needs_testdata
 def test_one_group_runs_on_amd64_with_warning(opened):
     img = opened(ONE_GROUP)
     assert img.kind == "sif"
@@ -149,20 +145,17 @@ def test_one_group_runs_on_amd64_with_warning(opened):
     img.close()   # twice is harmless
 
 
-@needs_testdata
 def test_one_group_not_runnable_on_arm64(monkeypatch):
     monkeypatch.setattr(sif, "host_arch", lambda: "arm64")
     err = image_error(ONE_GROUP)
     assert "386" in err.message and "arm64" in err.message
 
 
-@needs_testdata
 def test_one_group_no_warning_on_386_host(monkeypatch, opened):
     monkeypatch.setattr(sif, "host_arch", lambda: "386")
     assert opened(ONE_GROUP).warning is None
 
 
-@needs_testdata
 def test_legacy_fake_squashfs_is_refused():
     sf = sif.SifFile(LEGACY)
     assert sf.data_offset == 32768
@@ -172,7 +165,6 @@ def test_legacy_fake_squashfs_is_refused():
     assert "holds no squashfs data" in err.message
 
 
-@needs_testdata
 def test_sbom_only_has_no_partition():
     assert sif.SifFile(SBOM).primary_partition() is None
     err = image_error(SBOM)
@@ -189,7 +181,6 @@ def truncated_copy(tmp_path, src, length):
     return out
 
 
-@needs_testdata
 @pytest.mark.parametrize("length", [100, 127, 5000, 32176, 36865, 38000, 40959])
 def test_truncated_sif(tmp_path, length):
     err = image_error(truncated_copy(tmp_path, ONE_GROUP, length))
@@ -197,13 +188,11 @@ def test_truncated_sif(tmp_path, length):
     assert str(tmp_path) in err.message
 
 
-@needs_testdata
 def test_truncated_inside_partition_names_object(tmp_path):
     err = image_error(truncated_copy(tmp_path, ONE_GROUP, 38000))
     assert "object 2" in err.message and "40960" in err.message and "38000" in err.message
 
 
-@needs_testdata
 def test_truncated_sif_file_direct(tmp_path):
     with pytest.raises(ImageError, match="truncated"):
         sif.SifFile(str(truncated_copy(tmp_path, ONE_GROUP, 100)))

@@ -6,7 +6,9 @@ import pytest
 from hpcrun.images import sif, siftool
 from hpcrun.cli import main
 
-DATA = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "testdata", "sif"))
+from .testdata import SIF_DATA
+
+DATA = SIF_DATA
 NAMES = ["one-group", "two-groups-signed-legacy-all", "one-object-sbom"]
 
 
