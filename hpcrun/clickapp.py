@@ -2,7 +2,7 @@
 import click
 
 from hpcrun import errors
-from hpcrun.options import GLOBAL, TABLES, defaults, for_command, settle_table, stderr_note
+from hpcrun.options import GLOBAL, defaults, tables, for_command, settle_table, stderr_note
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -73,9 +73,9 @@ container_command("shell", "Start an interactive shell (/bin/bash, else /bin/sh)
 
 def apptainer_flags(cmd):
     """Give a click command the Apptainer names of `cmd` it does not declare itself
-    (options.TABLES: the no-op and refused ones, a few implemented ones its callback
+    (options.tables(): the no-op and refused ones, a few implemented ones its callback
     takes), and read APPTAINER_<KEY>/SINGULARITY_<KEY> for all of them."""
-    table = TABLES[cmd]
+    table = tables()[cmd]
 
     def deco(command):
         own = {p.name for p in command.params}

@@ -38,6 +38,7 @@ _CREDS = ("refused:give registry credentials as APPTAINER_DOCKER_USERNAME/APPTAI
 # credentials itself (APPTAINER_DOCKER_USERNAME/PASSWORD), and a refused option must not
 # stop every start because a site exports APPTAINER_DOCKER_HOST or _LOGIN.
 ENV_ELSEWHERE = ("DOCKER_USERNAME", "DOCKER_PASSWORD", "DOCKER_LOGIN", "DOCKER_HOST")
+_NOHTTPS = "noop:hpcrun speaks plain HTTP to registries on loopback addresses only"
 _CRYPT = "refused:encrypted images are not supported"
 _APPS = "refused:SCIF apps are not supported"
 _BIND_HELP = "Bind a host path into the container (repeatable, comma lists; also $HPCRUN_BIND)."
@@ -110,7 +111,7 @@ OPTIONS = [
        env="DISABLE_CACHE", status="noop:running a local image uses no cache"),
     _o("--no-https --nohttps", "no_https", help_="No-op: registries on loopback addresses are "
        "spoken to over HTTP already.", env="NOHTTPS NO_HTTPS",
-       status="noop:hpcrun speaks plain HTTP to registries on loopback addresses only"),
+       status=_NOHTTPS),
     _o("--underlay", "underlay", help_="No-op (deprecated in Apptainer).", env="UNDERLAY",
        status="noop:hpcrun makes missing mount points itself"),
     _o("--no-nv", "no_nv", help_="No-op: no GPU support yet.", env="NV_OFF NO_NV",
@@ -452,115 +453,125 @@ def parse_mounts(specs, cwd):
 # parameter of the click command (clickapp.py) are implemented there; the others are
 # added to it from here (clickapp.apptainer_flags). ---------------------------------
 
-_NOCACHE = "noop:the layer cache is always used (each blob is hashed again when used)"
-_ARCH = "refused:hpcrun pulls the host's architecture only"
-_LIBRARY = "refused:library:// (Sylabs Cloud) is not supported; use docker:// or oras://"
-_KEEP = "noop:hpcrun always removes its temporary files"
-_HTTPS = _o("--no-https --nohttps", "no_https", help_="No-op: registries on loopback addresses are "
-            "spoken to over HTTP already.", env="NOHTTPS NO_HTTPS", status=OPTIONS[[o[1] for o in OPTIONS]
-                                                                              .index("no_https")][6])
-_REGISTRY = [
-    _HTTPS,
-    _o("--docker-login", "docker_login", help_="Refused: see hpcrun registry login.", status=_CREDS),
-    _o("--docker-username", "docker_username", "value", "NAME", "Refused: see hpcrun registry login.",
-       status=_CREDS),
-    _o("--docker-password", "docker_password", "value", "PASSWORD", "Refused: see hpcrun registry login.",
-       status=_CREDS),
-    _o("--docker-host", "docker_host", "value", "HOST", "Refused: no Docker daemon.",
-       status="refused:hpcrun talks to no Docker daemon"),
-    _o("--authfile", "authfile", "value", "FILE", "Registry credentials file (as $REGISTRY_AUTH_FILE).",
-       "AUTH_FILE"),
-    _o("--library", "library", "value", "URL", "Refused: no library://.", "LIBRARY", _LIBRARY),
-    _o("--no-cleanup", "no_cleanup", help_="No-op: temporary files are always removed.",
-       env="NO_CLEANUP", status=_KEEP),
-    _o("--disable-cache", "disable_cache", help_="No-op: the layer cache is always used.",
-       env="DISABLE_CACHE", status=_NOCACHE),
-    _o("-F --force", "force", help_="Overwrite OUT if it exists.", env="FORCE"),
-    _o("--reproducible", "reproducible", help_="Same inputs, same bytes: fixed times, zero UUID.",
-       env="REPRODUCIBLE"),
-]
+_TABLES = {}
 
 
-def _for(cmd, table):
-    return [o[:7] + ((cmd,),) for o in table]
+def tables():
+    """{build|pull|inspect: table}; made on first use (only click needs them: not on the
+    exec path)."""
+    if not _TABLES:
+        _TABLES.update(_make_tables())
+    return _TABLES
+
+
+def _make_tables():
+    _NOCACHE = "noop:the layer cache is always used (each blob is hashed again when used)"
+    _ARCH = "refused:hpcrun pulls the host's architecture only"
+    _LIBRARY = "refused:library:// (Sylabs Cloud) is not supported; use docker:// or oras://"
+    _KEEP = "noop:hpcrun always removes its temporary files"
+    _HTTPS = _o("--no-https --nohttps", "no_https", help_="No-op: registries on loopback addresses are "
+                "spoken to over HTTP already.", env="NOHTTPS NO_HTTPS", status=_NOHTTPS)
+    _REGISTRY = [
+        _HTTPS,
+        _o("--docker-login", "docker_login", help_="Refused: see hpcrun registry login.", status=_CREDS),
+        _o("--docker-username", "docker_username", "value", "NAME", "Refused: see hpcrun registry login.",
+           status=_CREDS),
+        _o("--docker-password", "docker_password", "value", "PASSWORD", "Refused: see hpcrun registry login.",
+           status=_CREDS),
+        _o("--docker-host", "docker_host", "value", "HOST", "Refused: no Docker daemon.",
+           status="refused:hpcrun talks to no Docker daemon"),
+        _o("--authfile", "authfile", "value", "FILE", "Registry credentials file (as $REGISTRY_AUTH_FILE).",
+           "AUTH_FILE"),
+        _o("--library", "library", "value", "URL", "Refused: no library://.", "LIBRARY", _LIBRARY),
+        _o("--no-cleanup", "no_cleanup", help_="No-op: temporary files are always removed.",
+           env="NO_CLEANUP", status=_KEEP),
+        _o("--disable-cache", "disable_cache", help_="No-op: the layer cache is always used.",
+           env="DISABLE_CACHE", status=_NOCACHE),
+        _o("-F --force", "force", help_="Overwrite OUT if it exists.", env="FORCE"),
+        _o("--reproducible", "reproducible", help_="Same inputs, same bytes: fixed times, zero UUID.",
+           env="REPRODUCIBLE"),
+    ]
+
+
+    def _for(cmd, table):
+        return [o[:7] + ((cmd,),) for o in table]
 
 
 
 
-def _arch(prefix):
-    return [_o("--arch", "arch", "value", "ARCH", "Refused: the host's architecture only.", prefix + "ARCH",
-               _ARCH),
-            _o("--arch-variant", "arch_variant", "value", "VARIANT", "Refused: the host's architecture only.",
-               prefix + "ARCH_VARIANT", _ARCH)]
+    def _arch(prefix):
+        return [_o("--arch", "arch", "value", "ARCH", "Refused: the host's architecture only.", prefix + "ARCH",
+                   _ARCH),
+                _o("--arch-variant", "arch_variant", "value", "VARIANT", "Refused: the host's architecture only.",
+                   prefix + "ARCH_VARIANT", _ARCH)]
 
 
-BUILD = _for("build", _REGISTRY + _arch("BUILD_")) + _for("build", [
-    _o("-T --notest", "notest", help_="Skip a definition file's %test.", env="NOTEST"),
-    _o("-s --sandbox", "sandbox", help_="Write OUT as a sandbox directory.", env="SANDBOX"),
-    _o("-f --fakeroot", "fakeroot", help_="Build as root of your subuid range.", env="FAKEROOT"),
-    _o("--build-arg", "build_args", "multi", "NAME=VALUE", "Value for {{ NAME }} (repeatable)."),
-    _o("--build-arg-file", "build_arg_file", "multi", "FILE", "NAME=VALUE lines for {{ NAME }}."),
-    _o("--warn-unused-build-args", "warn_unused_build_args", help_="No-op.",
-       status="noop:hpcrun does not check for unused build arguments"),
-    _o("--tmpdir", "tmpdir", "value", "DIR", "No-op: the work directory is made next to OUT.", "TMPDIR",
-       "noop:the build's work directory is made next to OUT (on its file system)"),
-    _o("--userns", "userns", help_="No-op: builds always run in a user namespace.", env="USERNS",
-       status="noop:hpcrun always builds in an unprivileged user namespace"),
-    _o("--ignore-userns", "ignore_userns", help_="Refused.", env="IGNORE_USERNS",
-       status="refused:hpcrun always needs unprivileged user namespaces"),
-    _o("--ignore-subuid", "ignore_subuid", help_="Refused.", env="IGNORE_SUBUID",
-       status="refused:not supported (without an /etc/subuid range root only is mapped)"),
-    _o("--ignore-fakeroot-command", "ignore_fakeroot_command", help_="No-op.",
-       env="IGNORE_FAKEROOT_COMMAND", status="noop:hpcrun never uses the fakeroot command"),
-    _o("--ignore-proot", "ignore_proot", help_="No-op.", env="IGNORE_PROOT",
-       status="noop:hpcrun never uses proot"),
-    _o("--fix-perms", "fix_perms", help_="Refused: not supported.", env="FIXPERMS",
-       status="refused:not supported (sandboxes hpcrun writes are yours: chmod -R u+rwX fixes them)"),
-    _o("--json", "json", help_="Refused: no JSON definitions.", env="JSON",
-       status="refused:JSON definition files are not supported"),
-    _o("--section", "section", "multi", "NAME", "Refused: whole definitions only.", "SECTION",
-       "refused:building single sections is not supported"),
-    _o("-u --update", "update", help_="Refused: no updates in place.", env="UPDATE",
-       status="refused:updating an existing sandbox is not supported (build a new one)"),
-    _o("--data", "data", "multi", "SPEC", "Refused.", "DATA", "refused:data containers are not supported"),
-    _o("-e --encrypt", "encrypt", help_="Refused: no encrypted images.", status=_CRYPT),
-    _o("--passphrase", "passphrase", help_="Refused: no encrypted images.", status=_CRYPT),
-    _o("--pem-path", "pem_path", "value", "FILE", "Refused: no encrypted images.", status=_CRYPT),
-    _o("--mksquashfs-args", "mksquashfs_args", "value", "ARGS", "Refused: use --compress.",
-       "MKSQUASHFS_ARGS", "refused:give the compression with --compress"),
-    _o("--remote", "remote", help_="Refused: no remote builds.", status="refused:remote builds are not "
-       "supported"),
-    _o("--buildkit-host", "buildkit_host", "value", "HOST", "Refused: no BuildKit.", "BUILDKIT_HOST",
-       "refused:Dockerfile builds with BuildKit are not supported"),
-    _o("-B --bind", "bind", "multi", "SPEC", "Refused: no binds in %post.",
-       status="refused:binds during %post are not supported"),
-    _o("--mount", "mount", "multi", "SPEC", "Refused: no binds in %post.", "MOUNT",
-       "refused:binds during %post are not supported"),
-    _o("--writable-tmpfs", "writable_tmpfs", help_="Refused.", env="WRITABLE_TMPFS",
-       status="refused:not supported for %test"),
-    _o("--nv", "nv", help_="Refused: no GPU support yet.", status=_GPU),
-    _o("--nvccli", "nvccli", help_="Refused: no GPU support yet.", env="NVCCLI", status=_GPU),
-    _o("--rocm", "rocm", help_="Refused: no GPU support yet.", status=_GPU),
-    _o("--compat32", "compat32", help_="Refused: no GPU support yet.", status=_GPU),
-])
+    BUILD = _for("build", _REGISTRY + _arch("BUILD_")) + _for("build", [
+        _o("-T --notest", "notest", help_="Skip a definition file's %test.", env="NOTEST"),
+        _o("-s --sandbox", "sandbox", help_="Write OUT as a sandbox directory.", env="SANDBOX"),
+        _o("-f --fakeroot", "fakeroot", help_="Build as root of your subuid range.", env="FAKEROOT"),
+        _o("--build-arg", "build_args", "multi", "NAME=VALUE", "Value for {{ NAME }} (repeatable)."),
+        _o("--build-arg-file", "build_arg_file", "multi", "FILE", "NAME=VALUE lines for {{ NAME }}."),
+        _o("--warn-unused-build-args", "warn_unused_build_args", help_="No-op.",
+           status="noop:hpcrun does not check for unused build arguments"),
+        _o("--tmpdir", "tmpdir", "value", "DIR", "No-op: the work directory is made next to OUT.", "TMPDIR",
+           "noop:the build's work directory is made next to OUT (on its file system)"),
+        _o("--userns", "userns", help_="No-op: builds always run in a user namespace.", env="USERNS",
+           status="noop:hpcrun always builds in an unprivileged user namespace"),
+        _o("--ignore-userns", "ignore_userns", help_="Refused.", env="IGNORE_USERNS",
+           status="refused:hpcrun always needs unprivileged user namespaces"),
+        _o("--ignore-subuid", "ignore_subuid", help_="Refused.", env="IGNORE_SUBUID",
+           status="refused:not supported (without an /etc/subuid range root only is mapped)"),
+        _o("--ignore-fakeroot-command", "ignore_fakeroot_command", help_="No-op.",
+           env="IGNORE_FAKEROOT_COMMAND", status="noop:hpcrun never uses the fakeroot command"),
+        _o("--ignore-proot", "ignore_proot", help_="No-op.", env="IGNORE_PROOT",
+           status="noop:hpcrun never uses proot"),
+        _o("--fix-perms", "fix_perms", help_="Refused: not supported.", env="FIXPERMS",
+           status="refused:not supported (sandboxes hpcrun writes are yours: chmod -R u+rwX fixes them)"),
+        _o("--json", "json", help_="Refused: no JSON definitions.", env="JSON",
+           status="refused:JSON definition files are not supported"),
+        _o("--section", "section", "multi", "NAME", "Refused: whole definitions only.", "SECTION",
+           "refused:building single sections is not supported"),
+        _o("-u --update", "update", help_="Refused: no updates in place.", env="UPDATE",
+           status="refused:updating an existing sandbox is not supported (build a new one)"),
+        _o("--data", "data", "multi", "SPEC", "Refused.", "DATA", "refused:data containers are not supported"),
+        _o("-e --encrypt", "encrypt", help_="Refused: no encrypted images.", status=_CRYPT),
+        _o("--passphrase", "passphrase", help_="Refused: no encrypted images.", status=_CRYPT),
+        _o("--pem-path", "pem_path", "value", "FILE", "Refused: no encrypted images.", status=_CRYPT),
+        _o("--mksquashfs-args", "mksquashfs_args", "value", "ARGS", "Refused: use --compress.",
+           "MKSQUASHFS_ARGS", "refused:give the compression with --compress"),
+        _o("--remote", "remote", help_="Refused: no remote builds.", status="refused:remote builds are not "
+           "supported"),
+        _o("--buildkit-host", "buildkit_host", "value", "HOST", "Refused: no BuildKit.", "BUILDKIT_HOST",
+           "refused:Dockerfile builds with BuildKit are not supported"),
+        _o("-B --bind", "bind", "multi", "SPEC", "Refused: no binds in %post.",
+           status="refused:binds during %post are not supported"),
+        _o("--mount", "mount", "multi", "SPEC", "Refused: no binds in %post.", "MOUNT",
+           "refused:binds during %post are not supported"),
+        _o("--writable-tmpfs", "writable_tmpfs", help_="Refused.", env="WRITABLE_TMPFS",
+           status="refused:not supported for %test"),
+        _o("--nv", "nv", help_="Refused: no GPU support yet.", status=_GPU),
+        _o("--nvccli", "nvccli", help_="Refused: no GPU support yet.", env="NVCCLI", status=_GPU),
+        _o("--rocm", "rocm", help_="Refused: no GPU support yet.", status=_GPU),
+        _o("--compat32", "compat32", help_="Refused: no GPU support yet.", status=_GPU),
+    ])
 
-PULL = _for("pull", _REGISTRY + _arch("PULL_")) + _for("pull", [
-    _o("--name", "name", "value", "OUT", "The file to write (as the OUT argument).", "PULL_NAME"),
-    _o("--dir", "dir", "value", "DIR", "The directory to write it in.", "PULLDIR PULLFOLDER"),
-    _o("--tmpdir", "tmpdir", "value", "DIR", "No-op: the work directory is made next to OUT.", "TMPDIR",
-       "noop:the pull's work directory is made next to OUT (on its file system)"),
-    _o("-U --allow-unsigned", "allow_unsigned", help_="No-op: no signatures are checked.",
-       env="ALLOW_UNSIGNED", status="noop:hpcrun checks no signatures (blobs are checked by digest)"),
-    _o("--allow-unauthenticated", "allow_unauthenticated", help_="No-op: no signatures are checked.",
-       env="ALLOW_UNAUTHENTICATED", status="noop:hpcrun checks no signatures (blobs are checked by digest)"),
-    _o("--sandbox", "sandbox", help_="Refused: use build --sandbox.", env="SANDBOX",
-       status="refused:use hpcrun build --sandbox DIR docker://REF"),
-])
+    PULL = _for("pull", _REGISTRY + _arch("PULL_")) + _for("pull", [
+        _o("--name", "name", "value", "OUT", "The file to write (as the OUT argument).", "PULL_NAME"),
+        _o("--dir", "dir", "value", "DIR", "The directory to write it in.", "PULLDIR PULLFOLDER"),
+        _o("--tmpdir", "tmpdir", "value", "DIR", "No-op: the work directory is made next to OUT.", "TMPDIR",
+           "noop:the pull's work directory is made next to OUT (on its file system)"),
+        _o("-U --allow-unsigned", "allow_unsigned", help_="No-op: no signatures are checked.",
+           env="ALLOW_UNSIGNED", status="noop:hpcrun checks no signatures (blobs are checked by digest)"),
+        _o("--allow-unauthenticated", "allow_unauthenticated", help_="No-op: no signatures are checked.",
+           env="ALLOW_UNAUTHENTICATED", status="noop:hpcrun checks no signatures (blobs are checked by digest)"),
+        _o("--sandbox", "sandbox", help_="Refused: use build --sandbox.", env="SANDBOX",
+           status="refused:use hpcrun build --sandbox DIR docker://REF"),
+    ])
 
-INSPECT = [o[:7] + (("inspect",),) for o in [
-    _o("-j --json", "as_json", help_="Apptainer-style JSON."),
-    _o("--app", "app", "value", "NAME", "Refused: no SCIF apps.", status=_APPS),
-    _o("--list-apps", "list_apps", help_="Refused: no SCIF apps.", status=_APPS),
-]]
-
-TABLES = {"build": BUILD, "pull": PULL, "inspect": INSPECT}
+    INSPECT = [o[:7] + (("inspect",),) for o in [
+        _o("-j --json", "as_json", help_="Apptainer-style JSON."),
+        _o("--app", "app", "value", "NAME", "Refused: no SCIF apps.", status=_APPS),
+        _o("--list-apps", "list_apps", help_="Refused: no SCIF apps.", status=_APPS),
+    ]]
+    return {"build": BUILD, "pull": PULL, "inspect": INSPECT}

@@ -5,7 +5,8 @@ import subprocess
 
 import pytest
 
-from hpcrun_testlib import HPCRUN, WORK_USER, as_user, user_env
+from hpcrun_testlib import HPCRUN, WORK, WORK_USER, as_user, user_env
+from test_pull import registry  # noqa: F401  (the loopback registry fixture)
 
 BIN = os.path.dirname(HPCRUN)
 
@@ -84,7 +85,7 @@ def test_mount_docker_style(images, utmp):
     assert r.stdout.startswith("hello\n"), r.stderr
     r = app("apptainer", "exec", "--mount", f"type=bind,src={utmp},dst=/mnt/m", images["sif"], "cat", "/mnt/m/f")
     assert r.returncode == 0 and r.stdout == "hello\n", r.stderr
-    r = app("apptainer", "exec", "--mount", f"type=tmpfs,dst=/mnt/m", images["sif"], "true")
+    r = app("apptainer", "exec", "--mount", "type=tmpfs,dst=/mnt/m", images["sif"], "true")
     assert r.returncode == 2 and "type 'tmpfs' is not supported" in r.stderr and r.stderr.count("\n") == 1
 
 
@@ -201,3 +202,14 @@ def test_build_and_pull_know_apptainers_names(images, bdir):
     assert r.returncode == 0, r.stderr
     r = app("apptainer", "pull", "--library", "https://x", "library://alpine")
     assert r.returncode == 2 and "library://" in r.stderr
+
+
+def test_pull_name_dir_and_cachedir(registry, bdir):  # noqa: F811
+    cache = os.path.join(WORK, "cache", "apptainer-cachedir")
+    r = app("apptainer", "pull", "--name", "named.sif", "--dir", str(bdir), "--disable-cache",
+            f"docker://{registry}/test/busybox:v1", env={"APPTAINER_CACHEDIR": cache})
+    assert r.returncode == 0, r.stderr
+    assert (bdir / "named.sif").is_file()
+    assert os.listdir(os.path.join(cache, "hpcrun", "blobs", "sha256"))   # the cache is where it was put
+    r = app("apptainer", "exec", str(bdir / "named.sif"), "true")
+    assert r.returncode == 0, r.stderr

@@ -21,13 +21,13 @@ def hpcrun_table(cmd):
     """flag -> (status, env keys) as hpcrun knows them for cmd."""
     if cmd == "global":
         table = options.GLOBAL
-    elif cmd in options.TABLES:
+    elif cmd in options.tables():
         from hpcrun.clickapp import app
         known = {}
         for p in app.commands[cmd].params:   # implemented by the click command itself
             for flag in p.opts + p.secondary_opts:
                 known[flag] = ("", ())
-        for o in options.TABLES[cmd]:
+        for o in options.tables()[cmd]:
             for flag in o[0]:
                 known[flag] = (o[6], o[5])
         return known
