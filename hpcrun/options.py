@@ -166,9 +166,9 @@ OPTIONS = [
     _o("-o --overlay", "overlay", "multi", "IMAGE", "Refused: no overlay images.", "OVERLAY OVERLAYIMAGE",
        "refused:overlay images are not supported (use --writable-tmpfs, or a sandbox with --writable)"),
     _o("-W --workdir", "workdir", "value", "DIR", "Refused: not supported yet.", "WORKDIR",
-       "refused:not supported yet (bind directories of yours instead: -B DIR/tmp:/tmp)"),
-    _o("-S --scratch", "scratch", "multi", "DIR", "Refused: not supported yet.", "SCRATCH SCRATCHDIR",
-       "refused:not supported yet (bind a directory of yours there with -B)"),
+       "refused:not supported yet (-S DIR makes a directory in memory; -B DIR/tmp:/tmp binds one of yours)"),
+    _o("-S --scratch", "scratch", "multi", "DIR", "An empty directory in memory at DIR (repeatable, comma "
+       "lists; gone at exit).", "SCRATCH SCRATCHDIR"),
     _o("--fusemount", "fusemount", "multi", "SPEC", "Refused: not supported.", "FUSESPEC",
        "refused:FUSE mounts other than the image's are not supported"),
     _o("--containlibs", "containlibs", "multi", "LIST", "Refused: not supported.", "CONTAINLIBS",

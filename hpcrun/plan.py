@@ -201,6 +201,12 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
     for src, dst, ro in (options.parse_mounts(opts["mount"], host.cwd) if opts.get("mount") else ()):
         mounts.append(Mount("user", "bind", src, dst, readonly=ro))
 
+    for d in (d.strip() for item in opts.get("scratch", ()) for d in item.split(",")):   # -S/--scratch
+        if d and not d.startswith("/"):
+            raise UsageError(f"--scratch {d!r}: relative", "give an absolute path inside the container")
+        if d:
+            mounts.append(Mount("scratchdir", "tmpfs", None, os.path.normpath(d)))
+
     for m in mounts:
         check_destination(m)
 

@@ -213,3 +213,11 @@ def test_pull_name_dir_and_cachedir(registry, bdir):  # noqa: F811
     assert os.listdir(os.path.join(cache, "hpcrun", "blobs", "sha256"))   # the cache is where it was put
     r = app("apptainer", "exec", str(bdir / "named.sif"), "true")
     assert r.returncode == 0, r.stderr
+
+
+def test_scratch_is_an_empty_directory_in_memory(images):
+    r = app("apptainer", "exec", "-S", "/scratch1,/opt/s2", "--scratch", "/data/s3", images["sif"], "sh", "-c",
+            "for d in /scratch1 /opt/s2 /data/s3; do ls -A $d; touch $d/f && echo ok; done")
+    assert r.returncode == 0 and r.stdout.split() == ["ok", "ok", "ok"], r.stderr
+    r = app("apptainer", "exec", images["sif"], "ls", "/scratch1", env={"APPTAINER_SCRATCH": "/scratch1"})
+    assert r.returncode == 0, r.stderr
