@@ -575,3 +575,23 @@ def _make_tables():
         _o("--list-apps", "list_apps", help_="Refused: no SCIF apps.", status=_APPS),
     ]]
     return {"build": BUILD, "pull": PULL, "inspect": INSPECT}
+
+
+def markdown():
+    """The tables as Markdown (`python -m hpcrun.options`): the documentation of every
+    Apptainer name, from the same data as --help."""
+    rows = ["| command | option | status | environment |", "|---|---|---|---|"]
+    groups = [("global", GLOBAL), ("exec/run/shell/instance start", OPTIONS)] + sorted(tables().items())
+    for cmd, table in groups:
+        for o in table:
+            kind, _, why = o[6].partition(":")
+            status = {"": "implemented", "noop": "no-op", "refused": "refused"}[kind] + (f": {why}" if why else "")
+            env = ", ".join(f"`APPTAINER_{k}`" for k in o[5])
+            where = cmd if cmd != "exec/run/shell/instance start" or o[7] == _ALL else "/".join(o[7])
+            rows.append(f"| {where} | {', '.join(f'`{f}`' for f in o[0])} | {status} | {env} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+    sys.stdout.write(markdown())

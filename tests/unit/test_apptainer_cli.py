@@ -192,3 +192,11 @@ def test_version_line(monkeypatch, prog, want):
 def test_error_line_names_the_command(monkeypatch):
     monkeypatch.setattr(errors, "PROG", "singularity")
     assert UsageError("x", "y").line() == "singularity: error: x (y)"
+
+
+def test_docs_come_from_the_table():
+    doc = options.markdown()
+    for r in apptainer_flags():
+        if r[0] in ("global", "exec", "build", "pull"):
+            assert f"`{r[1]}`" in doc, r
+    assert "| refused: needs root privileges, which hpcrun never has | `APPTAINER_KEEP_PRIVS` |" in doc
