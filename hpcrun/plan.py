@@ -249,7 +249,6 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
         env=env, forced=forced, unsquash=unsquash,
         tmpfs_size=cfg["tmpfs_size"], new_proc=pid and "proc" not in skip,
         share=share, share_idle=cfg["share_idle_timeout"],
-        no_eval=bool(opts.get("no_eval")),   # --no-eval/--compat: for the environment set-up
     )
 
 
