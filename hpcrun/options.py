@@ -38,6 +38,7 @@ _CREDS = ("refused:give registry credentials as APPTAINER_DOCKER_USERNAME/APPTAI
 # credentials itself (APPTAINER_DOCKER_USERNAME/PASSWORD), and a refused option must not
 # stop every start because a site exports APPTAINER_DOCKER_HOST or _LOGIN.
 ENV_ELSEWHERE = ("DOCKER_USERNAME", "DOCKER_PASSWORD", "DOCKER_LOGIN", "DOCKER_HOST")
+_NOCACHE = "noop:hpcrun's content-addressed cache is always used (each entry is checked by digest)"
 _NOHTTPS = "noop:hpcrun speaks plain HTTP to registries on loopback addresses only"
 _CRYPT = "refused:encrypted images are not supported"
 _APPS = "refused:SCIF apps are not supported"
@@ -107,8 +108,8 @@ OPTIONS = [
     _o("--no-privs", "no_privs", help_="No-op: you run as yourself, without privileges.",
        env="NO_PRIVS", status="noop:you run as yourself without privileges (root of --fakeroot is "
        "root of your own user namespace only)"),
-    _o("--disable-cache", "disable_cache", help_="No-op: local images use no cache.",
-       env="DISABLE_CACHE", status="noop:running a local image uses no cache"),
+    _o("--disable-cache", "disable_cache", help_="No-op: the cache is always used.",
+       env="DISABLE_CACHE", status=_NOCACHE),
     _o("--no-https --nohttps", "no_https", help_="No-op: registries on loopback addresses are "
        "spoken to over HTTP already.", env="NOHTTPS NO_HTTPS",
        status=_NOHTTPS),
@@ -465,7 +466,6 @@ def tables():
 
 
 def _make_tables():
-    _NOCACHE = "noop:the layer cache is always used (each blob is hashed again when used)"
     _ARCH = "refused:hpcrun pulls the host's architecture only"
     _LIBRARY = "refused:library:// (Sylabs Cloud) is not supported; use docker:// or oras://"
     _KEEP = "noop:hpcrun always removes its temporary files"
