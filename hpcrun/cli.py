@@ -7,21 +7,42 @@ from hpcrun import errors
 from hpcrun.errors import HpcrunError
 
 CONTAINER_COMMANDS = ("exec", "run", "shell")
-GLOBAL_FLAGS = {"-q": "quiet", "--quiet": "quiet", "-v": "verbose", "--verbose": "verbose",
-                "--debug": "debug"}
+NAMES = ("apptainer", "singularity")   # installed as the same program (hpcrun/scripts/)
+
+
+def version_line():
+    """What `--version` prints. As `apptainer`/`singularity`, Apptainer's own line (the
+    clients parse it: Snakemake takes the last word with packaging, cwltool matches
+    `(.+) version ([0-9.]+)` and wants flavour apptainer), hpcrun's version as a local
+    version label that both accept."""
+    from hpcrun import __version__
+    from hpcrun.options import APPTAINER_VERSION
+    if errors.PROG == "hpcrun":
+        return f"hpcrun version {__version__}"
+    return f"apptainer version {APPTAINER_VERSION}+hpcrun.{__version__}"
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    gflags = {"quiet": False, "verbose": False, "debug": False}
-    i = 0
-    while i < len(argv) and argv[i] in GLOBAL_FLAGS:
-        gflags[GLOBAL_FLAGS[argv[i]]] = True
-        i += 1
+    if argv is None:
+        argv = sys.argv[1:]
+        name = sys.argv[0].rpartition("/")[2]
+        if name in NAMES:
+            errors.PROG = name
+    argv = list(argv)
+    from hpcrun.options import NeedClick, fast_parse, global_options
+    try:
+        gflags, i = global_options(argv)
+    except NeedClick:
+        return click_main(argv)
+    except HpcrunError as e:   # a refused global option (-c): the one line, from report
+        err = e
+        return report(lambda: _raise(err), False)
+    if gflags.pop("version"):
+        sys.stdout.write(version_line() + "\n")
+        return 0
     if i < len(argv) and argv[i] in CONTAINER_COMMANDS:
-        from hpcrun.options import NeedClick, fast_parse
         try:
-            opts, image, args = fast_parse(argv[i + 1:])
+            opts, image, args = fast_parse(argv[i + 1:], argv[i])
         except NeedClick:
             return click_main(argv)
         for k, v in gflags.items():
@@ -31,12 +52,16 @@ def main(argv=None):
     return click_main(argv)
 
 
+def _raise(e):
+    raise e
+
+
 def click_main(argv):
     def run():
         from hpcrun.clickapp import app
-        rv = app.main(args=argv, prog_name="hpcrun", standalone_mode=False)
+        rv = app.main(args=argv, prog_name=errors.PROG, standalone_mode=False)
         return rv if isinstance(rv, int) else 0
-    return report(run, "--debug" in argv)
+    return report(run, "--debug" in argv or "-d" in argv)
 
 
 def report(fn, debug):
@@ -60,7 +85,7 @@ def report(fn, debug):
             e.show()
             return e.exit_code
         _traceback(debug)   # a bug: one line, the traceback only on request
-        sys.stderr.write(f"hpcrun: internal error: {type(e).__name__}: {e} (run with --debug for details)\n")
+        sys.stderr.write(f"{errors.PROG}: internal error: {type(e).__name__}: {e} (run with --debug for details)\n")
         return errors.INTERNAL
 
 

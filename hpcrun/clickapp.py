@@ -1,24 +1,50 @@
 """The click application: --help, usage errors and the commands without a fast path."""
 import click
 
-from hpcrun import __version__
-from hpcrun.options import OPTIONS, defaults
+from hpcrun import errors
+from hpcrun.options import GLOBAL, defaults, tables, for_command, settle_table, stderr_note
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 
-@click.group(context_settings=CONTEXT)
-@click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
-@click.option("-v", "--verbose", is_flag=True, help="Print what hpcrun does.")
-@click.option("--debug", is_flag=True, help="Print timings and tracebacks.")
-def app(quiet, verbose, debug):
+def _params(table):
+    """click options from an options.py table (help says no-op/refused where so)."""
+    params = []
+    for flags, dest, kind, metavar, help_, _env, _status, _cmds in table:
+        decls = list(flags) + [dest]
+        if kind == "flag":
+            params.append(click.Option(decls, is_flag=True, help=help_))
+        else:
+            params.append(click.Option(decls, multiple=kind == "multi", metavar=metavar, help=help_))
+    return params
+
+
+def _app(**g):
     """hpcrun: run SIF, squashfs and sandbox images without privilege, as yourself.
+    Also installed as `apptainer` and `singularity`, taking their options.
 
     \b
     Exit codes: the command's own status (128+N when killed by signal N);
     2 usage error, 251 configuration, 252 image, 253 bind, 254 namespaces/mounts,
     255 internal error, 126/127 command not executable/not found in the image.
     """
+    import os
+    settle_table(GLOBAL, "exec", g, os.environ, stderr_note(g))
+    if g["version"]:
+        from hpcrun.cli import version_line
+        click.echo(version_line())
+        raise SystemExit(0)
+    click.get_current_context().obj = {"quiet": g["quiet"] or g["silent"], "verbose": g["verbose"],
+                                       "debug": g["debug"]}
+
+
+app = click.Group("hpcrun", callback=_app, params=_params(GLOBAL), context_settings=CONTEXT,
+                  help=_app.__doc__, invoke_without_command=True, no_args_is_help=True)
+
+
+def _global(name):
+    ctx = click.get_current_context()
+    return bool((ctx.find_root().obj or {}).get(name))
 
 
 def container_command(name, summary, needs_args):
@@ -26,15 +52,11 @@ def container_command(name, summary, needs_args):
         from hpcrun.start import Request, run_container
         opts = defaults()
         opts.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()})
+        for k in ("quiet", "verbose", "debug"):
+            opts[k] = opts[k] or _global(k)
         return run_container(Request(name, opts, image, args))
 
-    params = []
-    for short, long, dest, kind, metavar, help_ in OPTIONS:
-        decls = [f for f in (short, long) if f] + [dest]
-        if kind == "flag":
-            params.append(click.Option(decls, is_flag=True, help=help_))
-        else:
-            params.append(click.Option(decls, multiple=kind == "multi", metavar=metavar, help=help_))
+    params = _params(for_command(name))
     params.append(click.Argument(["image"]))
     params.append(click.Argument(["args"], nargs=-1, required=needs_args, type=click.UNPROCESSED,
                                  metavar="COMMAND [ARGS]..." if needs_args else "[ARGS]..."))
@@ -49,12 +71,42 @@ container_command("run", "Run IMAGE's runscript (/.singularity.d/runscript) with
 container_command("shell", "Start an interactive shell (/bin/bash, else /bin/sh) in IMAGE.", False)
 
 
+def apptainer_flags(cmd):
+    """Give a click command the Apptainer names of `cmd` it does not declare itself
+    (options.tables(): the no-op and refused ones, a few implemented ones its callback
+    takes), and read APPTAINER_<KEY>/SINGULARITY_<KEY> for all of them."""
+    table = tables()[cmd]
+
+    def deco(command):
+        own = {p.name for p in command.params}
+        command.params[:0] = _params([o for o in table if o[1] not in own])
+        if "debug" not in own:   # read by cli.click_main (tracebacks), as errors advise
+            command.params.append(click.Option(["--debug", "debug"], is_flag=True,
+                                               help="Print tracebacks of internal errors."))
+        drop = [o[1] for o in table if o[6] and o[1] not in own]   # no-op or refused: settled here
+        inner = command.callback
+
+        def callback(**kw):
+            import os
+            kw = {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}
+            settle_table(table, cmd, kw, os.environ, stderr_note(kw))
+            for dest in drop + ["debug"]:
+                kw.pop(dest, None)
+            return inner(**kw)
+        command.callback = callback
+        return command
+    return deco
+
+
 @app.command()
 def version():
-    """Print hpcrun's version."""
-    click.echo(__version__)
+    """Print the version (as `apptainer`/`singularity`: the Apptainer release it stands for)."""
+    from hpcrun import __version__
+    from hpcrun.options import APPTAINER_VERSION
+    click.echo(__version__ if errors.PROG == "hpcrun" else f"{APPTAINER_VERSION}+hpcrun.{__version__}")
 
 
+@apptainer_flags("build")
 @app.command()
 @click.option("--force", "-F", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
@@ -74,37 +126,65 @@ def version():
 @click.option("--dry-run", is_flag=True, help="Print the build plan as JSON and build nothing.")
 @click.argument("out")
 @click.argument("source", type=click.Path())
-def build(out, source, force, quiet, build_args, notest, compress, reproducible, sandbox, fakeroot, dry_run):
+def build(out, source, force, quiet, build_args, notest, compress, reproducible, sandbox, fakeroot, dry_run,
+          build_arg_file, authfile):
     """Build OUT (.sif, else squashfs; a directory with --sandbox) from SOURCE: a directory,
     a rootfs tarball, docker-archive:FILE, oci:DIR[:tag], oci-archive:FILE[:tag],
     docker://REF, oras://REF (registry credentials as for `hpcrun pull`) or a definition
     file (Bootstrap: localimage, docker, oras, docker-archive, oci, oci-archive,
     debootstrap, scratch)."""
     from hpcrun.build import build as run_build
+    build_args = _arg_files(build_arg_file) + list(build_args)
+    _authfile(authfile)
     return run_build(out, source, force, quiet, build_args, notest, compress, reproducible, sandbox, fakeroot,
                      dry_run)
 
 
+def _arg_files(paths):
+    """--build-arg-file: NAME=VALUE lines (blank and # lines skipped), before --build-arg's."""
+    from hpcrun.errors import UsageError
+    out = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--build-arg-file {path}: {getattr(e, 'strerror', None) or e}",
+                             "give a readable file of NAME=VALUE lines") from None
+        out += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    return out
+
+
+def _authfile(path):
+    """--authfile FILE: the registry code reads $REGISTRY_AUTH_FILE."""
+    if path:
+        import os
+        os.environ["REGISTRY_AUTH_FILE"] = os.path.abspath(path)
+
+
+INSPECT_KEYS = ["labels", "environment", "runscript", "deffile", "helpfile", "startscript", "test"]
+
+
+@apptainer_flags("inspect")
 @app.command()
-@click.option("-l", "--labels", "which", flag_value="labels", help="Labels (the default).")
-@click.option("-e", "--environment", "which", flag_value="environment", help="Environment scripts.")
-@click.option("-r", "--runscript", "which", flag_value="runscript", help="The runscript.")
-@click.option("-d", "--deffile", "which", flag_value="deffile", help="The definition file.")
-@click.option("-H", "--helpfile", "which", flag_value="helpfile", help="The help text.")
-@click.option("-s", "--startscript", "which", flag_value="startscript", help="The startscript.")
-@click.option("-t", "--test", "which", flag_value="test", help="The test script.")
-@click.option("--all", "which", flag_value="all", help="Everything.")
-@click.option("--json", "as_json", is_flag=True, help="Apptainer-style JSON.")
+@click.option("-l", "--labels", is_flag=True, help="Labels (the default).")
+@click.option("-e", "--environment", is_flag=True, help="Environment scripts.")
+@click.option("-r", "--runscript", is_flag=True, help="The runscript.")
+@click.option("-d", "--deffile", is_flag=True, help="The definition file.")
+@click.option("-H", "--helpfile", is_flag=True, help="The help text.")
+@click.option("-s", "--startscript", is_flag=True, help="The startscript.")
+@click.option("-t", "--test", is_flag=True, help="The test script.")
+@click.option("--all", "all_", is_flag=True, help="Everything.")
 @click.argument("image")
-def inspect(image, which, as_json):
-    """Show IMAGE's metadata without mounting or running it."""
+def inspect(image, all_, as_json, **which):
+    """Show IMAGE's metadata without mounting or running it (the union of the selectors
+    given; labels when none)."""
     from hpcrun.images import inspect as insp
     if "://" in image:   # docker://, oras://: the cached SIF (env9, refcache)
         from hpcrun.images import refcache
         image = refcache.resolve(image, quiet=True)
     meta = insp.metadata(image)
-    keys = ["labels", "environment", "runscript", "deffile", "helpfile", "startscript", "test"]
-    which = keys if which == "all" else [which or "labels"]
+    which = INSPECT_KEYS if all_ else [k for k in INSPECT_KEYS if which[k]] or ["labels"]
     if as_json:
         import json
         click.echo(json.dumps({"data": {"attributes": {k: meta[k] for k in which}}, "type": "container"},
@@ -140,28 +220,32 @@ _sif_command("header", "Print the global header of a SIF file (as `siftool heade
              "header_dict")
 
 
+@apptainer_flags("pull")
 @app.command()
-@click.option("--force", "-F", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @click.argument("args", nargs=-1, required=True, metavar="[OUT] REF")
-def pull(args, force, quiet):
-    """Pull REF (docker://HOST/REPO:TAG) into OUT (default: REPO_TAG.sif).
+def pull(args, force, quiet, name, dir, reproducible, authfile):
+    """Pull REF (docker://HOST/REPO:TAG) into OUT (--name, else REPO_TAG.sif; in --dir).
 
     Private registries: credentials come from HPCRUN_DOCKER_USERNAME and
     HPCRUN_DOCKER_PASSWORD (or APPTAINER_/SINGULARITY_DOCKER_*), else from
-    $REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers/auth.json or ~/.docker/config.json
-    (see `hpcrun registry login`)."""
+    $REGISTRY_AUTH_FILE (--authfile), $XDG_RUNTIME_DIR/containers/auth.json or
+    ~/.docker/config.json (see `hpcrun registry login`)."""
+    import os
     from hpcrun.build import build as run_build
     from hpcrun.builders.registry import parse_ref
-    if len(args) > 2:
-        raise click.UsageError("give at most OUT and REF")
+    if len(args) > 2 or len(args) == 2 and name:
+        raise click.UsageError("give at most OUT and REF" if not name else "give OUT or --name, not both")
     ref = args[-1]
-    if len(args) == 2:
-        out = args[0]
+    if len(args) == 2 or name:
+        out = name or args[0]
     else:
         _host, repo, reference = parse_ref(ref)
         out = f"{repo.rsplit('/', 1)[-1]}_{reference.replace('sha256:', '')[:12]}.sif"
-    return run_build(out, ref, force, quiet)
+    if dir:
+        out = os.path.join(dir, out)
+    _authfile(authfile)
+    return run_build(out, ref, force, quiet, reproducible=reproducible)
 
 
 @app.group()

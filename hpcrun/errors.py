@@ -13,6 +13,10 @@ INTERNAL = 255   # a bug in hpcrun (run with --debug for the traceback)
 NOT_EXECUTABLE = 126   # command found in the image but cannot be executed
 NOT_FOUND = 127        # command not found in the image
 
+# The name the command was invoked as (hpcrun, apptainer, singularity): set by cli.main,
+# used in every message line.
+PROG = "hpcrun"
+
 
 class HpcrunError(Exception):
     code = INTERNAL
@@ -25,7 +29,7 @@ class HpcrunError(Exception):
             self.code = code
 
     def line(self):
-        return f"hpcrun: error: {self.message}" + (f" ({self.hint})" if self.hint else "")
+        return f"{PROG}: error: {self.message}" + (f" ({self.hint})" if self.hint else "")
 
 
 class UsageError(HpcrunError):

@@ -6,7 +6,7 @@ Pure code: no system calls, so every decision here is unit-tested and printable 
 import os
 
 from hpcrun import binds as bindspec
-from hpcrun import envvars
+from hpcrun import envvars, options
 from hpcrun.errors import BindError, UsageError
 
 # Apptainer's default mounts as data: (name, host path, needs nodev). The home,
@@ -213,11 +213,19 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
             if path not in skip and host.existing(path) and not covered(path):
                 mounts.append(Mount("scratch", "bind", path, path, optional=True))
 
-    binds = opts["bind"] + [v for k in ("HPCRUN_BIND", "APPTAINER_BIND") if host.env.get(k)
-                            for v in [host.env[k]]]
+    # APPTAINER_BIND/BINDPATH (and SINGULARITY_) are in opts["bind"] already (options.apply_env)
+    binds = opts["bind"] + ([host.env["HPCRUN_BIND"]] if host.env.get("HPCRUN_BIND") else [])
     user_binds = bindspec.parse(binds, host.cwd)
     for b in user_binds:
         mounts.append(Mount("user", "bind", b.src, b.dst, readonly=b.readonly))
+    for src, dst, ro in (options.parse_mounts(opts["mount"], host.cwd) if opts.get("mount") else ()):
+        mounts.append(Mount("user", "bind", src, dst, readonly=ro))
+
+    for d in (d.strip() for item in opts.get("scratch", ()) for d in item.split(",")):   # -S/--scratch
+        if d and not d.startswith("/"):
+            raise UsageError(f"--scratch {d!r}: relative", "give an absolute path inside the container")
+        if d:
+            mounts.append(Mount("scratchdir", "tmpfs", None, os.path.normpath(d)))
 
     for m in mounts:
         check_destination(m)
@@ -228,8 +236,10 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
         extra["PS1"] = "hpcrun> "
     if fakeroot:
         extra.update(USER="root", LOGNAME="root")
+    no_env = {n.strip() for item in opts.get("no_env", ()) for n in item.split(",")}   # --no-env
+    host_env = {k: v for k, v in host.env.items() if k not in no_env} if no_env else host.env
     env, forced = envvars.build(
-        host.env, cleanenv=opts["cleanenv"] or opts["containall"], keep=set(cfg["cleanenv_keep"]),
+        host_env, cleanenv=opts["cleanenv"] or opts["containall"], keep=set(cfg["cleanenv_keep"]),
         env_files=list(env_files), env_opts=envvars.parse_env_opts(opts["env"]), home=home,
         default_path=cfg["default_path"], extra=extra)
 
@@ -241,7 +251,7 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
 
     lines = (None, None) if fakeroot else identity_lines(user, uid, gid, group, host.gecos, home,
                                                           host.shell)
-    pid = opts["pid"] or opts["containall"]
+    pid = (opts["pid"] or opts["containall"]) and not opts.get("no_pid")
     unsquash = opts["unsquash"] or cfg["fuse"] == "never"
     if opts["no_sharens"] or unsquash:   # an extracted tree lives with its own process
         share = False

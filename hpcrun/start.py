@@ -44,12 +44,20 @@ def run_container(req):
     from hpcrun.images.detect import open_image
     from hpcrun.plan import build_plan
 
+    from hpcrun.options import settle, stderr_note
     action, opts, image_path, args = req.action, req.opts, req.image, req.args
+    settle(action, opts, os.environ, stderr_note(opts))   # APPTAINER_* keys, refusals
+    if action == "shell" and opts["shell"]:   # -s/--shell PATH: that program, as Apptainer
+        action, args = "exec", [opts["shell"]] + args
+    if opts["no_umask"]:   # inherited by the command (Apptainer's default: the caller's)
+        os.umask(0o022)
     timer = Timer(opts["debug"])
     if action == "exec" and not args:
         raise errors.UsageError("exec needs a command after the image", "e.g. hpcrun exec IMAGE ls -l")
     cfg = config.load()
     host = hostmod.gather()
+    if opts["authfile"]:   # --authfile: for docker:// images (the registry code reads this)
+        os.environ["REGISTRY_AUTH_FILE"] = os.path.abspath(opts["authfile"])
     env_files = []
     for path in opts["env_file"]:
         try:
@@ -127,6 +135,8 @@ def _start(plan, image, cfg, opts, timer):
             return share.run(plan, image, daemon, timer, opts["verbose"], opts["quiet"])
         return launcher.launch(plan, image, timer, opts["verbose"], daemon)
     from hpcrun.runtime import unsquash   # subprocess, shutil, tempfile: slow imports
+    if opts["tmpdir"]:   # --tmpdir/APPTAINER_TMPDIR: where to extract (the plan's env is made)
+        os.environ["TMPDIR"] = opts["tmpdir"]
     remover = unsquash.start_remover()   # it makes the tree: nothing is left unowned
     try:
         root = unsquash.extract(image, remover.top, reason, quiet=opts["quiet"])

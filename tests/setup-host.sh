@@ -32,6 +32,8 @@ else
     editable=("$here[test]")
 fi
 "$VENV/bin/pip" install -q --disable-pip-version-check "${editable[@]}" 2>&1 | grep -v '^WARNING: Location' || true
+# the workflow clients whose use of apptainer/singularity the tests check (test_apptainer_cli.py)
+"$VENV/bin/pip" install -q snakemake cwltool spython reframe-hpc 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -m compileall -q "$VENV/lib" >/dev/null || true
 
 uid=$(id -u "$TEST_USER")

@@ -55,6 +55,10 @@ OPENER = urllib.request.build_opener(SameOriginAuth)
 
 
 def cache_dir(env=os.environ):
+    # APPTAINER_CACHEDIR (or SINGULARITY_): where Apptainer users put the cache (home quotas are small)
+    own = env.get("APPTAINER_CACHEDIR") or env.get("SINGULARITY_CACHEDIR")
+    if own:
+        return os.path.join(own, "hpcrun")
     base = env.get("XDG_CACHE_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".cache")
     return os.path.join(base, "hpcrun")
 

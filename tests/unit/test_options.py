@@ -11,7 +11,7 @@ def test_defaults_shape():
     assert d["contain"] is False and d["fakeroot"] is False
     assert d["home"] is None and d["pwd"] is None and d["hostname"] is None
     # every option has a default, and lists are fresh objects each time
-    assert set(d) == {o[2] for o in options.OPTIONS}
+    assert set(d) == {o[1] for o in options.OPTIONS}
     d["bind"].append("x")
     assert defaults()["bind"] == []
 
@@ -139,9 +139,10 @@ def test_missing_image_needs_click(argv):
 
 
 def test_by_flag_table_consistent():
-    for short, long, dest, kind, _metavar, _help in options.OPTIONS:
+    for flags, dest, kind, _metavar, _help, _env, status, cmds in options.OPTIONS:
         assert kind in ("flag", "value", "multi")
-        assert long.startswith("--")
-        assert options.BY_FLAG[long][2] == dest
-        if short:
-            assert len(short) == 2 and options.BY_FLAG[short][2] == dest
+        assert flags[-1].startswith("--") and status.partition(":")[0] in ("", "noop", "refused")
+        for cmd in options.ACTIONS:
+            for flag in flags:
+                assert (options.BY_CMD[cmd][flag][1] == dest) if cmd in cmds else flag not in options.BY_CMD[cmd]
+                assert flag.startswith("--") or len(flag) == 2

@@ -261,10 +261,12 @@ def test_fakeroot_without_subids(cfg, subuid, subgid):
 
 def test_user_binds_from_options_and_env(cfg):
     h = host(env={"HPCRUN_BIND": "/e1:/mnt/e1:ro", "APPTAINER_BIND": "/e2,rel:/r"})
-    p = plan(cfg, h, bind=["/o1", "/o2:/mnt/o2:ro"])
+    binds = ["/o1", "/o2:/mnt/o2:ro"]   # APPTAINER_BIND is appended by options.apply_env
+    options.apply_env(options.OPTIONS, "exec", {"bind": binds}, h.env, None)
+    p = plan(cfg, h, bind=binds)
     user = [(m.src, m.dst, m.readonly) for m in p.mounts if m.name == "user"]
-    assert user == [("/o1", "/o1", False), ("/o2", "/mnt/o2", True), ("/e1", "/mnt/e1", True),
-                    ("/e2", "/e2", False), ("/data/proj/rel", "/r", False)]
+    assert user == [("/o1", "/o1", False), ("/o2", "/mnt/o2", True), ("/e2", "/e2", False),
+                    ("/data/proj/rel", "/r", False), ("/e1", "/mnt/e1", True)]
     assert all(m.kind == "bind" and not m.optional for m in p.mounts if m.name == "user")
     # the bind variables themselves are not passed into the container; Apptainer's
     # APPTAINER_BIND there lists the destinations (for nested containers)
