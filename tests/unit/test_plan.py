@@ -271,7 +271,7 @@ def test_user_binds_from_options_and_env(cfg):
     # the bind variables themselves are not passed into the container; Apptainer's
     # APPTAINER_BIND there lists the destinations (for nested containers)
     assert "HPCRUN_BIND" not in p.env
-    assert p.env["APPTAINER_BIND"] == p.env["SINGULARITY_BIND"] == "/o1,/mnt/o2,/mnt/e1,/e2,/r"
+    assert p.env["APPTAINER_BIND"] == p.env["SINGULARITY_BIND"] == "/o1,/mnt/o2,/e2,/r,/mnt/e1"   # bind order
 
 
 def test_bad_user_bind(cfg):
