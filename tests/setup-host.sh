@@ -32,8 +32,10 @@ else
     editable=("$here[test]")
 fi
 "$VENV/bin/pip" install -q --disable-pip-version-check "${editable[@]}" 2>&1 | grep -v '^WARNING: Location' || true
-# the workflow clients whose use of apptainer/singularity the tests check (test_apptainer_cli.py)
-"$VENV/bin/pip" install -q snakemake cwltool spython reframe-hpc 2>&1 | grep -v "^WARNING: Location" || true
+# The workflow tools that call `apptainer` (tests/integration/test_workflows.py and
+# test_apptainer_cli.py), from PyPI (about a minute on a fresh venv; seconds once there).
+"$VENV/bin/pip" install -q --disable-pip-version-check "snakemake>=9,<10" "cwltool>=3.1,<4" "spython>=0.3,<0.4" \
+    "reframe-hpc>=4,<5" 2>&1 | grep -v '^WARNING: Location\|DEPRECATION' || true
 "$VENV/bin/python" -m compileall -q "$VENV/lib" >/dev/null || true
 
 uid=$(id -u "$TEST_USER")
