@@ -45,6 +45,9 @@ def run_container(req):
     from hpcrun.plan import build_plan
 
     action, opts, image_path, args = req.action, req.opts, req.image, req.args
+    if image_path.startswith("instance://"):   # join a running instance: its image, its options
+        from hpcrun.runtime import instances
+        opts, image_path = instances.for_join(image_path[len("instance://"):], opts)
     timer = Timer(opts["debug"])
     if action == "exec" and not args:
         raise errors.UsageError("exec needs a command after the image", "e.g. hpcrun exec IMAGE ls -l")
@@ -118,6 +121,9 @@ def _start(plan, image, cfg, opts, timer):
                 reason = f"no squashfuse binary ({', '.join(cfg['squashfuse'])})"
     if devfd is not None:
         os.close(devfd)
+    if opts.get("instance"):   # start or join a named instance (runtime/instances.py)
+        from hpcrun.runtime import instances
+        return instances.launch(plan, image, daemon, reason, opts, timer)
     if reason is None:
         if plan.share:
             from hpcrun.runtime import share
