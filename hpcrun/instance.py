@@ -53,7 +53,7 @@ def _own_user(user):
 
 @instance.command("list")
 @click.option("-j", "--json", "as_json", is_flag=True, help="Print JSON, as Apptainer does.")
-@click.option("-l", "--logs", is_flag=True, help="Show the log files (hpcrun keeps none: empty).")
+@click.option("-l", "--logs", is_flag=True, help="Show where each instance's output goes.")
 @click.option("-a", "--all", "all_", is_flag=True, help="Accepted: there are no --sharens instances to add.")
 @click.option("-u", "--user", metavar="USER", help="Only your own user (Apptainer: root may list others').")
 @click.argument("name", required=False, default="*")
@@ -67,11 +67,13 @@ def list_(name, as_json, logs, all_, user):
     if as_json:
         import json
         rows = [{"instance": s["name"], "pid": s["pid"], "img": s["image"], "ip": "",
-                 "logErrPath": "", "logOutPath": ""} for s in found]
+                 "logErrPath": s.get("logErrPath", ""), "logOutPath": s.get("logOutPath", "")} for s in found]
         click.echo(json.dumps({"instances": rows}, indent="\t"))
         return 0
-    if logs:
-        rows = [["INSTANCE NAME", "PID", "LOGS"]] + [[s["name"], str(s["pid"]), ""] for s in found]
+    if logs:   # Apptainer's layout: the .err path on the instance's line, the .out one below
+        rows = [["INSTANCE NAME", "PID", "LOGS"]]
+        for s in found:
+            rows += [[s["name"], str(s["pid"]), s.get("logErrPath", "")], ["", "", s.get("logOutPath", "")]]
     else:
         rows = [["INSTANCE NAME", "PID", "IP", "IMAGE"]] + [[s["name"], str(s["pid"]), "", s["image"]]
                                                            for s in found]

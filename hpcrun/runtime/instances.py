@@ -38,6 +38,41 @@ class Instance:
         self.name, self.script, self.args, self.opts, self.image = name, script, list(args), opts, image
         self.cid = PREFIX + name
         self.key = f"hpcrun instance {name}".encode()
+        self.logs, self.log_paths = (), ("", "")
+
+    def open_logs(self, env, quiet):
+        """Open NAME.out and NAME.err (appended to) in $XDG_STATE_HOME/hpcrun/instances/HOST,
+        as Apptainer keeps ~/.apptainer/instances/logs/HOST/USER/NAME.*; without them
+        (a read-only home) the output is lost, with a warning."""
+        base = env.get("XDG_STATE_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"),
+                                                          ".local", "state")
+        d = os.path.join(base, "hpcrun", "instances", os.uname().nodename)
+        paths = (os.path.join(d, self.name + ".out"), os.path.join(d, self.name + ".err"))
+        fds = []
+        try:
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            for p in paths:
+                fds.append(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        except OSError as e:
+            for fd in fds:
+                os.close(fd)
+            if not quiet:
+                sys.stderr.write(f"hpcrun: warning: instance {self.name}: no log files in {d} ({e.strerror}): "
+                                 "its output is lost\n")
+            return
+        self.logs, self.log_paths = tuple(fds), paths
+
+    def close_logs(self):
+        for fd in self.logs:
+            os.close(fd)
+        self.logs = ()
+
+    def redirect(self):
+        """In the keeper: stdout and stderr (the init's, the startscript's) to the logs."""
+        if self.logs:
+            os.dup2(self.logs[0], 1)
+            os.dup2(self.logs[1], 2)
+            self.close_logs()
 
     def files(self):
         return (self.cid + ".json",)
@@ -63,7 +98,8 @@ class Instance:
         import json
         import time
         state = {"name": self.name, "image": self.image, "pid": init, "keeper": keeper, "daemon": daemon,
-                 "started": time.time(), "script": self.script, "opts": self.opts}
+                 "started": time.time(), "script": self.script, "opts": self.opts,
+                 "logOutPath": self.log_paths[0], "logErrPath": self.log_paths[1]}
         tmp = f".{self.cid}.json.tmp"
         try:
             os.unlink(tmp, dir_fd=dirfd)
@@ -187,7 +223,11 @@ def launch(plan, image, daemon, reason, opts, timer):
         plan.env[prefix + "INSTANCE"] = name
     saved = {k: v for k, v in opts.items() if k != "instance"}
     instance = Instance(name, inst["mode"], plan.args, saved, os.path.abspath(image.path))
-    share.start_instance(plan, image, daemon, instance, opts["verbose"])
+    instance.open_logs(os.environ, opts["quiet"])
+    try:
+        share.start_instance(plan, image, daemon, instance, opts["verbose"])
+    finally:
+        instance.close_logs()
     if inst.get("pid_file"):
         _write_pid_file(inst["pid_file"], name)
     if not opts["quiet"]:

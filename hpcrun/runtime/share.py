@@ -541,7 +541,8 @@ def _keeper(plan, image, daemon, rundir, dirfd, cid, key, report, verbose, insta
         if instance:   # the host's /proc: after build, /proc is the container's
             import json  # noqa: F401
             procfd = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        _close_fds_but({0, 1, 2, report, listener.fileno(), image.fd, procfd} | files.fds())
+        _close_fds_but({0, 1, 2, report, listener.fileno(), image.fd, procfd} | files.fds()
+                       | set(instance.logs if instance else ()))
         keep = []
         try:
             daemon_pid = launcher.build(plan, image, lambda phase: None, verbose, daemon, keep=keep)
@@ -560,6 +561,8 @@ def _keeper(plan, image, daemon, rundir, dirfd, cid, key, report, verbose, insta
                 os.dup2(null, fd)
             else:
                 os.close(fd)
+        if instance:   # its startscript's output: the instance's log files
+            instance.redirect()
         sc.set_name("hpcrun-keeper")   # for ps, pkill and epilogs
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)

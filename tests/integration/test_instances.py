@@ -18,7 +18,8 @@ def inst_image(images):
     shutil.copytree(images["sandbox"], root, symlinks=True)
     path = os.path.join(root, ".singularity.d/startscript")
     with open(path, "w") as f:
-        f.write('#!/bin/sh\nif [ "$1" = trap ]; then trap "" INT; shift; fi\nexec sleep "${1:-1000}"\n')
+        f.write('#!/bin/sh\nif [ "$1" = trap ]; then trap "" INT; shift; fi\n'
+                'echo "startscript:$*"; echo "to stderr" >&2\nexec sleep "${1:-1000}"\n')
     os.chmod(path, 0o755)
     out = os.path.join(WORK, "instance.sqfs")
     subprocess.run(["mksquashfs", root, out, "-noappend", "-quiet", "-all-root", "-no-progress"], check=True,
@@ -106,6 +107,18 @@ def test_list_json_has_apptainers_shape(inst_image, cleanup):
     assert set(entry) == {"instance", "pid", "img", "ip", "logErrPath", "logOutPath"}
     assert entry["instance"] == "j1" and entry["img"] == inst_image and isinstance(entry["pid"], int)
     assert entry["pid"] == state("j1")["pid"]
+
+
+def test_startscript_output_goes_to_the_log_files_list_names(inst_image, cleanup):
+    start(inst_image, "logs", "4321")
+    [entry] = json.loads(hpcrun("instance", "list", "--json").stdout)["instances"]
+    home = user().pw_dir
+    assert entry["logOutPath"].startswith(home + "/") and entry["logOutPath"].endswith("/logs.out")
+    assert wait_gone(lambda: "startscript:4321" not in open(entry["logOutPath"]).read(), 10)
+    assert wait_gone(lambda: "to stderr" not in open(entry["logErrPath"]).read(), 10)
+    lines = hpcrun("instance", "list", "--logs").stdout.splitlines()
+    assert lines[1].split() == ["logs", str(entry["pid"]), entry["logErrPath"]]
+    assert lines[2].split() == [entry["logOutPath"]]
 
 
 def test_joining_task_has_its_own_env_and_the_instances_mounts_and_uid(inst_image, utmp, cleanup):
