@@ -223,6 +223,16 @@ def test_instance_run_runs_the_runscript_and_stays(images, cleanup):
     assert r.stdout.strip() == "runscript:a b", r.stderr
 
 
+def test_sandbox_instance_without_startscript_holds_the_container(images, cleanup):
+    start(images["sandbox"], "sb")
+    r = hpcrun("exec", "instance://sb", "sh", "-c", "echo $IMAGE_VAR; ps -o pid,args | wc -l")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0] == "from_image"
+    r = hpcrun("instance", "stop", "sb")
+    assert r.returncode == 0, r.stderr
+    assert live_processes() == []
+
+
 def test_pid_file(inst_image, utmp, cleanup):
     d = utmp / "pids"
     d.mkdir()
