@@ -118,3 +118,12 @@ def stop(name, all_, force, sig, timeout, user):
     quiet = click.get_current_context().find_root().params.get("quiet", False)
     return run_stop("*" if all_ else name, number, timeout, quiet)
 app.add_command(instance)
+
+
+@instance.command("stats", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def stats(args):
+    """Not available: Apptainer reads these from the instance's cgroup."""
+    from hpcrun.errors import UsageError
+    raise UsageError("instance stats: hpcrun puts instances in no cgroup of their own, so it has no "
+                     "statistics for them", "use ps or top in the instance: exec instance://NAME top")

@@ -194,6 +194,12 @@ def test_missing_instance_is_one_line(images):
     assert not os.path.exists(run_dir())
 
 
+def test_missing_image_and_stats_are_one_line(images):
+    one_line_error(hpcrun("instance", "start", os.path.join(WORK, "nope.sif"), "x"), 252)
+    assert "cgroup" in one_line_error(hpcrun("instance", "stats", "x"))
+    assert not os.path.exists(run_dir())
+
+
 def test_instance_survives_the_starting_shell(inst_image, cleanup):
     # The shell's pipes close when it exits: the instance holds none of them.
     p = subprocess.Popen(as_user(["setsid", "sh", "-c", f'"{HPCRUN}" instance start "{inst_image}" bg; echo done']),
