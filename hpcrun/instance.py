@@ -13,13 +13,16 @@ def instance():
 
 
 def _container_start(name, summary):
-    """instance start|run: exec's options (container_command builds them), then IMAGE
-    NAME [ARGS]; the command is moved from the top level into this group."""
-    container_command(f"instance-{name}", summary, True)
-    cmd = app.commands.pop(f"instance-{name}")
+    """instance start|run: the options of Apptainer's `instance start` (container_command
+    builds them from the table), then IMAGE NAME [ARGS]; the command is moved from the
+    top level into this group."""
+    container_command("instance start", summary, True)
+    cmd = app.commands.pop("instance start")
     cmd.name = name
     cmd.params[-1].metavar = "NAME [ARGS]..."
-    cmd.params.insert(0, click.Option(["--pid-file"], metavar="FILE", help="Write the instance's PID to FILE."))
+    if "pid_file" not in {p.name for p in cmd.params}:
+        cmd.params.insert(0, click.Option(["--pid-file", "pid_file"], metavar="FILE",
+                                          help="Write the instance's PID to FILE."))
 
     def callback(image, args, pid_file=None, **kw):
         from hpcrun.options import defaults
@@ -27,6 +30,9 @@ def _container_start(name, summary):
         from hpcrun.start import Request, run_container
         opts = defaults()
         opts.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()})
+        root = click.get_current_context().find_root()
+        for k in ("quiet", "verbose", "debug"):   # given before the command
+            opts[k] = opts[k] or bool((root.obj or root.params).get(k))
         check_name(args[0])
         opts["pid"] = True   # an instance always has its own PID namespace, as under Apptainer
         opts["instance"] = {"mode": name, "name": args[0], "pid_file": pid_file}
@@ -115,7 +121,8 @@ def stop(name, all_, force, sig, timeout, user):
     if not name and not all_:
         raise click.UsageError("give an instance NAME or --all")
     number = 9 if force else _signal_number(sig) if sig else 2   # Apptainer's default: SIGINT
-    quiet = click.get_current_context().find_root().params.get("quiet", False)
+    root = click.get_current_context().find_root()
+    quiet = bool((root.obj or root.params).get("quiet"))
     return run_stop("*" if all_ else name, number, timeout, quiet)
 app.add_command(instance)
 

@@ -40,14 +40,14 @@ class Timer:
 
 def run_container(req):
     """Plan and start the container a Request asks for; returns the exit status."""
+    if req.image.startswith("instance://"):   # join a running instance: its image, its options
+        from hpcrun.runtime import instances
+        req = instances.for_join(req)
     from hpcrun import config, envvars, host as hostmod
     from hpcrun.images.detect import open_image
     from hpcrun.plan import build_plan
 
     action, opts, image_path, args = req.action, req.opts, req.image, req.args
-    if image_path.startswith("instance://"):   # join a running instance: its image, its options
-        from hpcrun.runtime import instances
-        opts, image_path = instances.for_join(image_path[len("instance://"):], opts)
     timer = Timer(opts["debug"])
     if action == "exec" and not args:
         raise errors.UsageError("exec needs a command after the image", "e.g. hpcrun exec IMAGE ls -l")

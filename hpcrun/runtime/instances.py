@@ -180,10 +180,12 @@ def list_instances(pattern="*"):
     return out
 
 
-def for_join(name, opts):
-    """(options, image) for `exec|run|shell instance://NAME`: the instance's own options,
-    but for those a task chooses itself (PER_TASK)."""
+def for_join(req):
+    """The Request for `exec|run|shell instance://NAME ...`: the instance's image and its
+    own options, but for those a task chooses itself (PER_TASK)."""
     from hpcrun.options import defaults
+    from hpcrun.start import Request
+    name, opts = req.image[len("instance://"):], req.opts
     if opts.get("instance"):
         raise UsageError("an instance:// image cannot start another instance", "give the image's path")
     check_name(name)
@@ -200,7 +202,7 @@ def for_join(name, opts):
     merged.update({k: v for k, v in state["opts"].items() if k in merged and k not in PER_TASK})
     merged.update({k: opts[k] for k in PER_TASK if k in opts})
     merged["instance"] = {"mode": "join", "name": name}
-    return merged, state["image"]
+    return Request(req.action, merged, state["image"], req.args)
 
 
 def launch(plan, image, daemon, reason, opts, timer):

@@ -5,6 +5,7 @@ import pytest
 from hpcrun.errors import UsageError
 from hpcrun.instance import _signal_number, _tabulate
 from hpcrun.runtime.instances import PER_TASK, check_name, for_join
+from hpcrun.start import Request
 
 
 @pytest.mark.parametrize("name", ["web", "a.b_c-1", "A" * 64, "..", "-x"])
@@ -36,7 +37,7 @@ def test_bad_signals(text):
 
 def test_join_of_an_instance_image_that_starts_one_is_refused():
     with pytest.raises(UsageError, match="cannot start another instance"):
-        for_join("x", {"instance": {"mode": "start"}})
+        for_join(Request("exec", {"instance": {"mode": "start"}}, "instance://x", ["true"]))
 
 
 def test_per_task_options_are_options():
