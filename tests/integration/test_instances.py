@@ -251,11 +251,14 @@ def test_spython_client_instance_start_list_stop(inst_image, utmp, cleanup):
     pytest.importorskip("spython")   # the acceptance test of issue 9; `pip install spython`
     bindir = utmp / "bin"
     bindir.mkdir()
-    # Stand-in for the `singularity` command that issue 9's CLI part installs: spython
-    # first runs `singularity --version`, everything else goes to hpcrun as it is.
-    (bindir / "singularity").write_text(
-        f'#!/bin/sh\n[ "$1" = --version ] && {{ echo "singularity version 3.11.0"; exit 0; }}\nexec "{HPCRUN}" "$@"\n')
-    os.chmod(bindir / "singularity", 0o755)
+    real = os.path.join(os.path.dirname(HPCRUN), "singularity")
+    if os.path.exists(real):   # installed with hpcrun (issue 9's command-line part)
+        os.symlink(real, bindir / "singularity")
+    else:   # a stand-in until then: spython first runs `singularity --version`
+        (bindir / "singularity").write_text(
+            f'#!/bin/sh\n[ "$1" = --version ] && {{ echo "singularity version 3.11.0"; exit 0; }}\n'
+            f'exec "{HPCRUN}" "$@"\n')
+        os.chmod(bindir / "singularity", 0o755)
     code = f"""
 from spython.main import Client
 inst = Client.instance({inst_image!r}, name="spy", quiet=True)
