@@ -333,3 +333,5 @@ def check():
     """Diagnose whether hpcrun can work on this node, and how to fix what cannot."""
     from hpcrun.check import run_checks
     return run_checks()
+
+import hpcrun.instance  # noqa: E402,F401  (registers the `instance` group; it imports this module)

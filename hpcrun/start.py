@@ -40,6 +40,9 @@ class Timer:
 
 def run_container(req):
     """Plan and start the container a Request asks for; returns the exit status."""
+    if req.image.startswith("instance://"):   # join a running instance: its image, its options
+        from hpcrun.runtime import instances
+        req = instances.for_join(req)
     from hpcrun import config, envvars, host as hostmod
     from hpcrun.images.detect import open_image
     from hpcrun.plan import build_plan
@@ -129,6 +132,9 @@ def _start(plan, image, cfg, opts, timer):
                 reason = f"no squashfuse binary ({', '.join(cfg['squashfuse'])})"
     if devfd is not None:
         os.close(devfd)
+    if opts.get("instance"):   # start or join a named instance (runtime/instances.py)
+        from hpcrun.runtime import instances
+        return instances.launch(plan, image, daemon, reason, opts, timer)
     if reason is None:
         if plan.share:
             from hpcrun.runtime import share

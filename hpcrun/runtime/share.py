@@ -27,12 +27,12 @@ import struct
 import sys
 import zlib
 
-from hpcrun.errors import HpcrunError, RuntimeSetupError
+from hpcrun.errors import HpcrunError, RuntimeSetupError, UsageError
 from hpcrun.plan import share_key
 from hpcrun.runtime import launcher, syscalls as sc
 
 NS_FLAGS = {"user": sc.CLONE_NEWUSER, "ipc": sc.CLONE_NEWIPC, "uts": sc.CLONE_NEWUTS,
-            "net": sc.CLONE_NEWNET, "mnt": sc.CLONE_NEWNS}
+            "net": sc.CLONE_NEWNET, "mnt": sc.CLONE_NEWNS, "pid": sc.CLONE_NEWPID}
 DEAD = b"dead"   # a leaving keeper's answer, without fds: start a new one
 
 
@@ -132,15 +132,167 @@ def run(plan, image, daemon, timer, verbose=False, quiet=False):
     if verbose:
         launcher.say(f"{'started' if started else 'joined'} shared container {cid}")
     timer("share")
-    for name in ("user", "ipc", "uts", "net", "mnt"):   # the user namespace first: it grants the rest
+    return enter(plan, conn, fds, timer, "the shared container's")
+
+
+def enter(plan, conn, fds, timer, whose):
+    """Join the namespaces a keeper sent and run the command in them."""
+    for name in ("user", "ipc", "uts", "net", "mnt", "pid"):   # the user namespace first: it grants the rest
         if name in fds:
-            sc.setns(fds[name], NS_FLAGS[name], f"the shared container's {name} namespace")
+            sc.setns(fds[name], NS_FLAGS[name], f"{whose} {name} namespace")
             os.close(fds[name])
     os.chdir("/")
     try:
         return launcher.enter(plan, None, timer)
     finally:
         conn.close()   # our reference; forked children hold theirs until they exit
+
+
+def start_instance(plan, image, daemon, instance, verbose=False):
+    """Start a named instance's keeper, holding its lock from the check for a running
+    one to the end of the start (so one name is one instance); returns once it serves."""
+    cid, key = instance.cid, instance.key
+    rundir, dirfd, lock, refused = _lock(cid)
+    if lock is None:
+        raise RuntimeSetupError(f"no private run directory for instances ({'; '.join(refused)})",
+                                "remove or fix those paths")
+    try:
+        conn = _connect(dirfd, cid)
+        fds = _receive(conn, key) if conn is not None else None
+        if conn is not None:
+            conn.close()
+        for fd in (fds or {}).values():
+            os.close(fd)
+        if fds is not None:
+            raise UsageError(f"instance {instance.name} already exists",
+                             f"stop it first: instance stop {instance.name}")
+        _unlink(dirfd, cid + ".sock")   # what a killed or leaving keeper left
+        for name in instance.files():
+            _unlink(dirfd, name)
+        _sweep(dirfd, cid)
+        try:
+            _start_keeper(plan, image, daemon, rundir, dirfd, cid, key, lock, verbose, instance)
+        except BaseException:
+            for name in instance.files():
+                _unlink(dirfd, name)
+            _forget(rundir, dirfd, cid)
+            raise
+    finally:
+        os.close(lock)
+        os.close(dirfd)
+
+
+def connect_named(cid, key, extra=()):
+    """(connection, namespace fds) from the keeper cid, or None when none serves; then
+    what a killed one left goes (socket, lock, `extra` files, the directory when empty).
+    A keeper on its way out (answering DEAD) removes its own files."""
+    rundir, dirfd, lock, _refused = _lock(cid)
+    if lock is None:
+        return None
+    try:
+        conn = _connect(dirfd, cid)
+        fds = _receive(conn, key) if conn is not None else None
+        if fds is not None:
+            return conn, fds
+        if conn is not None:
+            conn.close()
+            return None
+        for name in extra:
+            _unlink(dirfd, name)
+        _forget(rundir, dirfd, cid)
+        return None
+    finally:
+        os.close(lock)
+        os.close(dirfd)
+
+
+def peer_pid(sock):
+    return struct.unpack("3i", sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12))[0]
+
+
+def _start_init(plan, instance, procfd, keep):
+    """Fork the instance's init, PID 1 of a new PID namespace that joining tasks enter
+    too (as Apptainer's instances have one); returns its pid once its /proc is mounted."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    sc.unshare(sc.CLONE_NEWPID, "cannot make the instance's PID namespace")
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            _init(plan, instance, w)
+        finally:
+            os._exit(1)
+    os.close(w)
+    # through the host's /proc: the container's may already be the new one
+    keep.append(("pid", os.open("self/ns/pid_for_children", os.O_RDONLY | os.O_CLOEXEC, dir_fd=procfd)))
+    answer = b""
+    while True:
+        chunk = os.read(r, 4096)
+        if not chunk:
+            break
+        answer += chunk
+    os.close(r)
+    if answer != b"ok":
+        _kill_init(pid)
+        raise RuntimeSetupError(f"the instance's init failed: {answer.decode(errors='replace') or 'it died'}")
+    return pid
+
+
+def _init(plan, instance, ready):
+    """PID 1 of an instance: runs its startscript (runscript for `instance run`), reaps
+    orphans, and stays after the script ends. A signal (from the keeper: `instance stop`)
+    goes to every process of the instance; then it exits once it has no child left.
+    Its keeper's death kills it (PDEATHSIG), and the kernel the rest with it."""
+    sig = launcher.signal
+    sc.prctl(sc.PR_SET_PDEATHSIG, sig.SIGKILL)
+    waited = set(launcher.FORWARD) | {sig.SIGCHLD}
+    sig.pthread_sigmask(sig.SIG_BLOCK, waited)
+    os.closerange(3, ready)   # the keeper's socket, lock, image: not the instance's to hold
+    os.closerange(ready + 1, 1 << 16)
+    try:
+        if os.getppid() == 0 and plan.new_proc:   # 0: our parent is outside our namespace
+            sc.mount("proc", "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+        command = instance.command(plan)
+    except BaseException as e:
+        os.write(ready, (e.message if isinstance(e, HpcrunError) else f"{type(e).__name__}: {e}").encode())
+        os._exit(1)
+    os.write(ready, b"ok")
+    os.close(ready)
+    sc.set_name("hpcrun-init")
+    if command is not None:
+        if os.fork() == 0:
+            os.setsid()   # its own process group, as under Apptainer
+            launcher._default_signals()
+            sig.pthread_sigmask(sig.SIG_SETMASK, [])
+            launcher._chdir(plan)
+            launcher._exec(command[0], command[1], plan.env)
+    stopping = False
+    while True:
+        info = sig.sigwaitinfo(waited)
+        if info.si_signo != sig.SIGCHLD:
+            stopping = stopping or info.si_signo not in (sig.SIGCONT, sig.SIGWINCH)
+            try:
+                os.kill(-1, info.si_signo)   # from PID 1: everyone in the namespace but us
+            except ProcessLookupError:
+                pass
+        while True:
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                if stopping:
+                    os._exit(0)
+                break
+
+
+def _kill_init(pid):
+    """SIGKILL the init unless it is already reaped (then its pid may be another's)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == 0:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
 
 
 def _join(plan, image, daemon, rundir, dirfd, cid, key, lock, verbose):
@@ -293,9 +445,10 @@ def _receive(conn, key):
     return dict(zip(names, fds))
 
 
-def _start_keeper(plan, image, daemon, rundir, dirfd, cid, key, lock, verbose):
+def _start_keeper(plan, image, daemon, rundir, dirfd, cid, key, lock, verbose, instance=None):
     """Fork the keeper (detached: its own session, reparented) and wait until it serves
-    or reports why it cannot; its error becomes ours."""
+    or reports why it cannot; its error becomes ours. instance: an Instance to run in
+    it (a named, long-lived keeper)."""
     r, w = os.pipe2(os.O_CLOEXEC)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -307,7 +460,7 @@ def _start_keeper(plan, image, daemon, rundir, dirfd, cid, key, lock, verbose):
             os.close(lock)   # the lock stays with the task; the keeper opens its own
             os.setsid()      # not in the terminal's process group: ^C is for the task
             if os.fork() == 0:
-                _keeper(plan, image, daemon, rundir, dirfd, cid, key, w, verbose)
+                _keeper(plan, image, daemon, rundir, dirfd, cid, key, w, verbose, instance)
             code = 0
         finally:
             os._exit(code)
@@ -333,8 +486,9 @@ class _Files:
     view), and removed only while they are still the ones it made: a task may have
     replaced a leaving keeper by a new one meanwhile."""
 
-    def __init__(self, rundir, dirfd, cid):
+    def __init__(self, rundir, dirfd, cid, extra=()):
         self.dirfd, self.cid, self.base = dirfd, cid, os.path.basename(rundir)
+        self.extra = extra   # more files of ours (an instance's state), removed with the socket
         self.parentfd = os.open(os.path.dirname(rundir), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.lock = os.open(cid + ".lock", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
         self.sock_id = None
@@ -359,6 +513,8 @@ class _Files:
         sock = _file_id(self.dirfd, self.cid + ".sock")
         if sock == self.sock_id:
             _unlink(self.dirfd, self.cid + ".sock")
+            for name in self.extra:
+                _unlink(self.dirfd, name)
         if sock in (self.sock_id, None) and _file_id(self.dirfd, self.cid + ".lock") == _fd_id(self.lock):
             _unlink(self.dirfd, self.cid + ".lock")
         try:
@@ -367,19 +523,26 @@ class _Files:
             pass   # other containers' files are there, or it is not ours
 
 
-def _keeper(plan, image, daemon, rundir, dirfd, cid, key, report, verbose):
+def _keeper(plan, image, daemon, rundir, dirfd, cid, key, report, verbose, instance=None):
     """Never returns. Builds the container, reports, then serves fds until idle or until
-    its FUSE daemon dies; removes its files as it goes, also when its task is gone."""
+    its FUSE daemon dies; removes its files as it goes, also when its task is gone.
+    An instance's keeper is never idle: it lives as long as the instance's init."""
     status = 1
+    init = None
     try:
         import select  # noqa: F401  (before the host's files are out of reach)
         import signal
         import socket
-        files = _Files(rundir, dirfd, cid)
+        files = _Files(rundir, dirfd, cid, instance.files() if instance else ())
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         files.bind(listener)   # in the host's view, before unshare
         listener.listen(64)
-        _close_fds_but({0, 1, 2, report, listener.fileno(), image.fd} | files.fds())
+        procfd = None
+        if instance:   # the host's /proc: after build, /proc is the container's
+            import json  # noqa: F401
+            procfd = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        _close_fds_but({0, 1, 2, report, listener.fileno(), image.fd, procfd} | files.fds()
+                       | set(instance.logs if instance else ()))
         keep = []
         try:
             daemon_pid = launcher.build(plan, image, lambda phase: None, verbose, daemon, keep=keep)
@@ -398,17 +561,30 @@ def _keeper(plan, image, daemon, rundir, dirfd, cid, key, report, verbose):
                 os.dup2(null, fd)
             else:
                 os.close(fd)
+        if instance:   # its startscript's output: the instance's log files
+            instance.redirect()
         sc.set_name("hpcrun-keeper")   # for ps, pkill and epilogs
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        if instance:
+            try:
+                init = _start_init(plan, instance, procfd, keep)
+                instance.save(dirfd, os.getpid(), init, daemon_pid)
+            except BaseException as e:
+                said = (f"{e.code} {e.line()}" if isinstance(e, HpcrunError)
+                        else f"254 cannot start the instance: {type(e).__name__}: {e}")
+                _tell(report, said.encode())
+                raise
         _tell(report, b"ok")   # a task killed meanwhile can't hear it: serve whoever comes next
         os.close(report)
         try:
-            _serve(listener, dict(keep), key, files, plan.share_idle, daemon_pid)
+            _serve(listener, dict(keep), key, files, None if instance else plan.share_idle, daemon_pid, init)
         finally:
             _leave(listener, files)
         status = 0
     finally:
+        if init:   # the instance goes with its keeper: its init's death ends its PID namespace
+            _kill_init(init)
         os._exit(status)
 
 
@@ -453,18 +629,22 @@ class _Daemon:
         return not self.dead
 
 
-def _serve(listener, nsfds, key, files, idle, daemon_pid):
+def _serve(listener, nsfds, key, files, idle, daemon_pid, init_pid=None):
     """Answer each task with the namespace fds. Returns when idle (holding the lock), or
-    at once when the FUSE daemon is gone: its mount is dead, nobody may join it."""
+    at once when the FUSE daemon is gone: its mount is dead, nobody may join it. An
+    instance's keeper (idle None) returns when its init is gone, and a task may ask it
+    to signal its init ('signal N': `instance stop`)."""
     import select
     import socket
     names = " ".join(nsfds).encode() + b"\0" + key
     fds = list(nsfds.values())
     fuse = _Daemon(daemon_pid)
+    init = _Daemon(init_pid)
     tasks = []
     wait = idle
-    while fuse.alive():
-        ready, _, _ = select.select([listener] + fuse.watch + tasks, [], [], None if tasks else wait)
+    while fuse.alive() and init.alive():
+        ready, _, _ = select.select([listener] + fuse.watch + init.watch + tasks, [], [],
+                                    None if tasks else wait)
         if not ready:   # idle: leave, unless a task is connecting right now
             if files.try_lock():
                 return
@@ -487,9 +667,12 @@ def _serve(listener, nsfds, key, files, idle, daemon_pid):
                 tasks.append(conn)
             elif s in tasks:
                 try:
-                    gone = not s.recv(16)
+                    msg = s.recv(16)
                 except OSError:
-                    gone = True
+                    msg = b""
+                gone = not msg
+                if init_pid and msg.startswith(b"signal ") and msg[7:].isdigit() and init.alive():
+                    os.kill(init_pid, int(msg[7:]))   # our unreaped child: the pid is still its
                 if gone:
                     tasks.remove(s)
                     s.close()
