@@ -1,5 +1,6 @@
 """Shared helpers for the bench/ scripts (stdlib only): re-exec as the unprivileged
 user, locate tools, time commands in interleaved shuffled rounds, and report."""
+
 import json
 import math
 import os
@@ -17,10 +18,10 @@ HPCRUN_FALLBACK = "/opt/hpcrun-venv/bin/hpcrun"
 
 def add_common_args(p, runs):
     p.add_argument("--runs", type=int, default=runs, help=f"timed rounds (default {runs})")
-    p.add_argument("--hpcrun", help="hpcrun executable (default: `hpcrun` on PATH, "
-                   f"else {HPCRUN_FALLBACK})")
-    p.add_argument("--user", default=DEFAULT_USER,
-                   help=f"when started as root, re-run as this user (default {DEFAULT_USER})")
+    p.add_argument("--hpcrun", help=f"hpcrun executable (default: `hpcrun` on PATH, else {HPCRUN_FALLBACK})")
+    p.add_argument(
+        "--user", default=DEFAULT_USER, help=f"when started as root, re-run as this user (default {DEFAULT_USER})"
+    )
     p.add_argument("--json", action="store_true", help="print results as JSON")
 
 
@@ -32,8 +33,7 @@ def reexec_as_user(user):
         return
     pw = pwd.getpwnam(user)
     if pw.pw_uid == 0:
-        print("warning: running as root: timings are not those of an unprivileged user",
-              file=sys.stderr)
+        print("warning: running as root: timings are not those of an unprivileged user", file=sys.stderr)
         return
     # The root's interpreter may live under /root (pyenv): use the system one then.
     py = sys.executable
@@ -45,8 +45,12 @@ def reexec_as_user(user):
 
 
 def _user_can_exec(user, path):
-    return subprocess.run(["runuser", "-u", user, "--", "test", "-x", path],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+    return (
+        subprocess.run(
+            ["runuser", "-u", user, "--", "test", "-x", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ).returncode
+        == 0
+    )
 
 
 def find_hpcrun(given):
@@ -59,6 +63,7 @@ def find_hpcrun(given):
 def in_work_dir(fn):
     """fn(work) with a fresh temporary directory the user's tools can read; removed after."""
     import tempfile
+
     work = tempfile.mkdtemp(prefix="hpcrun-bench-")
     os.chmod(work, 0o755)
     try:
@@ -70,8 +75,7 @@ def in_work_dir(fn):
 def run_once(argv, cwd=None):
     """(seconds, CompletedProcess) for one run; output captured, not shown."""
     t0 = time.perf_counter()
-    cp = subprocess.run(argv, cwd=cwd, stdin=subprocess.DEVNULL,
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    cp = subprocess.run(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     return time.perf_counter() - t0, cp
 
 
@@ -105,6 +109,7 @@ def describe_failure(argv, cp):
 
 def shell_join(argv):
     import shlex
+
     return " ".join(shlex.quote(a) for a in argv)
 
 
@@ -142,8 +147,7 @@ def summarize(times, refs):
     for n, v in times.items():
         if not v:
             continue
-        row = {"tool": n, "n": len(v), "median_ms": med[n], "p90_ms": p90(v) * 1e3,
-               "min_ms": min(v) * 1e3}
+        row = {"tool": n, "n": len(v), "median_ms": med[n], "p90_ms": p90(v) * 1e3, "min_ms": min(v) * 1e3}
         for label, ref in refs.items():
             row[label] = med[n] / med[ref] if ref in med else None
         rows.append(row)
@@ -154,16 +158,14 @@ def print_table(rows, refs):
     cols = ["tool", "n", "median ms", "p90 ms", "min ms"] + list(refs)
     body = []
     for r in rows:
-        cells = [r["tool"], str(r["n"]), f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}",
-                 f"{r['min_ms']:.2f}"]
+        cells = [r["tool"], str(r["n"]), f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['min_ms']:.2f}"]
         cells += ["n/a" if r[k] is None else f"{r[k]:.2f}x" for k in refs]
         body.append(cells)
-    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c)
-              for i, c in enumerate(cols)]
+    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(cols)]
 
     def line(cells):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     print(line(cols))
     print(line(["-" * w for w in widths]))
     for b in body:
@@ -194,5 +196,9 @@ def dump_json(obj):
 
 
 def host_info():
-    return {"kernel": os.uname().release, "user": pwd.getpwuid(os.getuid()).pw_name,
-            "uid": os.getuid(), "cpus": os.cpu_count()}
+    return {
+        "kernel": os.uname().release,
+        "user": pwd.getpwuid(os.getuid()).pw_name,
+        "uid": os.getuid(),
+        "cpus": os.cpu_count(),
+    }

@@ -13,6 +13,7 @@ Usage:
 
 Runs as the unprivileged user (re-executes itself under runuser when started as root).
 """
+
 import argparse
 import os
 import random
@@ -36,11 +37,11 @@ def make_tree(top, size_mib):
         d = os.path.join(top, f"d{n // 500:04d}")
         os.makedirs(d, exist_ok=True)
         kind = n % 100
-        if kind == 0:            # a big incompressible file
+        if kind == 0:  # a big incompressible file
             data = os.urandom(8 << 20)
-        elif kind < 5:           # a big compressible file
+        elif kind < 5:  # a big compressible file
             data = (" ".join(rnd.choices(words, k=200)) + "\n").encode() * 4000
-        else:                    # many small text files
+        else:  # many small text files
             data = (" ".join(rnd.choices(words, k=rnd.randint(10, 2000))) + "\n").encode()
         with open(os.path.join(d, f"f{n:06d}"), "wb") as f:
             f.write(data)
@@ -77,8 +78,19 @@ def main():
         cpus = str(os.cpu_count() or 1)
         tools = {
             "hpcrun build": [hpcrun, "build", "--force", "-q", os.path.join(top, "out.sif"), tree],
-            "mksquashfs": ["mksquashfs", tree, os.path.join(top, "out.sqfs"), "-noappend", "-all-root",
-                           "-quiet", "-no-progress", "-processors", cpus, "-comp", "gzip"],
+            "mksquashfs": [
+                "mksquashfs",
+                tree,
+                os.path.join(top, "out.sqfs"),
+                "-noappend",
+                "-all-root",
+                "-quiet",
+                "-no-progress",
+                "-processors",
+                cpus,
+                "-comp",
+                "gzip",
+            ],
         }
         times, fails = benchlib.measure(tools, a.runs)
         build_rows = benchlib.summarize(times, {"vs mksquashfs": "mksquashfs"})
@@ -91,12 +103,22 @@ def main():
         stimes, sfails = benchlib.measure(starts, a.start_runs)
         start_rows = benchlib.summarize(stimes, {"vs gzip": "gzip"})
         if a.json:
-            benchlib.dump_json({"host": benchlib.host_info(), "tree_files": nfiles, "tree_bytes": nbytes,
-                                "build": build_rows, "start": start_rows, "failures": {**fails, **sfails}})
+            benchlib.dump_json(
+                {
+                    "host": benchlib.host_info(),
+                    "tree_files": nfiles,
+                    "tree_bytes": nbytes,
+                    "build": build_rows,
+                    "start": start_rows,
+                    "failures": {**fails, **sfails},
+                }
+            )
             return
         info = benchlib.host_info()
-        print(f"build of a {nbytes / 2**20:.0f} MiB tree ({nfiles} files), {a.runs} interleaved runs, "
-              f"as {info['user']}, {info['cpus']} CPUs, gzip")
+        print(
+            f"build of a {nbytes / 2**20:.0f} MiB tree ({nfiles} files), {a.runs} interleaved runs, "
+            f"as {info['user']}, {info['cpus']} CPUs, gzip"
+        )
         benchlib.print_table(build_rows, {"vs mksquashfs": "mksquashfs"})
         print(f"\ncontainer start (`hpcrun exec IMG true`) per compression, {a.start_runs} rounds")
         benchlib.print_table(start_rows, {"vs gzip": "gzip"})

@@ -28,6 +28,7 @@ importall.py minus the median with empty.py. Printed: medians, p90, and the rati
 image / plain directory. Started as root, the script re-runs itself as --user
 (default hpctest). Python 3 stdlib only.
 """
+
 import argparse
 import os
 import re
@@ -35,15 +36,24 @@ import shutil
 import subprocess
 import sys
 
-sys.dont_write_bytecode = True   # leave no __pycache__ in bench/
+sys.dont_write_bytecode = True  # leave no __pycache__ in bench/
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
 
 PYTHON = "/usr/bin/python3.11"
 STDLIB = "/usr/lib/python3.11"
 # Parts of the standard library that python -S never needs and that only add bulk.
-STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
-               "pydoc_data", "site-packages", "dist-packages"}
+STDLIB_SKIP = {
+    "test",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "ensurepip",
+    "lib2to3",
+    "pydoc_data",
+    "site-packages",
+    "dist-packages",
+}
 
 
 def copy_file(root, path):
@@ -87,11 +97,13 @@ def build_tree(root, nmods):
     for lib in shared_libs(PYTHON):
         copy_file(root, lib)
         # /lib64/ld-linux... reaches the image through /lib64 -> usr/lib64 too.
-        copy_file(root, os.path.join(os.path.realpath(os.path.dirname(lib)),
-                                     os.path.basename(lib)))
-    shutil.copytree(STDLIB, root + STDLIB, symlinks=True,
-                    ignore=lambda d, names: [n for n in names if n in STDLIB_SKIP
-                                             or n.startswith("config-")])
+        copy_file(root, os.path.join(os.path.realpath(os.path.dirname(lib)), os.path.basename(lib)))
+    shutil.copytree(
+        STDLIB,
+        root + STDLIB,
+        symlinks=True,
+        ignore=lambda d, names: [n for n in names if n in STDLIB_SKIP or n.startswith("config-")],
+    )
 
     # The module tree and the two scripts.
     pkg = root + "/mods/pkg"
@@ -102,9 +114,11 @@ def build_tree(root, nmods):
         with open(f"{pkg}/m{i:0{width}d}.py", "w") as f:
             f.write("X = 1\n")
     with open(root + "/mods/importall.py", "w") as f:
-        f.write("# sys.path[0] is this script's directory\n"
-                f"for i in range({nmods}):\n"
-                f"    __import__(f'pkg.m{{i:0{width}d}}')\n")
+        f.write(
+            "# sys.path[0] is this script's directory\n"
+            f"for i in range({nmods}):\n"
+            f"    __import__(f'pkg.m{{i:0{width}d}}')\n"
+        )
     open(root + "/mods/empty.py", "w").close()
     subprocess.run([PYTHON, "-m", "compileall", "-q", root + "/mods/pkg"], check=True)
     subprocess.run(["chmod", "-R", "a+rX", root], check=True)
@@ -119,12 +133,11 @@ def pyc_loads(argv):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     benchlib.add_common_args(p, runs=10)
     p.add_argument("--modules", type=int, default=5000, help="modules to import (5000)")
     args = p.parse_args()
-    benchlib.reexec_as_user(args.user)   # from here on: unprivileged (as root: no return)
+    benchlib.reexec_as_user(args.user)  # from here on: unprivileged (as root: no return)
     if args.runs < 1 or args.modules < 1:
         p.error("--runs and --modules must be >= 1")
     if args.runs < 5:
@@ -138,11 +151,10 @@ def main():
 def bench(args, hpcrun, work):
     tree, img = work + "/tree", work + "/python.sqfs"
     build_tree(tree, args.modules)
-    subprocess.run(["mksquashfs", tree, img, "-noappend", "-quiet", "-all-root"],
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["mksquashfs", tree, img, "-noappend", "-quiet", "-all-root"], check=True, stdout=subprocess.DEVNULL)
     os.chmod(img, 0o644)
 
-    py = [PYTHON, "-E", "-S"]   # -E: ignore PYTHON* variables the host passes in
+    py = [PYTHON, "-E", "-S"]  # -E: ignore PYTHON* variables the host passes in
     # Warm: every run joins one shared container (--sharens) whose FUSE mount has
     # served the runs before it, as on a node where the image stays mounted between
     # steps and jobs. The keeper leaves 60 s after the last run.
@@ -175,7 +187,7 @@ def bench(args, hpcrun, work):
         else:
             notes.append(f"{name}: all {n} modules loaded from .pyc (checked with python -v)")
 
-    problems, fallbacks = benchlib.probe(tools, cwd=work)   # also the warm-up round
+    problems, fallbacks = benchlib.probe(tools, cwd=work)  # also the warm-up round
     notes += fallbacks
     times, fails = benchlib.measure(tools, args.runs, cwd=work)
     rows = benchlib.summarize(times, {})
@@ -189,42 +201,62 @@ def bench(args, hpcrun, work):
     def ratio(a, b):
         return a / b if a is not None and b else None
 
-    comparisons = []   # (label, image place, plain-directory place)
-    for img_place, dir_place in [("hpcrun-img", "hpcrun-dir"), ("hpcrun-warm", "hpcrun-dir"),
-                                 ("ch-run-img", "ch-run-dir"), ("hpcrun-img", "host"),
-                                 ("hpcrun-warm", "host"), ("ch-run-img", "host")]:
-        comparisons.append({
-            "image": img_place, "plain_dir": dir_place,
-            "total_ratio": ratio(med.get(img_place), med.get(dir_place)),
-            "imports_ratio": ratio(imports_ms(img_place), imports_ms(dir_place))})
+    comparisons = []  # (label, image place, plain-directory place)
+    for img_place, dir_place in [
+        ("hpcrun-img", "hpcrun-dir"),
+        ("hpcrun-warm", "hpcrun-dir"),
+        ("ch-run-img", "ch-run-dir"),
+        ("hpcrun-img", "host"),
+        ("hpcrun-warm", "host"),
+        ("ch-run-img", "host"),
+    ]:
+        comparisons.append(
+            {
+                "image": img_place,
+                "plain_dir": dir_place,
+                "total_ratio": ratio(med.get(img_place), med.get(dir_place)),
+                "imports_ratio": ratio(imports_ms(img_place), imports_ms(dir_place)),
+            }
+        )
 
-    info = dict(benchlib.host_info(), rounds=args.runs, modules=args.modules,
-                image_bytes=os.path.getsize(img), hpcrun=hpcrun)
+    info = dict(
+        benchlib.host_info(), rounds=args.runs, modules=args.modules, image_bytes=os.path.getsize(img), hpcrun=hpcrun
+    )
     failures = {n: f for n, f in fails.items() if f}
     if args.json:
-        benchlib.dump_json({"info": info, "commands": commands, "results": rows,
-                            "imports_ms": {p: imports_ms(p) for p in places},
-                            "comparisons": comparisons, "unavailable": problems,
-                            "failed_runs": failures, "notes": notes})
+        benchlib.dump_json(
+            {
+                "info": info,
+                "commands": commands,
+                "results": rows,
+                "imports_ms": {p: imports_ms(p) for p in places},
+                "comparisons": comparisons,
+                "unavailable": problems,
+                "failed_runs": failures,
+                "notes": notes,
+            }
+        )
         return 1 if problems else 0
 
-    print(f"import {args.modules} modules, {args.runs} interleaved rounds, as {info['user']}, "
-          f"kernel {info['kernel']}, {info['cpus']} CPUs, image {info['image_bytes'] >> 20} MiB")
+    print(
+        f"import {args.modules} modules, {args.runs} interleaved rounds, as {info['user']}, "
+        f"kernel {info['kernel']}, {info['cpus']} CPUs, image {info['image_bytes'] >> 20} MiB"
+    )
     print()
-    print(f"{'where':12} {'total med':>10} {'total p90':>10} {'empty med':>10} "
-          f"{'imports':>9}   (ms)")
+    print(f"{'where':12} {'total med':>10} {'total p90':>10} {'empty med':>10} {'imports':>9}   (ms)")
     for place in places:
         total, empty = med.get(place), med.get(place + " empty")
         p90 = next((r["p90_ms"] for r in rows if r["tool"] == place), None)
         cells = [total, p90, empty, imports_ms(place)]
-        print(f"{place:12} " + " ".join(f"{'n/a' if c is None else f'{c:.1f}':>10}"
-                                         for c in cells))
+        print(f"{place:12} " + " ".join(f"{'n/a' if c is None else f'{c:.1f}':>10}" for c in cells))
     print()
     print("image / plain directory (ratio of medians):")
     for c in comparisons:
-        fmt = lambda x: "n/a" if x is None else f"{x:.2f}x"   # noqa: E731
-        print(f"  {c['image']:10} / {c['plain_dir']:10}  total {fmt(c['total_ratio']):>6}"
-              f"   imports only {fmt(c['imports_ratio']):>6}")
+        fmt = lambda x: "n/a" if x is None else f"{x:.2f}x"  # noqa: E731
+        print(
+            f"  {c['image']:10} / {c['plain_dir']:10}  total {fmt(c['total_ratio']):>6}"
+            f"   imports only {fmt(c['imports_ratio']):>6}"
+        )
     print()
     benchlib.print_commands({n: commands[n] for n in places if n in commands})
     benchlib.print_trouble(notes, problems, failures, args.runs)

@@ -20,6 +20,7 @@ Over R interleaved rounds it times:
 
 The image is busybox-static in a squashfs. Python 3 stdlib only.
 """
+
 import argparse
 import os
 import shutil
@@ -39,8 +40,7 @@ def make_image(work):
     for applet in ("sh", "true"):
         os.symlink("busybox", f"{root}/bin/{applet}")
     img = work + "/busybox.sqfs"
-    subprocess.run(["mksquashfs", root, img, "-noappend", "-quiet", "-all-root"], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(["mksquashfs", root, img, "-noappend", "-quiet", "-all-root"], check=True, stdout=subprocess.DEVNULL)
     os.chmod(img, 0o644)
     return img
 
@@ -54,8 +54,10 @@ def main():
     if not shutil.which("srun"):
         sys.exit("error: no srun here: start Slurm first (tests/slurm-up.sh)")
     if "SLURM_JOB_ID" not in os.environ:
-        os.execvp("salloc", ["salloc", "-Q", "-O", "-n", str(args.tasks), sys.executable,
-                             os.path.abspath(sys.argv[0])] + sys.argv[1:])
+        os.execvp(
+            "salloc",
+            ["salloc", "-Q", "-O", "-n", str(args.tasks), sys.executable, os.path.abspath(sys.argv[0])] + sys.argv[1:],
+        )
     hpcrun = benchlib.find_hpcrun(args.hpcrun)
     return benchlib.in_work_dir(lambda work: bench(args, hpcrun, work))
 
@@ -81,16 +83,26 @@ def bench(args, hpcrun, work):
     refs = {"/single": "single", "/private": "private"}
     rows = benchlib.summarize(times, refs)
     med = {r["tool"]: r["median_ms"] for r in rows}
-    minus = {k: med[k] - med["srun-true"] for k in med if "srun-true" in med}   # hpcrun's share
+    minus = {k: med[k] - med["srun-true"] for k in med if "srun-true" in med}  # hpcrun's share
     info = dict(benchlib.host_info(), rounds=args.runs, tasks=args.tasks, hpcrun=hpcrun)
     failures = {k: v for k, v in fails.items() if v}
     if args.json:
-        benchlib.dump_json({"info": info, "results": rows, "minus_srun_ms": minus,
-                            "commands": {k: benchlib.shell_join(v) for k, v in tools.items()},
-                            "unavailable": problems, "failed_runs": failures, "notes": notes})
+        benchlib.dump_json(
+            {
+                "info": info,
+                "results": rows,
+                "minus_srun_ms": minus,
+                "commands": {k: benchlib.shell_join(v) for k, v in tools.items()},
+                "unavailable": problems,
+                "failed_runs": failures,
+                "notes": notes,
+            }
+        )
         return 1 if problems else 0
-    print(f"one step of {args.tasks} tasks, {args.runs} interleaved rounds, as {info['user']}, "
-          f"{info['cpus']} CPUs, kernel {info['kernel']}")
+    print(
+        f"one step of {args.tasks} tasks, {args.runs} interleaved rounds, as {info['user']}, "
+        f"{info['cpus']} CPUs, kernel {info['kernel']}"
+    )
     print()
     benchlib.print_table(rows, refs)
     print()

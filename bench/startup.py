@@ -20,13 +20,14 @@ ch-run and to the shell baseline. Everything runs as an unprivileged user: start
 root, the script re-executes itself as --user (default hpctest) with runuser, so the
 timings contain no wrapper. Python 3 stdlib only.
 """
+
 import argparse
 import os
 import shutil
 import subprocess
 import sys
 
-sys.dont_write_bytecode = True   # leave no __pycache__ in bench/
+sys.dont_write_bytecode = True  # leave no __pycache__ in bench/
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
 
@@ -49,8 +50,7 @@ def build_tree(root):
 
 
 def make_squashfs(tree, img):
-    subprocess.run(["mksquashfs", tree, img, "-noappend", "-quiet", "-all-root"],
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["mksquashfs", tree, img, "-noappend", "-quiet", "-all-root"], check=True, stdout=subprocess.DEVNULL)
     os.chmod(img, 0o644)
 
 
@@ -63,12 +63,11 @@ def tool_version(argv):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     benchlib.add_common_args(p, runs=30)
     p.add_argument("--image", help="use this squashfs image instead of building one")
     args = p.parse_args()
-    benchlib.reexec_as_user(args.user)   # from here on: unprivileged (as root: no return)
+    benchlib.reexec_as_user(args.user)  # from here on: unprivileged (as root: no return)
     if args.runs < 1:
         p.error("--runs must be >= 1")
     if args.runs < 30:
@@ -96,47 +95,70 @@ def bench(args, hpcrun, work):
     ch_image = img
     cp = subprocess.run(["ch-run", img, "--", "true"], capture_output=True, text=True)
     if cp.returncode != 0:
-        if tree is None:   # --image given: unpack it for ch-run
+        if tree is None:  # --image given: unpack it for ch-run
             tree = os.path.join(work, "tree")
-            subprocess.run(["unsquashfs", "-q", "-n", "-d", tree, img], check=True,
-                           stdout=subprocess.DEVNULL)
+            subprocess.run(["unsquashfs", "-q", "-n", "-d", tree, img], check=True, stdout=subprocess.DEVNULL)
         ch_image = tree
-        notes.append(f"ch-run cannot run the squashfs here ({cp.stderr.strip()[-200:]}); "
-                     f"ch-run uses the directory image {tree} instead")
+        notes.append(
+            f"ch-run cannot run the squashfs here ({cp.stderr.strip()[-200:]}); "
+            f"ch-run uses the directory image {tree} instead"
+        )
 
     conf = os.path.join(work, "keep.yaml")
     with open(conf, "w") as f:
         f.write("share_idle_timeout: 30\n")
     tools = {
         # /bin/true: fallback should a PATH lookup of `true` fail in hpcrun (reported)
-        "hpcrun": [[hpcrun, "exec", "--no-sharens", img, "true"],
-                   [hpcrun, "exec", "--no-sharens", img, "/bin/true"]],
+        "hpcrun": [[hpcrun, "exec", "--no-sharens", img, "true"], [hpcrun, "exec", "--no-sharens", img, "/bin/true"]],
         # joining a kept container (node-level sharing; what ranks and later steps get)
         "hpcrun-join": ["env", f"HPCRUN_CONFIG={conf}", hpcrun, "exec", "--sharens", img, "true"],
         "ch-run": ["ch-run", ch_image, "--", "true"],
-        "shell": ["unshare", "-Urm", "sh", "-c",
-                  'squashfuse_ll "$1" "$2" && chroot "$2" /bin/true; rc=$?; '
-                  'umount "$2"; exit $rc', "sh", img, mnt],
+        "shell": [
+            "unshare",
+            "-Urm",
+            "sh",
+            "-c",
+            'squashfuse_ll "$1" "$2" && chroot "$2" /bin/true; rc=$?; umount "$2"; exit $rc',
+            "sh",
+            img,
+            mnt,
+        ],
         "host-true": ["/bin/true"],
     }
-    problems, fallbacks = benchlib.probe(tools, cwd=work)   # also the warm-up round
+    problems, fallbacks = benchlib.probe(tools, cwd=work)  # also the warm-up round
     notes += fallbacks
     commands = {n: benchlib.shell_join(a) for n, a in tools.items()}
     times, fails = benchlib.measure(tools, args.runs, cwd=work)
     refs = {"vs ch-run": "ch-run", "vs shell": "shell"}
     rows = benchlib.summarize(times, refs)
 
-    info = dict(benchlib.host_info(), rounds=args.runs, image=img, ch_run_image=ch_image,
-                hpcrun=hpcrun, hpcrun_version=tool_version([hpcrun, "version"]),
-                ch_run_version=tool_version(["ch-run", "--version"]))
+    info = dict(
+        benchlib.host_info(),
+        rounds=args.runs,
+        image=img,
+        ch_run_image=ch_image,
+        hpcrun=hpcrun,
+        hpcrun_version=tool_version([hpcrun, "version"]),
+        ch_run_version=tool_version(["ch-run", "--version"]),
+    )
     failures = {n: f for n, f in fails.items() if f}
     if args.json:
-        benchlib.dump_json({"info": info, "commands": commands, "results": rows,
-                            "unavailable": problems, "failed_runs": failures, "notes": notes})
+        benchlib.dump_json(
+            {
+                "info": info,
+                "commands": commands,
+                "results": rows,
+                "unavailable": problems,
+                "failed_runs": failures,
+                "notes": notes,
+            }
+        )
         return 1 if problems else 0
 
-    print(f"container start-up, {args.runs} interleaved rounds, as {info['user']} "
-          f"(uid {info['uid']}), kernel {info['kernel']}, {info['cpus']} CPUs")
+    print(
+        f"container start-up, {args.runs} interleaved rounds, as {info['user']} "
+        f"(uid {info['uid']}), kernel {info['kernel']}, {info['cpus']} CPUs"
+    )
     print(f"hpcrun {info['hpcrun_version']} ({hpcrun}); ch-run {info['ch_run_version']}")
     print()
     benchlib.print_table(rows, refs)

@@ -1,2 +1,3 @@
 """hpcrun: a rootless container runner for HPC clusters."""
+
 __version__ = "0.1.0"

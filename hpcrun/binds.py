@@ -1,4 +1,5 @@
 """Parse bind specifications: SRC[:DST[:ro|rw]], comma lists, as Apptainer does."""
+
 import os
 
 from hpcrun.errors import UsageError
@@ -25,15 +26,17 @@ def parse_one(spec, cwd, origin="--bind"):
     dst = parts[1] if len(parts) > 1 and parts[1] else None
     opts = parts[2] if len(parts) > 2 else "rw"
     if len(parts) == 2 and parts[1] in ("ro", "rw"):
-        dst, opts = None, parts[1]          # SRC:ro is shorthand for SRC:SRC:ro
+        dst, opts = None, parts[1]  # SRC:ro is shorthand for SRC:SRC:ro
     if opts not in ("ro", "rw"):
         raise UsageError(f"{origin} {spec!r}: unknown bind option {opts!r}", "use ro or rw")
     src = os.path.normpath(os.path.join(cwd, src))
     if dst is None:
         dst = src
     elif not dst.startswith("/"):
-        raise UsageError(f"{origin} {spec!r}: destination {dst!r} is relative",
-                         "bind destinations are absolute paths inside the container")
+        raise UsageError(
+            f"{origin} {spec!r}: destination {dst!r} is relative",
+            "bind destinations are absolute paths inside the container",
+        )
     return Bind(src, os.path.normpath(dst), opts == "ro", origin)
 
 

@@ -9,6 +9,7 @@ Every write into the tree goes through inroot.Root. The work directory (mkdtemp,
 holds every temporary file; a remover process forked before the first byte is written
 deletes it even when hpcrun is killed; OUT appears only when complete, by rename (an OUT
 that is a symlink is replaced, never written through)."""
+
 import os
 import shutil
 import subprocess
@@ -21,26 +22,39 @@ from hpcrun.errors import ConfigError, HpcrunError, ImageError, UsageError
 COMPRESSORS = ("gzip", "zstd", "lz4", "xz")
 
 
-def build(out, source, force=False, quiet=False, build_args=(), notest=False, compress="gzip",
-          reproducible=False, sandbox=False, fakeroot=False, dry_run=False):
+def build(
+    out,
+    source,
+    force=False,
+    quiet=False,
+    build_args=(),
+    notest=False,
+    compress="gzip",
+    reproducible=False,
+    sandbox=False,
+    fakeroot=False,
+    dry_run=False,
+):
     """sandbox: OUT is a directory (Apptainer's --sandbox), all of it yours so `rm -rf`
     removes it. fakeroot: require a subuid range (else a ConfigError); without it the range
     is used when there is one, and root-only mapping is the fallback."""
     from hpcrun.builders.source import classify
+
     if compress not in COMPRESSORS:
         raise UsageError(f"--compress {compress}: unknown", f"use one of {', '.join(COMPRESSORS)}")
-    plan = build_plan(os.path.abspath(out), classify(source, build_args), _idmap(fakeroot), sandbox, notest,
-                      compress, reproducible)
+    plan = build_plan(
+        os.path.abspath(out), classify(source, build_args), _idmap(fakeroot), sandbox, notest, compress, reproducible
+    )
     if dry_run:
         import json
+
         print(json.dumps(plan.to_dict(), indent=2, sort_keys=True))
         return 0
     if os.path.lexists(out) and not force:
         raise UsageError(f"{out} exists", "use --force to replace it")
     if "squash" in plan.steps and not shutil.which("mksquashfs"):
         raise ImageError("mksquashfs is not installed", "install squashfs-tools")
-    say = (lambda msg: None) if quiet or not sys.stderr.isatty() else (
-        lambda msg: sys.stderr.write(f"hpcrun: {msg}\n"))
+    say = (lambda msg: None) if quiet or not sys.stderr.isatty() else (lambda msg: sys.stderr.write(f"hpcrun: {msg}\n"))
     with Work(plan.out, plan.idmap) as work:
         state = State(work, say, quiet)
         for step in plan.steps:
@@ -54,11 +68,15 @@ def _idmap(fakeroot):
     if os.getuid() == 0:
         return None
     from hpcrun.runtime.idmap import build_idmap
+
     idmap = build_idmap()
     if fakeroot and idmap["mode"] != "subid":
         import pwd
-        raise ConfigError(f"--fakeroot: no range for {pwd.getpwuid(os.getuid()).pw_name} in /etc/subuid "
-                          "and /etc/subgid", "ask your administrator for one, or build without --fakeroot")
+
+        raise ConfigError(
+            f"--fakeroot: no range for {pwd.getpwuid(os.getuid()).pw_name} in /etc/subuid and /etc/subgid",
+            "ask your administrator for one, or build without --fakeroot",
+        )
     return idmap
 
 
@@ -82,7 +100,7 @@ class Work:
 
     def __exit__(self, *exc):
         _restore_signals(self.old)
-        self.remover.stop()      # removes the tree now, and waits
+        self.remover.stop()  # removes the tree now, and waits
 
     def failure(self, e, what):
         return inroot.failure(e, f"{what} (in {self.where})")
@@ -111,12 +129,14 @@ def _raise_on_signals():
 
     def handler(signum, _frame):
         raise Interrupted(f"build interrupted by signal {signum}", code=128 + signum)
+
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
     return old
 
 
 def _restore_signals(old):
     import signal
+
     for s, h in old.items():
         signal.signal(s, h)
 
@@ -125,11 +145,13 @@ def _as_owner(plan, fn):
     """fn(), as root of the subuid mapping when the plan keeps owners and we are not root."""
     if plan.mapped:
         from hpcrun.runtime.idmap import call_mapped
+
         return call_mapped(fn, plan.idmap)
     return fn()
 
 
 # -- the steps, in the order a plan lists them --------------------------------------------
+
 
 def step_mkroot(plan, st):
     os.mkdir(st.work.rootfs)
@@ -149,9 +171,18 @@ def step_unsquash(plan, st):
     """A SIF or squashfs as the source: unsquashfs keeps owners (as root of the mapping)."""
     path = plan.base().path
     from hpcrun.images.detect import open_image
+
     image = open_image(path)
-    args = ["unsquashfs", "-no-xattrs", "-no-progress", "-d", st.work.rootfs, "-o", str(image.offset),
-            f"/proc/self/fd/{image.fd}"]
+    args = [
+        "unsquashfs",
+        "-no-xattrs",
+        "-no-progress",
+        "-d",
+        st.work.rootfs,
+        "-o",
+        str(image.offset),
+        f"/proc/self/fd/{image.fd}",
+    ]
     try:
         code, err = _as_owner(plan, lambda: _run(args, pass_fds=(image.fd,)))
     finally:
@@ -162,6 +193,7 @@ def step_unsquash(plan, st):
 
 def step_debootstrap(plan, st):
     from hpcrun.builders import deffile
+
     st.layers = [deffile.debootstrap(plan.source.definition, st.work.path, plan.idmap, st.quiet)]
     os.mkdir(st.work.rootfs)
 
@@ -169,9 +201,11 @@ def step_debootstrap(plan, st):
 def step_fetch(plan, st):
     """Layer files (in the work directory or the registry cache) and the image config."""
     from hpcrun.builders import oci
+
     src = plan.base()
     if src.kind == "registry":
         from hpcrun.builders import registry
+
         st.layers, st.config = registry.pull(src.ref, st.quiet)
     elif src.kind == "docker-archive":
         st.layers, st.config = oci.from_docker_archive(src.path, st.work.path)
@@ -186,6 +220,7 @@ def step_fetch(plan, st):
 
 def step_unpack(plan, st):
     from hpcrun.builders import layers as layermod
+
     src = plan.base()
     label = src.ref or src.path or "debootstrap"
     n = len(st.layers)
@@ -196,15 +231,17 @@ def step_unpack(plan, st):
             for i, path in enumerate(st.layers, 1):
                 st.say(f"unpacking layer {i}/{n}")
                 with layermod.open_tar(path, st.work.path) as tar:
-                    layermod.apply(tar, root, label if n == 1 else f"{label} layer {i}", skipped, plan.owners,
-                                   lost)
+                    layermod.apply(tar, root, label if n == 1 else f"{label} layer {i}", skipped, plan.owners, lost)
         return skipped, lost
+
     skipped, lost = _as_owner(plan, unpack)
     if src.kind == "debootstrap":
-        os.unlink(st.layers[0])      # unpacked: no need to hold it twice
+        os.unlink(st.layers[0])  # unpacked: no need to hold it twice
     if skipped and not st.quiet:
-        sys.stderr.write(f"hpcrun: note: skipped {len(skipped)} device node(s)/FIFO(s) "
-                         f"(an unprivileged build cannot create them), e.g. /{skipped[0]}\n")
+        sys.stderr.write(
+            f"hpcrun: note: skipped {len(skipped)} device node(s)/FIFO(s) "
+            f"(an unprivileged build cannot create them), e.g. /{skipped[0]}\n"
+        )
     if lost and not plan.sandbox and not st.quiet:
         why = "their ids are outside your subuid range" if plan.owners else "keeping them needs a subuid range"
         sys.stderr.write(f"hpcrun: note: {len(lost)} file(s) lose their owner ({why}), e.g. /{lost[0]}\n")
@@ -212,36 +249,44 @@ def step_unpack(plan, st):
 
 def step_metadata(plan, st):
     from hpcrun.builders import metadata
+
     _in_tree(plan, st, "cannot write the image metadata", lambda root: metadata.write(root, st.config))
 
 
 def step_setup(plan, st):
     from hpcrun.builders import deffile
+
     _as_owner(plan, lambda: deffile.setup(plan.source.definition, st.work.rootfs, plan.defdir()))
 
 
 def step_files(plan, st):
     from hpcrun.builders import deffile
+
     _in_tree(plan, st, "%files", lambda root: deffile.files(plan.source.definition, root, plan.defdir()))
 
 
 def step_sections(plan, st):
     from hpcrun.builders import deffile
-    _in_tree(plan, st, "cannot write the definition's sections",
-             lambda root: deffile.metadata(plan.source.definition, root))
+
+    _in_tree(
+        plan, st, "cannot write the definition's sections", lambda root: deffile.metadata(plan.source.definition, root)
+    )
 
 
 def step_post(plan, st):
     from hpcrun.builders import deffile
+
     if plan.root_only_post and not st.quiet:
-        sys.stderr.write("hpcrun: note: no /etc/subuid range: %post runs as root mapped to you only; "
-                         "chown to other ids will fail\n")
+        sys.stderr.write(
+            "hpcrun: note: no /etc/subuid range: %post runs as root mapped to you only; chown to other ids will fail\n"
+        )
     st.say("running %post")
     deffile.run_in_image("%post", st.work.rootfs, plan.source.definition.sections["post"], writable=True)
 
 
 def step_test(plan, st):
     from hpcrun.builders import deffile
+
     st.say("running %test")
     deffile.run_in_image("%test", st.work.rootfs, plan.source.definition.sections["test"], writable=False)
 
@@ -251,8 +296,7 @@ def step_squash(plan, st):
     -all-root) into the work directory, the SIF around it there, then onto OUT."""
     tree = plan.source.path if plan.steps == ["squash"] else st.work.rootfs
     sqfs = os.path.join(st.work.path, "image.sqfs")
-    args = ["mksquashfs", tree, sqfs, "-noappend", "-processors", str(os.cpu_count() or 1), "-comp",
-            plan.compress]
+    args = ["mksquashfs", tree, sqfs, "-noappend", "-processors", str(os.cpu_count() or 1), "-comp", plan.compress]
     args += ["-mkfs-time", "0", "-all-time", "0"] if plan.reproducible else []
     args += [] if plan.owners else ["-all-root"]
     loud = sys.stderr.isatty() and not st.quiet
@@ -263,6 +307,7 @@ def step_squash(plan, st):
     result = sqfs
     if plan.sif:
         from hpcrun.images.sif import write_sif
+
         result = os.path.join(st.work.path, "image.sif")
         try:
             if plan.reproducible:
@@ -279,6 +324,7 @@ def step_sandbox(plan, st):
         # %post may have given files to subordinate ids: give everything to the caller
         # (root of the mapping), so the sandbox is theirs to change and to rm -rf.
         from hpcrun.runtime.idmap import call_mapped
+
         code, err = call_mapped(lambda: _run(["chown", "-R", "-h", "0:0", st.work.rootfs]), plan.idmap)
         if code != 0:
             raise ImageError(f"could not give the sandbox's files to you: {_last(err)}")
@@ -291,20 +337,30 @@ STEPS = {name[5:]: fn for name, fn in globals().items() if name.startswith("step
 
 def _in_tree(plan, st, what, fn):
     """fn(root) on the tree (as owner when the plan keeps owners); OSErrors as one line."""
+
     def go():
         with st.root() as root:
             try:
                 fn(root)
             except OSError as e:
                 raise st.work.failure(e, what) from None
+
     _as_owner(plan, go)
 
 
 def _run(args, loud=False, pass_fds=()):
     """(exit status, stderr) of a tool; its stdout goes to the terminal only when loud."""
     from hpcrun.runtime.idmap import dies_with_us
-    proc = subprocess.run(args, stdout=None if loud else subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          pass_fds=pass_fds, text=True, errors="replace", preexec_fn=dies_with_us())
+
+    proc = subprocess.run(
+        args,
+        stdout=None if loud else subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        pass_fds=pass_fds,
+        text=True,
+        errors="replace",
+        preexec_fn=dies_with_us(),
+    )
     if proc.stderr and loud:
         sys.stderr.write(proc.stderr)
     return proc.returncode, proc.stderr

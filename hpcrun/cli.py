@@ -1,13 +1,14 @@
 """Command line. `exec`, `run` and `shell` take a fast path that never imports click
 (see options.py); every other command, --help and every usage error go through click.
 `report` is the one place where an error becomes a line on stderr and an exit code."""
+
 import sys
 
 from hpcrun import errors
 from hpcrun.errors import HpcrunError
 
 CONTAINER_COMMANDS = ("exec", "run", "shell")
-NAMES = ("apptainer", "singularity")   # installed as the same program (hpcrun/scripts/)
+NAMES = ("apptainer", "singularity")  # installed as the same program (hpcrun/scripts/)
 
 
 def version_line():
@@ -17,6 +18,7 @@ def version_line():
     version label that both accept."""
     from hpcrun import __version__
     from hpcrun.options import APPTAINER_VERSION
+
     if errors.PROG == "hpcrun":
         return f"hpcrun version {__version__}"
     return f"apptainer version {APPTAINER_VERSION}+hpcrun.{__version__}"
@@ -30,11 +32,12 @@ def main(argv=None):
             errors.PROG = name
     argv = list(argv)
     from hpcrun.options import NeedClick, fast_parse, global_options
+
     try:
         gflags, i = global_options(argv)
     except NeedClick:
         return click_main(argv)
-    except HpcrunError as e:   # a refused global option (-c): the one line, from report
+    except HpcrunError as e:  # a refused global option (-c): the one line, from report
         err = e
         return report(lambda: _raise(err), False)
     if gflags.pop("version"):
@@ -42,12 +45,13 @@ def main(argv=None):
         return 0
     if i < len(argv) and argv[i] in CONTAINER_COMMANDS:
         try:
-            opts, image, args = fast_parse(argv[i + 1:], argv[i])
+            opts, image, args = fast_parse(argv[i + 1 :], argv[i])
         except NeedClick:
             return click_main(argv)
         for k, v in gflags.items():
             opts[k] = opts[k] or v
         from hpcrun.start import Request, run_container
+
         return report(lambda: run_container(Request(argv[i], opts, image, args)), opts["debug"])
     return click_main(argv)
 
@@ -59,8 +63,10 @@ def _raise(e):
 def click_main(argv):
     def run():
         from hpcrun.clickapp import app
+
         rv = app.main(args=argv, prog_name=errors.PROG, standalone_mode=False)
         return rv if isinstance(rv, int) else 0
+
     return report(run, "--debug" in argv or "-d" in argv)
 
 
@@ -84,7 +90,7 @@ def report(fn, debug):
         if click is not None and isinstance(e, click.ClickException):
             e.show()
             return e.exit_code
-        _traceback(debug)   # a bug: one line, the traceback only on request
+        _traceback(debug)  # a bug: one line, the traceback only on request
         sys.stderr.write(f"{errors.PROG}: internal error: {type(e).__name__}: {e} (run with --debug for details)\n")
         return errors.INTERNAL
 
@@ -92,4 +98,5 @@ def report(fn, debug):
 def _traceback(debug):
     if debug:
         import traceback
+
         traceback.print_exc()

@@ -1,4 +1,5 @@
 """The click application: --help, usage errors and the commands without a fast path."""
+
 import click
 
 from hpcrun import errors
@@ -29,17 +30,25 @@ def _app(**g):
     255 internal error, 126/127 command not executable/not found in the image.
     """
     import os
+
     settle_table(GLOBAL, "exec", g, os.environ, stderr_note(g))
     if g["version"]:
         from hpcrun.cli import version_line
+
         click.echo(version_line())
         raise SystemExit(0)
-    click.get_current_context().obj = {"quiet": g["quiet"] or g["silent"], "verbose": g["verbose"],
-                                       "debug": g["debug"]}
+    click.get_current_context().obj = {"quiet": g["quiet"] or g["silent"], "verbose": g["verbose"], "debug": g["debug"]}
 
 
-app = click.Group("hpcrun", callback=_app, params=_params(GLOBAL), context_settings=CONTEXT,
-                  help=_app.__doc__, invoke_without_command=True, no_args_is_help=True)
+app = click.Group(
+    "hpcrun",
+    callback=_app,
+    params=_params(GLOBAL),
+    context_settings=CONTEXT,
+    help=_app.__doc__,
+    invoke_without_command=True,
+    no_args_is_help=True,
+)
 
 
 def _global(name):
@@ -50,6 +59,7 @@ def _global(name):
 def container_command(name, summary, needs_args):
     def callback(image, args, **kw):
         from hpcrun.start import Request, run_container
+
         opts = defaults()
         opts.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()})
         for k in ("quiet", "verbose", "debug"):
@@ -58,11 +68,22 @@ def container_command(name, summary, needs_args):
 
     params = _params(for_command(name))
     params.append(click.Argument(["image"]))
-    params.append(click.Argument(["args"], nargs=-1, required=needs_args, type=click.UNPROCESSED,
-                                 metavar="COMMAND [ARGS]..." if needs_args else "[ARGS]..."))
-    cmd = click.Command(name, callback=callback, params=params, help=summary,
-                        context_settings={**CONTEXT, "allow_interspersed_args": False,
-                                          "ignore_unknown_options": False})
+    params.append(
+        click.Argument(
+            ["args"],
+            nargs=-1,
+            required=needs_args,
+            type=click.UNPROCESSED,
+            metavar="COMMAND [ARGS]..." if needs_args else "[ARGS]...",
+        )
+    )
+    cmd = click.Command(
+        name,
+        callback=callback,
+        params=params,
+        help=summary,
+        context_settings={**CONTEXT, "allow_interspersed_args": False, "ignore_unknown_options": False},
+    )
     app.add_command(cmd)
 
 
@@ -80,21 +101,25 @@ def apptainer_flags(cmd):
     def deco(command):
         own = {p.name for p in command.params}
         command.params[:0] = _params([o for o in table if o[1] not in own])
-        if "debug" not in own:   # read by cli.click_main (tracebacks), as errors advise
-            command.params.append(click.Option(["--debug", "debug"], is_flag=True,
-                                               help="Print tracebacks of internal errors."))
-        drop = [o[1] for o in table if o[6] and o[1] not in own]   # no-op or refused: settled here
+        if "debug" not in own:  # read by cli.click_main (tracebacks), as errors advise
+            command.params.append(
+                click.Option(["--debug", "debug"], is_flag=True, help="Print tracebacks of internal errors.")
+            )
+        drop = [o[1] for o in table if o[6] and o[1] not in own]  # no-op or refused: settled here
         inner = command.callback
 
         def callback(**kw):
             import os
+
             kw = {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}
             settle_table(table, cmd, kw, os.environ, stderr_note(kw))
             for dest in drop + ["debug"]:
                 kw.pop(dest, None)
             return inner(**kw)
+
         command.callback = callback
         return command
+
     return deco
 
 
@@ -103,6 +128,7 @@ def version():
     """Print the version (as `apptainer`/`singularity`: the Apptainer release it stands for)."""
     from hpcrun import __version__
     from hpcrun.options import APPTAINER_VERSION
+
     click.echo(__version__ if errors.PROG == "hpcrun" else f"{APPTAINER_VERSION}+hpcrun.{__version__}")
 
 
@@ -110,47 +136,80 @@ def version():
 @app.command()
 @click.option("--force", "-F", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-@click.option("--build-arg", "build_args", multiple=True, metavar="NAME=VALUE",
-              help="Value for {{ NAME }} in a definition file (repeatable).")
+@click.option(
+    "--build-arg",
+    "build_args",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Value for {{ NAME }} in a definition file (repeatable).",
+)
 @click.option("-T", "--notest", is_flag=True, help="Skip a definition file's %test.")
-@click.option("--compress", type=click.Choice(["gzip", "zstd", "lz4", "xz"]), default="gzip", show_default=True,
-              help="squashfs compression.")
+@click.option(
+    "--compress",
+    type=click.Choice(["gzip", "zstd", "lz4", "xz"]),
+    default="gzip",
+    show_default=True,
+    help="squashfs compression.",
+)
 @click.option("--reproducible", is_flag=True, help="Same inputs, same bytes: fixed times, zero UUID.")
-@click.option("-s", "--sandbox", is_flag=True,
-              help="Write OUT as a sandbox directory (run it with exec [--writable]; all files are yours, "
-                   "so rm -rf removes it).")
-@click.option("-f", "--fakeroot", is_flag=True,
-              help="Unpack, run %post and squash as root of your /etc/subuid and /etc/subgid range, so "
-                   "file owners are kept; fail (exit 251) if you have none. Without it the range is "
-                   "used when there is one, else root is mapped to you only.")
+@click.option(
+    "-s",
+    "--sandbox",
+    is_flag=True,
+    help="Write OUT as a sandbox directory (run it with exec [--writable]; all files are yours, so rm -rf removes it).",
+)
+@click.option(
+    "-f",
+    "--fakeroot",
+    is_flag=True,
+    help="Unpack, run %post and squash as root of your /etc/subuid and /etc/subgid range, so "
+    "file owners are kept; fail (exit 251) if you have none. Without it the range is "
+    "used when there is one, else root is mapped to you only.",
+)
 @click.option("--dry-run", is_flag=True, help="Print the build plan as JSON and build nothing.")
 @click.argument("out")
 @click.argument("source", type=click.Path())
-def build(out, source, force, quiet, build_args, notest, compress, reproducible, sandbox, fakeroot, dry_run,
-          build_arg_file, authfile):
+def build(
+    out,
+    source,
+    force,
+    quiet,
+    build_args,
+    notest,
+    compress,
+    reproducible,
+    sandbox,
+    fakeroot,
+    dry_run,
+    build_arg_file,
+    authfile,
+):
     """Build OUT (.sif, else squashfs; a directory with --sandbox) from SOURCE: a directory,
     a rootfs tarball, docker-archive:FILE, oci:DIR[:tag], oci-archive:FILE[:tag],
     docker://REF, oras://REF (registry credentials as for `hpcrun pull`) or a definition
     file (Bootstrap: localimage, docker, oras, docker-archive, oci, oci-archive,
     debootstrap, scratch)."""
     from hpcrun.build import build as run_build
+
     build_args = _arg_files(build_arg_file) + list(build_args)
     _authfile(authfile)
-    return run_build(out, source, force, quiet, build_args, notest, compress, reproducible, sandbox, fakeroot,
-                     dry_run)
+    return run_build(out, source, force, quiet, build_args, notest, compress, reproducible, sandbox, fakeroot, dry_run)
 
 
 def _arg_files(paths):
     """--build-arg-file: NAME=VALUE lines (blank and # lines skipped), before --build-arg's."""
     from hpcrun.errors import UsageError
+
     out = []
     for path in paths:
         try:
             with open(path, encoding="utf-8") as f:
                 lines = f.read().splitlines()
         except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"--build-arg-file {path}: {getattr(e, 'strerror', None) or e}",
-                             "give a readable file of NAME=VALUE lines") from None
+            raise UsageError(
+                f"--build-arg-file {path}: {getattr(e, 'strerror', None) or e}",
+                "give a readable file of NAME=VALUE lines",
+            ) from None
         out += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     return out
 
@@ -159,6 +218,7 @@ def _authfile(path):
     """--authfile FILE: the registry code reads $REGISTRY_AUTH_FILE."""
     if path:
         import os
+
         os.environ["REGISTRY_AUTH_FILE"] = os.path.abspath(path)
 
 
@@ -180,15 +240,17 @@ def inspect(image, all_, as_json, **which):
     """Show IMAGE's metadata without mounting or running it (the union of the selectors
     given; labels when none)."""
     from hpcrun.images import inspect as insp
-    if "://" in image:   # docker://, oras://: the cached SIF (env9, refcache)
+
+    if "://" in image:  # docker://, oras://: the cached SIF (env9, refcache)
         from hpcrun.images import refcache
+
         image = refcache.resolve(image, quiet=True)
     meta = insp.metadata(image)
     which = INSPECT_KEYS if all_ else [k for k in INSPECT_KEYS if which[k]] or ["labels"]
     if as_json:
         import json
-        click.echo(json.dumps({"data": {"attributes": {k: meta[k] for k in which}}, "type": "container"},
-                              indent=2))
+
+        click.echo(json.dumps({"data": {"attributes": {k: meta[k] for k in which}}, "type": "container"}, indent=2))
     else:
         click.echo(insp.render(meta, which), nl=False)
     return 0
@@ -206,9 +268,11 @@ def _sif_command(name, doc, text, data):
     def command(image, as_json):
         from hpcrun.images import siftool
         from hpcrun.images.sif import SifFile
+
         f = SifFile(image)
         if as_json:
             import json
+
             click.echo(json.dumps(getattr(siftool, data)(f), indent=2))
         else:
             click.echo(getattr(siftool, text)(f), nl=False)
@@ -216,8 +280,7 @@ def _sif_command(name, doc, text, data):
 
 
 _sif_command("list", "List the objects of a SIF file (as `siftool list`).", "list_text", "list_rows")
-_sif_command("header", "Print the global header of a SIF file (as `siftool header`).", "header_text",
-             "header_dict")
+_sif_command("header", "Print the global header of a SIF file (as `siftool header`).", "header_text", "header_dict")
 
 
 @apptainer_flags("pull")
@@ -234,6 +297,7 @@ def pull(args, force, quiet, name, dir, reproducible, authfile):
     import os
     from hpcrun.build import build as run_build
     from hpcrun.builders.registry import parse_ref
+
     if len(args) > 2 or len(args) == 2 and name:
         raise click.UsageError("give at most OUT and REF" if not name else "give OUT or --name, not both")
     ref = args[-1]
@@ -256,6 +320,7 @@ def registry():
 def _api_host(host):
     """What the user typed (HOST[:PORT], docker://HOST, https://HOST/v1/) -> (key, API host)."""
     from hpcrun.builders.auth import host_key
+
     key = host_key(host)
     if not key or any(c in key for c in "@ \t"):
         raise click.UsageError(f"{host!r} is not a registry host")
@@ -264,8 +329,11 @@ def _api_host(host):
 
 @registry.command()
 @click.option("-u", "--username", help="User name (asked for when not given).")
-@click.option("--password-stdin", is_flag=True, help="Read the password from standard input (else it is asked for, "
-              "never on the command line).")
+@click.option(
+    "--password-stdin",
+    is_flag=True,
+    help="Read the password from standard input (else it is asked for, never on the command line).",
+)
 @click.argument("host")
 def login(host, username, password_stdin):
     """Check USERNAME's password with registry HOST[:PORT] (docker.io for Docker Hub) and save
@@ -275,6 +343,7 @@ def login(host, username, password_stdin):
     from hpcrun.builders import auth
     from hpcrun.builders.registry import Registry
     from hpcrun.errors import ImageError
+
     key, api = _api_host(host)
     if not username:
         username = click.prompt("Username", err=True)
@@ -286,7 +355,7 @@ def login(host, username, password_stdin):
         raise click.UsageError("a user name (without ':') and a password are needed")
     try:
         Registry(api, None, creds=auth.Credentials(username, password, "registry login")).check()
-    except ImageError as e:   # the usual hint ("run hpcrun registry login") would go in circles
+    except ImageError as e:  # the usual hint ("run hpcrun registry login") would go in circles
         raise ImageError(e.message, "check the user name and password" if "refused" in e.message else e.hint) from None
     path = auth.save(key, username, password)
     click.echo(f"Login succeeded: credentials for {key} saved in {path}")
@@ -298,6 +367,7 @@ def login(host, username, password_stdin):
 def logout(host):
     """Remove HOST's credentials from ~/.docker/config.json."""
     from hpcrun.builders import auth
+
     key, _api = _api_host(host)
     path, removed = auth.forget(key)
     click.echo(f"Removed the credentials for {key} from {path}" if removed else f"Not logged in to {key}")
@@ -313,6 +383,7 @@ def cache():
 def cache_list():
     """List cached blobs and their sizes."""
     from hpcrun.builders.registry import cache_entries
+
     entries = cache_entries()
     for digest, size in entries:
         click.echo(f"sha256:{digest}  {size}")
@@ -324,6 +395,7 @@ def cache_list():
 def cache_clean():
     """Remove every cached blob."""
     from hpcrun.builders.registry import cache_clean as clean
+
     click.echo(f"removed {clean()} blobs")
     return 0
 
@@ -332,6 +404,8 @@ def cache_clean():
 def check():
     """Diagnose whether hpcrun can work on this node, and how to fix what cannot."""
     from hpcrun.check import run_checks
+
     return run_checks()
+
 
 import hpcrun.instance  # noqa: E402,F401  (registers the `instance` group; it imports this module)

@@ -4,6 +4,7 @@ Parsing YAML costs tens of milliseconds (importing the parser alone), paid on ev
 container start; so the merged result is cached with marshal, keyed by each file's
 path, size, mtime, inode, device and ctime, and YAML is only imported when a file changed.
 """
+
 import marshal
 import os
 import sys
@@ -11,8 +12,15 @@ import sys
 from hpcrun.errors import ConfigError
 
 SCHEMA = {
-    "mounts": dict, "scratch": list, "squashfuse": list, "fuse": str, "default_path": str,
-    "tmpfs_size": str, "cleanenv_keep": list, "share": str, "share_idle_timeout": int,
+    "mounts": dict,
+    "scratch": list,
+    "squashfuse": list,
+    "fuse": str,
+    "default_path": str,
+    "tmpfs_size": str,
+    "cleanenv_keep": list,
+    "share": str,
+    "share_idle_timeout": int,
 }
 SHARE_MODES = ("auto", "always", "never")
 SITE = "/etc/hpcrun/hpcrun.yaml"
@@ -20,8 +28,10 @@ SITE = "/etc/hpcrun/hpcrun.yaml"
 
 def packaged_default():
     here = os.path.dirname(os.path.abspath(__file__))
-    for cand in (os.path.join(sys.prefix, "share", "hpcrun", "hpcrun.yaml"),
-                 os.path.join(os.path.dirname(here), "conf", "hpcrun.yaml")):
+    for cand in (
+        os.path.join(sys.prefix, "share", "hpcrun", "hpcrun.yaml"),
+        os.path.join(os.path.dirname(here), "conf", "hpcrun.yaml"),
+    ):
         if os.path.exists(cand):
             return cand
     raise ConfigError("packaged default configuration hpcrun.yaml is missing", "reinstall hpcrun")
@@ -42,15 +52,15 @@ def merge(base, over, source):
         if key not in SCHEMA:
             raise ConfigError(f"{source}: unknown key {key!r}", f"known keys: {', '.join(sorted(SCHEMA))}")
         if not isinstance(value, SCHEMA[key]):
-            raise ConfigError(f"{source}: key {key!r} must be a {SCHEMA[key].__name__}, "
-                              f"not {type(value).__name__}")
+            raise ConfigError(f"{source}: key {key!r} must be a {SCHEMA[key].__name__}, not {type(value).__name__}")
         if isinstance(value, list) and not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{source}: key {key!r} must be a list of strings")
         if isinstance(value, dict):
             for k, v in value.items():
                 if k not in base.get(key, {}):
-                    raise ConfigError(f"{source}: unknown key {key}.{k}",
-                                      f"known: {', '.join(sorted(base.get(key, {})))}")
+                    raise ConfigError(
+                        f"{source}: unknown key {key}.{k}", f"known: {', '.join(sorted(base.get(key, {})))}"
+                    )
                 if not isinstance(v, bool):
                     raise ConfigError(f"{source}: key {key}.{k} must be true or false")
             out[key] = {**base.get(key, {}), **value}
@@ -65,14 +75,16 @@ def merge(base, over, source):
 
 def parse_file(path):
     import yaml
+
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} malformed YAML: {getattr(e, 'problem', None) or e}",
-                          "fix or remove the file") from None
+        raise ConfigError(
+            f"{path}:{where} malformed YAML: {getattr(e, 'problem', None) or e}", "fix or remove the file"
+        ) from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read configuration: {e.strerror}") from None
     if data is None:
@@ -130,5 +142,6 @@ def _cache_path(env):
     name = "config.marshal"
     if env.get("HPCRUN_CONFIG"):
         import zlib
+
         name = f"config-{zlib.crc32(os.fsencode(env['HPCRUN_CONFIG'])):08x}.marshal"
     return os.path.join(base, "hpcrun", name)

@@ -5,14 +5,15 @@ settings, minus PATH) < the image's /.singularity.d/env/*.sh < SINGULARITYENV_X 
 APPTAINERENV_X < HPCRUN_ENV_X < --env-file < --env. The image scripts can only be run
 inside the container, so everything above them is "forced": re-exported after them.
 """
+
 from hpcrun.errors import UsageError
 
 OWN_PREFIXES = ("HPCRUN_", "APPTAINER_", "APPTAINERENV_", "SINGULARITY_", "SINGULARITYENV_")
 FORCE_PREFIXES = ("SINGULARITYENV_", "APPTAINERENV_", "HPCRUN_ENV_")  # rising precedence
 ENV_DIR = "/.singularity.d/env"
-HOST_ONLY = ("PATH", "PWD", "OLDPWD")   # PWD is the container's (plan), OLDPWD means nothing there
+HOST_ONLY = ("PATH", "PWD", "OLDPWD")  # PWD is the container's (plan), OLDPWD means nothing there
 PATH_KEYS = ("PREPEND_PATH", "APPEND_PATH")
-READONLY = ("EUID", "GID", "HOME", "IFS", "OPTIND", "PWD", "UID")   # Apptainer drops these from env files
+READONLY = ("EUID", "GID", "HOME", "IFS", "OPTIND", "PWD", "UID")  # Apptainer drops these from env files
 
 
 def parse_env_file(path, text, host_env=None):
@@ -33,12 +34,13 @@ def parse_env_file(path, text, host_env=None):
         for word, had_eq in words[exported:]:
             key, eq, value = word.partition("=")
             if exported and not had_eq and valid_name(word):
-                if word in scope and word not in READONLY:   # `export NAME`: an existing value
+                if word in scope and word not in READONLY:  # `export NAME`: an existing value
                     out[word] = scope[word]
                 continue
             if not had_eq or not valid_name(key):
-                raise UsageError(f"--env-file {path}: line {n} is not KEY=VALUE",
-                                 "fix the line or remove it (commands are not run)")
+                raise UsageError(
+                    f"--env-file {path}: line {n} is not KEY=VALUE", "fix the line or remove it (commands are not run)"
+                )
             scope[key] = value
             if key not in READONLY:
                 out[key] = value
@@ -66,22 +68,22 @@ def shell_words(line, scope):
             if i + 1 < n:
                 i += 1
                 add(line[i])
-        elif c == "\\" and i + 1 < n:   # in "...": only these are escapes
+        elif c == "\\" and i + 1 < n:  # in "...": only these are escapes
             i += 1
             add(line[i] if line[i] in '$`"\\' else "\\" + line[i])
-        elif c == "`" or c == "$" and line[i + 1:i + 2] == "(":
+        elif c == "`" or c == "$" and line[i + 1 : i + 2] == "(":
             raise ValueError("command substitution is not run")
         elif c == "$" and i + 1 < n and (line[i + 1] in "{_" or line[i + 1].isalpha()):
             if line[i + 1] == "{":
                 j = line.find("}", i)
                 if j < 0:
                     raise ValueError("unterminated ${")
-                name, end = line[i + 2:j], j + 1
+                name, end = line[i + 2 : j], j + 1
             else:
                 j = i + 1
                 while j < n and (line[j].isalnum() or line[j] == "_"):
                     j += 1
-                name, end = line[i + 1:j], j
+                name, end = line[i + 1 : j], j
             if not valid_name(name):
                 raise ValueError(f"unsupported expansion ${{{name}}}")
             add(scope.get(name, ""))
@@ -132,10 +134,11 @@ def parse_env_opts(values):
             pairs = [item]
         else:
             import csv
+
             try:
                 pairs = next(csv.reader([item], strict=True), [])
             except csv.Error as e:
-                raise UsageError(f"--env {item!r}: {e}", 'quote a value with commas: --env \'"A=1,2",B=3\'') from None
+                raise UsageError(f"--env {item!r}: {e}", "quote a value with commas: --env '\"A=1,2\",B=3'") from None
         for pair in pairs:
             key, eq, value = pair.partition("=")
             if not eq or not valid_name(key):
@@ -157,13 +160,13 @@ def build(host_env, *, cleanenv, keep, env_files, env_opts, home, default_path, 
     forced = {}
     for prefix in FORCE_PREFIXES:
         for k, v in host_env.items():
-            if k.startswith(prefix) and valid_name(k[len(prefix):]):
-                forced[k[len(prefix):]] = v
+            if k.startswith(prefix) and valid_name(k[len(prefix) :]):
+                forced[k[len(prefix) :]] = v
     for fe in env_files:
         forced.update(fe)
     forced.update(env_opts)
     env.update({k: v for k, v in forced.items() if k not in PATH_KEYS})
-    if "PATH" not in forced:   # a PATH given wins over both, as in Apptainer's 99-runtimevars.sh
+    if "PATH" not in forced:  # a PATH given wins over both, as in Apptainer's 99-runtimevars.sh
         if "PREPEND_PATH" in forced:
             env["PATH"] = forced["PREPEND_PATH"] + ":" + env["PATH"]
         if "APPEND_PATH" in forced:
@@ -205,7 +208,7 @@ def wrapper_script(forced, no_eval=True):
     for k, v in forced.items():
         if k not in PATH_KEYS and k != "PATH":
             lines.append(f"export {k}={q(v)}")
-    if "PATH" in forced:   # last and alone, as Apptainer's 99-runtimevars.sh applies it
+    if "PATH" in forced:  # last and alone, as Apptainer's 99-runtimevars.sh applies it
         lines.append(f"export PATH={q(forced['PATH'])}")
     else:
         if "PREPEND_PATH" in forced:

@@ -4,14 +4,14 @@ Exit codes of hpcrun itself (the contained command's own status passes through
 unchanged, so these are chosen high to rarely collide with it):
 """
 
-USAGE = 2        # bad command line: unknown flag, malformed --bind, relative destination
-CONFIG = 251     # malformed or unreadable configuration file
-IMAGE = 252      # image missing, not an image, truncated, corrupt, nothing runnable in it
-BIND = 253       # bind source missing, destination escapes the image
-RUNTIME = 254    # the kernel or a tool refused: user namespace, FUSE, mount, newuidmap; disk full
-INTERNAL = 255   # a bug in hpcrun (run with --debug for the traceback)
-NOT_EXECUTABLE = 126   # command found in the image but cannot be executed
-NOT_FOUND = 127        # command not found in the image
+USAGE = 2  # bad command line: unknown flag, malformed --bind, relative destination
+CONFIG = 251  # malformed or unreadable configuration file
+IMAGE = 252  # image missing, not an image, truncated, corrupt, nothing runnable in it
+BIND = 253  # bind source missing, destination escapes the image
+RUNTIME = 254  # the kernel or a tool refused: user namespace, FUSE, mount, newuidmap; disk full
+INTERNAL = 255  # a bug in hpcrun (run with --debug for the traceback)
+NOT_EXECUTABLE = 126  # command found in the image but cannot be executed
+NOT_FOUND = 127  # command not found in the image
 
 # The name the command was invoked as (hpcrun, apptainer, singularity): set by cli.main,
 # used in every message line.

@@ -1,4 +1,5 @@
 """Gather facts about the caller for the planner (the impure half of planning)."""
+
 import os
 import pwd
 
@@ -30,6 +31,7 @@ def gather(env=None):
         user, home, gecos, shell = env.get("USER", f"user{uid}"), env.get("HOME", "/"), "", "/bin/sh"
     try:
         import grp
+
         group = grp.getgrgid(gid).gr_name
     except (KeyError, ImportError):
         group = f"group{gid}"
@@ -38,7 +40,17 @@ def gather(env=None):
         cwd = os.getcwd()
     except OSError:
         cwd = home
-    return Host(uid, gid, user, group, home, cwd, gecos=gecos.replace(":", " "),
-                shell=shell or "/bin/sh", env=env,
-                subuid=subid_range("/etc/subuid", user, uid), subgid=subid_range("/etc/subgid", user, uid),
-                existing=os.path.isdir)
+    return Host(
+        uid,
+        gid,
+        user,
+        group,
+        home,
+        cwd,
+        gecos=gecos.replace(":", " "),
+        shell=shell or "/bin/sh",
+        env=env,
+        subuid=subid_range("/etc/subuid", user, uid),
+        subgid=subid_range("/etc/subgid", user, uid),
+        existing=os.path.isdir,
+    )

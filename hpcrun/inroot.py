@@ -11,6 +11,7 @@ walk. The last component is then acted on with *at calls that do not follow it
 (O_NOFOLLOW, AT_SYMLINK_NOFOLLOW), or on an fd of the object itself. Modelled on runc's
 securejoin/MkdirAllInRoot and umoci's layer unpacker.
 """
+
 import ctypes
 import errno
 import os
@@ -21,7 +22,7 @@ from hpcrun.errors import DiskFullError, HpcrunError, ImageError
 O_PATH = os.O_PATH
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_IN_ROOT = 0x10
-_SYS_OPENAT2 = 437           # one number on every architecture (added after the tables were unified)
+_SYS_OPENAT2 = 437  # one number on every architecture (added after the tables were unified)
 NOFOLLOW = O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -38,12 +39,17 @@ def _openat2(dirfd, path, flags, mode=0):
     how = _OpenHow(flags | os.O_CLOEXEC, mode, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
     raw = os.fsencode(path)
     for _ in range(32):
-        fd = _libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd), ctypes.c_char_p(raw),
-                           ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+        fd = _libc.syscall(
+            ctypes.c_long(_SYS_OPENAT2),
+            ctypes.c_int(dirfd),
+            ctypes.c_char_p(raw),
+            ctypes.byref(how),
+            ctypes.c_size_t(ctypes.sizeof(how)),
+        )
         if fd >= 0:
             return fd
         e = ctypes.get_errno()
-        if e != errno.EAGAIN:     # EAGAIN: a rename elsewhere raced the walk; the kernel asks to retry
+        if e != errno.EAGAIN:  # EAGAIN: a rename elsewhere raced the walk; the kernel asks to retry
             raise OSError(e, os.strerror(e), path)
     raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN), path)
 
@@ -87,7 +93,7 @@ class Root:
     """An image tree being written. Paths are as the image sees them ('/etc/x' or 'etc/x')."""
 
     def __init__(self, path):
-        self.path = path     # for messages only
+        self.path = path  # for messages only
         self.fd = os.open(path, O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
     def close(self):
@@ -109,6 +115,7 @@ class Root:
         if have_openat2():
             return _openat2(self.fd, rel, flags)
         from hpcrun.runtime import safepath
+
         try:
             fd, _names, exists = safepath.walk_at(os.dup(self.fd), rel)
         except HpcrunError:
@@ -130,7 +137,7 @@ class Root:
         is resolved from the root: a link met on the way restarts there."""
         comps = components(path)
         n = len(comps)
-        while True:                 # the longest prefix that exists
+        while True:  # the longest prefix that exists
             try:
                 fd = self.resolve("/".join(comps[:n]), O_PATH | os.O_DIRECTORY)
                 break
@@ -141,7 +148,7 @@ class Root:
         while n < len(comps):
             try:
                 os.mkdir(comps[n], mode, dir_fd=fd)
-            except FileExistsError:     # a dangling link: make what it points to
+            except FileExistsError:  # a dangling link: make what it points to
                 st = os.stat(comps[n], dir_fd=fd, follow_symlinks=False)
                 if not stat.S_ISLNK(st.st_mode) or _links >= 40:
                     raise
@@ -241,8 +248,7 @@ class Root:
         """A new regular file at path, whatever was there removed first: a binary writer."""
         with self.parent(path, create=True) as (dfd, name):
             remove_at(dfd, name)
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
-                         dir_fd=dfd)
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dfd)
         return os.fdopen(fd, "wb")
 
     def write(self, path, data, mode=0o644):
@@ -252,8 +258,7 @@ class Root:
             data = data.encode()
         with self.parent(path, create=True) as (dfd, name):
             tmp = f".hpcrun-{os.getpid()}-{os.urandom(4).hex()}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                         dir_fd=dfd)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
@@ -310,14 +315,14 @@ class Root:
                     elif entry.is_file():
                         self._copy_file(entry.path, dst)
             st = os.stat(hsrc)
-            try:        # on the directory's own fd: the root itself has no parent here
+            try:  # on the directory's own fd: the root itself has no parent here
                 os.chmod(f"/proc/self/fd/{dfd}", stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
                 os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
             finally:
                 os.close(dfd)
 
     def _copy_file(self, src, path):
-        fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)   # never hang on a FIFO
+        fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)  # never hang on a FIFO
         with os.fdopen(fd, "rb") as s:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -392,8 +397,7 @@ def remove_at(dfd, name):
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=dfd)
         return
-    walk_at(dfd, name, on_file=lambda fd, n: os.unlink(n, dir_fd=fd),
-            on_leave=lambda pfd, n: os.rmdir(n, dir_fd=pfd))
+    walk_at(dfd, name, on_file=lambda fd, n: os.unlink(n, dir_fd=fd), on_leave=lambda pfd, n: os.rmdir(n, dir_fd=pfd))
 
 
 def walk_at(dfd, name, on_file=None, on_leave=None):
@@ -428,6 +432,7 @@ def _enough_fds():
     """One fd per directory level is held while walking: allow a deep tree (paths we create
     stop at PATH_MAX, so about 2048 levels)."""
     import resource
+
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 8192 if hard == resource.RLIM_INFINITY else min(hard, 8192)
     if soft != resource.RLIM_INFINITY and soft < want:

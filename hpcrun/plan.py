@@ -3,6 +3,7 @@
 Pure code: no system calls, so every decision here is unit-tested and printable with
 --dry-run. Plain classes, not dataclasses: importing dataclasses costs ~10 ms of start-up.
 """
+
 import os
 
 from hpcrun import binds as bindspec
@@ -14,7 +15,7 @@ from hpcrun.errors import BindError, UsageError
 SYSTEM_MOUNTS = [
     ("proc", "/proc", True),
     ("sys", "/sys", True),
-    ("dev", "/dev", False),          # device nodes must work: nosuid only
+    ("dev", "/dev", False),  # device nodes must work: nosuid only
     ("hosts", "/etc/hosts", True),
     ("localtime", "/etc/localtime", True),
     ("resolv", "/etc/resolv.conf", True),
@@ -23,17 +24,33 @@ SYSTEM_MOUNTS = [
 ]
 MOUNT_NAMES = {"home", "tmp", "cwd", "proc", "sys", "dev", "hosts", "localtime", "resolv", "scratch"}
 # The working directory is not bound when it is (inside) one of these.
-SYSTEM_DIRS = ("/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32",
-               "/proc", "/root", "/run", "/sbin", "/sys", "/usr", "/var")
+SYSTEM_DIRS = (
+    "/",
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/proc",
+    "/root",
+    "/run",
+    "/sbin",
+    "/sys",
+    "/usr",
+    "/var",
+)
 
 
 class Mount:
     """kind: bind | tmpfs | proc. optional: skip quietly when the source is missing.
     if_missing: skip when the destination already exists in the image."""
+
     __slots__ = ("name", "kind", "src", "dst", "readonly", "nodev", "optional", "if_missing")
 
-    def __init__(self, name, kind, src, dst, readonly=False, nodev=True, optional=False,
-                 if_missing=False):
+    def __init__(self, name, kind, src, dst, readonly=False, nodev=True, optional=False, if_missing=False):
         self.name, self.kind, self.src, self.dst = name, kind, src, dst
         self.readonly, self.nodev, self.optional, self.if_missing = readonly, nodev, optional, if_missing
 
@@ -43,8 +60,22 @@ class Mount:
 
 class Host:
     """Facts about the caller, gathered once by hpcrun.host.gather()."""
-    def __init__(self, uid, gid, user, group, home, cwd, gecos="", shell="/bin/sh", env=None,
-                 subuid=None, subgid=None, existing=None):
+
+    def __init__(
+        self,
+        uid,
+        gid,
+        user,
+        group,
+        home,
+        cwd,
+        gecos="",
+        shell="/bin/sh",
+        env=None,
+        subuid=None,
+        subgid=None,
+        existing=None,
+    ):
         self.uid, self.gid, self.user, self.group = uid, gid, user, group
         self.home, self.cwd, self.gecos, self.shell = home, cwd, gecos, shell
         self.env = env if env is not None else {}
@@ -75,9 +106,9 @@ def expand_scratch(entries, env):
             while j < len(e) and (e[j].isalnum() or e[j] == "_"):
                 j += 1
             value = env.get(e[i:j])
-            if not value or braced and e[j:j + 1] != "}":
+            if not value or braced and e[j : j + 1] != "}":
                 continue
-            e = value + e[j + 1 if braced else j:]
+            e = value + e[j + 1 if braced else j :]
         e = os.path.normpath(e)
         if e.startswith("/") and e not in out:
             out.append(e)
@@ -93,11 +124,11 @@ def check_destination(m):
     raw = os.fsencode(m.dst)
     short = m.dst if len(raw) <= 60 else m.dst[:40] + "..."
     if len(raw) >= PATH_MAX:
-        raise BindError(f"bind destination {short}: longer than {PATH_MAX - 1} bytes",
-                        "choose a shorter destination")
+        raise BindError(f"bind destination {short}: longer than {PATH_MAX - 1} bytes", "choose a shorter destination")
     if any(len(c) > NAME_MAX for c in raw.split(b"/")):
-        raise BindError(f"bind destination {short}: a name in it is longer than {NAME_MAX} bytes",
-                        "choose a shorter destination")
+        raise BindError(
+            f"bind destination {short}: a name in it is longer than {NAME_MAX} bytes", "choose a shorter destination"
+        )
 
 
 def _field_ok(text):
@@ -119,8 +150,9 @@ def identity_lines(user, uid, gid, group, gecos, home, shell):
     wrong); the free-text gecos only loses the offending characters."""
     gecos = "".join(c if _field_ok(c) else " " for c in gecos)
     user_ok = _name_ok(user)
-    passwd = (f"{user}:x:{uid}:{gid}:{gecos}:{home}:{shell}"
-              if user_ok and _field_ok(home) and _field_ok(shell) else None)
+    passwd = (
+        f"{user}:x:{uid}:{gid}:{gecos}:{home}:{shell}" if user_ok and _field_ok(home) and _field_ok(shell) else None
+    )
     group_line = f"{group}:x:{gid}:{user if user_ok else ''}" if _name_ok(group) else None
     return passwd, group_line
 
@@ -136,9 +168,14 @@ def container_vars(action, image_path, bind_dsts, cwd, no_eval):
     action script drops empty ones); PWD, the working directory inside."""
     path = os.path.normpath(image_path)
     name = os.path.basename(path)
-    out = {"HPCRUN_CONTAINER": path, "HPCRUN_NAME": name, "APPTAINER_COMMAND": action, "PWD": cwd,
-           "APPTAINER_ENVIRONMENT": "/.singularity.d/env/91-environment.sh",
-           "SINGULARITY_ENVIRONMENT": "/.singularity.d/env/91-environment.sh"}
+    out = {
+        "HPCRUN_CONTAINER": path,
+        "HPCRUN_NAME": name,
+        "APPTAINER_COMMAND": action,
+        "PWD": cwd,
+        "APPTAINER_ENVIRONMENT": "/.singularity.d/env/91-environment.sh",
+        "SINGULARITY_ENVIRONMENT": "/.singularity.d/env/91-environment.sh",
+    }
     for prefix in ("APPTAINER_", "SINGULARITY_"):
         out[prefix + "CONTAINER"], out[prefix + "NAME"] = path, name
         if bind_dsts:
@@ -156,16 +193,18 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
         for name in item.split(","):
             name = name.strip()
             if name and name not in MOUNT_NAMES and not name.startswith("/"):
-                raise UsageError(f"--no-mount {name!r}: unknown mount",
-                                 f"use a path or one of {', '.join(sorted(MOUNT_NAMES))}")
+                raise UsageError(
+                    f"--no-mount {name!r}: unknown mount", f"use a path or one of {', '.join(sorted(MOUNT_NAMES))}"
+                )
             skip.add(name.rstrip("/") or "/")
     skip |= {k for k, on in cfg["mounts"].items() if not on}
     if contain:
         skip |= {"home", "tmp", "cwd"}
 
     if opts["writable"] and image_kind != "sandbox":
-        raise UsageError(f"--writable: {image_path} is not a sandbox directory",
-                         "use --writable-tmpfs for SIF and squashfs images")
+        raise UsageError(
+            f"--writable: {image_path} is not a sandbox directory", "use --writable-tmpfs for SIF and squashfs images"
+        )
     fakeroot = opts["fakeroot"]
     if fakeroot:
         uid = gid = 0
@@ -198,8 +237,9 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
     else:
         mounts.append(Mount("home", "bind", home_src, home))
 
-    cwd = opts["pwd"] or (host.cwd if not fakeroot or not under(host.cwd, host.home)
-                          else home + host.cwd[len(host.home):])
+    cwd = opts["pwd"] or (
+        host.cwd if not fakeroot or not under(host.cwd, host.home) else home + host.cwd[len(host.home) :]
+    )
 
     def covered(path):  # already visible through a bind at the same path
         return any(under(path, m.src) and m.src == m.dst for m in mounts if m.kind == "bind")
@@ -218,10 +258,10 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
     user_binds = bindspec.parse(binds, host.cwd)
     for b in user_binds:
         mounts.append(Mount("user", "bind", b.src, b.dst, readonly=b.readonly))
-    for src, dst, ro in (options.parse_mounts(opts["mount"], host.cwd) if opts.get("mount") else ()):
+    for src, dst, ro in options.parse_mounts(opts["mount"], host.cwd) if opts.get("mount") else ():
         mounts.append(Mount("user", "bind", src, dst, readonly=ro))
 
-    for d in (d.strip() for item in opts.get("scratch", ()) for d in item.split(",")):   # -S/--scratch
+    for d in (d.strip() for item in opts.get("scratch", ()) for d in item.split(",")):  # -S/--scratch
         if d and not d.startswith("/"):
             raise UsageError(f"--scratch {d!r}: relative", "give an absolute path inside the container")
         if d:
@@ -230,45 +270,80 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
     for m in mounts:
         check_destination(m)
 
-    extra = container_vars(action, os.path.join(host.cwd, image_path), [b.dst for b in user_binds], cwd,
-                           bool(opts.get("no_eval")))
+    extra = container_vars(
+        action, os.path.join(host.cwd, image_path), [b.dst for b in user_binds], cwd, bool(opts.get("no_eval"))
+    )
     if action == "shell":
         extra["PS1"] = "hpcrun> "
     if fakeroot:
         extra.update(USER="root", LOGNAME="root")
-    no_env = {n.strip() for item in opts.get("no_env", ()) for n in item.split(",")}   # --no-env
+    no_env = {n.strip() for item in opts.get("no_env", ()) for n in item.split(",")}  # --no-env
     host_env = {k: v for k, v in host.env.items() if k not in no_env} if no_env else host.env
     env, forced = envvars.build(
-        host_env, cleanenv=opts["cleanenv"] or opts["containall"], keep=set(cfg["cleanenv_keep"]),
-        env_files=list(env_files), env_opts=envvars.parse_env_opts(opts["env"]), home=home,
-        default_path=cfg["default_path"], extra=extra)
+        host_env,
+        cleanenv=opts["cleanenv"] or opts["containall"],
+        keep=set(cfg["cleanenv_keep"]),
+        env_files=list(env_files),
+        env_opts=envvars.parse_env_opts(opts["env"]),
+        home=home,
+        default_path=cfg["default_path"],
+        extra=extra,
+    )
 
     if fakeroot:
-        idmap = {"mode": "subid" if host.subuid and host.subgid else "root",
-                 "uid": host.uid, "gid": host.gid, "subuid": host.subuid, "subgid": host.subgid}
+        idmap = {
+            "mode": "subid" if host.subuid and host.subgid else "root",
+            "uid": host.uid,
+            "gid": host.gid,
+            "subuid": host.subuid,
+            "subgid": host.subgid,
+        }
     else:
         idmap = {"mode": "self", "uid": host.uid, "gid": host.gid, "subuid": None, "subgid": None}
 
-    lines = (None, None) if fakeroot else identity_lines(user, uid, gid, group, host.gecos, home,
-                                                          host.shell)
+    lines = (None, None) if fakeroot else identity_lines(user, uid, gid, group, host.gecos, home, host.shell)
     pid = (opts["pid"] or opts["containall"]) and not opts.get("no_pid")
     unsquash = opts["unsquash"] or cfg["fuse"] == "never"
-    if opts["no_sharens"] or unsquash:   # an extracted tree lives with its own process
+    if opts["no_sharens"] or unsquash:  # an extracted tree lives with its own process
         share = False
     else:
         mode = cfg["share"]
         share = opts["sharens"] or mode == "always" or (mode == "auto" and "SLURM_STEP_ID" in host.env)
     return Plan(
-        action=action, args=list(args), image=image_path, image_kind=image_kind,
-        namespaces={"pid": pid, "ipc": opts["ipc"] or opts["containall"],
-                    "uts": opts["uts"] or bool(opts["hostname"]), "net": opts["net"]},
-        hostname=opts["hostname"], idmap=idmap, uid=uid, gid=gid, user=user, group=group,
-        home=home, gecos=host.gecos, shell=host.shell,
-        passwd_line=lines[0], group_line=lines[1],
-        mounts=mounts, writable=opts["writable_tmpfs"] or opts["writable"], in_place=opts["writable"], cwd=cwd, pwd_given=bool(opts["pwd"]),
-        env=env, forced=forced, no_eval=bool(opts.get("no_eval")), unsquash=unsquash,
-        tmpfs_size=cfg["tmpfs_size"], new_proc=pid and "proc" not in skip,
-        share=share, share_idle=cfg["share_idle_timeout"],
+        action=action,
+        args=list(args),
+        image=image_path,
+        image_kind=image_kind,
+        namespaces={
+            "pid": pid,
+            "ipc": opts["ipc"] or opts["containall"],
+            "uts": opts["uts"] or bool(opts["hostname"]),
+            "net": opts["net"],
+        },
+        hostname=opts["hostname"],
+        idmap=idmap,
+        uid=uid,
+        gid=gid,
+        user=user,
+        group=group,
+        home=home,
+        gecos=host.gecos,
+        shell=host.shell,
+        passwd_line=lines[0],
+        group_line=lines[1],
+        mounts=mounts,
+        writable=opts["writable_tmpfs"] or opts["writable"],
+        in_place=opts["writable"],
+        cwd=cwd,
+        pwd_given=bool(opts["pwd"]),
+        env=env,
+        forced=forced,
+        no_eval=bool(opts.get("no_eval")),
+        unsquash=unsquash,
+        tmpfs_size=cfg["tmpfs_size"],
+        new_proc=pid and "proc" not in skip,
+        share=share,
+        share_idle=cfg["share_idle_timeout"],
     )
 
 

@@ -1,6 +1,7 @@
 """Whole trees we made (build work directories, extracted images): made removable,
 removed (fd-based through inroot, never following a link), and a remover process that
 deletes one even when hpcrun is SIGKILLed."""
+
 import os
 import stat
 
@@ -17,10 +18,12 @@ def make_removable(top, keep_modes=False):
         try:
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
             if stat.S_ISDIR(st.st_mode):
-                inroot.set_attrs_at(dfd, name, mode=stat.S_IMODE(st.st_mode) | stat.S_IRWXU if keep_modes
-                                    else stat.S_IRWXU)
+                inroot.set_attrs_at(
+                    dfd, name, mode=stat.S_IMODE(st.st_mode) | stat.S_IRWXU if keep_modes else stat.S_IRWXU
+                )
         except OSError:
             pass
+
     try:
         inroot.walk_at(parent, os.path.basename(os.path.abspath(top)), on_leave=fix)
     except OSError:
@@ -49,6 +52,7 @@ def remove_all(top, idmap=None):
     remove(top)
     if os.path.lexists(top) and idmap and idmap["mode"] == "subid":
         from hpcrun.runtime.idmap import run_mapped
+
         run_mapped(["rm", "-rf", "--", top], idmap)
 
 
@@ -79,8 +83,11 @@ class Remover:
         kind, _, text = answer.decode(errors="surrogateescape").partition(":")
         if kind != "ok":
             self.stop()
-            raise OSError(int(text) if text.isdigit() else 0, os.strerror(int(text)) if text.isdigit()
-                          else "the remover process died", where)
+            raise OSError(
+                int(text) if text.isdigit() else 0,
+                os.strerror(int(text)) if text.isdigit() else "the remover process died",
+                where,
+            )
         self.top = text
 
     def stop(self):
@@ -94,6 +101,7 @@ class Remover:
 def _remover(where, prefix, idmap, life, name_w):
     import tempfile
     import time
+
     os.setsid()
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
@@ -107,7 +115,7 @@ def _remover(where, prefix, idmap, life, name_w):
     os.close(name_w)
     os.closerange(3, life)
     os.closerange(life + 1, 65536)
-    os.read(life, 1)       # EOF: done, or hpcrun exited (even by SIGKILL)
+    os.read(life, 1)  # EOF: done, or hpcrun exited (even by SIGKILL)
     for _ in range(50):
         remove_all(top, idmap)
         if not os.path.lexists(top):

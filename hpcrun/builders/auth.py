@@ -6,6 +6,7 @@ $REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers/auth.json, $DOCKER_CONFIG/confi
 (default ~/.docker/config.json). In a file: credHelpers[host], then auths[host].auth
 (base64 "user:password"), then credsStore; a helper is run as `docker-credential-NAME get`
 with the server on stdin. Secrets never go into argv, messages or logs."""
+
 import base64
 import binascii
 import json
@@ -15,7 +16,7 @@ import tempfile
 
 from hpcrun.errors import ConfigError, ImageError
 
-HUB_KEY = "https://index.docker.io/v1/"   # Docker Hub's key in auth files and for helpers
+HUB_KEY = "https://index.docker.io/v1/"  # Docker Hub's key in auth files and for helpers
 HUB_NAMES = {"docker.io", "index.docker.io", "registry-1.docker.io"}
 HINT = "set HPCRUN_DOCKER_USERNAME/HPCRUN_DOCKER_PASSWORD or run hpcrun registry login {host}"
 
@@ -45,9 +46,11 @@ def from_env(env):
         if user is None and secret is None:
             continue
         if not user or secret is None:
-            raise ConfigError(f"{prefix}_DOCKER_USERNAME and {prefix}_DOCKER_PASSWORD must be set together",
-                              "set both, or unset both to use the auth files")
-        if ":" in user:   # HTTP Basic cannot carry it
+            raise ConfigError(
+                f"{prefix}_DOCKER_USERNAME and {prefix}_DOCKER_PASSWORD must be set together",
+                "set both, or unset both to use the auth files",
+            )
+        if ":" in user:  # HTTP Basic cannot carry it
             raise ConfigError(f"{prefix}_DOCKER_USERNAME contains ':'")
         return Credentials(user, secret, f"{prefix}_DOCKER_USERNAME/PASSWORD")
     return None
@@ -104,8 +107,7 @@ def from_file(path, host, env):
             raise ConfigError(f"auth file {path}: the entry for {host} is not base64 of user:password")
         return Credentials(user, secret, path)
     if entry.get("identitytoken"):
-        raise ConfigError(f"auth file {path}: identity tokens (for {host}) are not supported",
-                          HINT.format(host=host))
+        raise ConfigError(f"auth file {path}: identity tokens (for {host}) are not supported", HINT.format(host=host))
     if data.get("credsStore"):
         return from_helper(data["credsStore"], host, path, env)
     return None
@@ -116,15 +118,15 @@ def from_helper(name, host, path, env):
     prog = f"docker-credential-{name}"
     server = HUB_KEY if host == "docker.io" else host
     try:
-        r = subprocess.run([prog, "get"], input=server, capture_output=True, text=True,
-                           timeout=60, env=dict(env))
+        r = subprocess.run([prog, "get"], input=server, capture_output=True, text=True, timeout=60, env=dict(env))
     except FileNotFoundError:
-        raise ConfigError(f"auth file {path} names credential helper {prog}, which is not installed",
-                          HINT.format(host=host)) from None
+        raise ConfigError(
+            f"auth file {path} names credential helper {prog}, which is not installed", HINT.format(host=host)
+        ) from None
     except (OSError, subprocess.TimeoutExpired) as e:
         raise ConfigError(f"credential helper {prog} failed ({type(e).__name__})") from None
     if r.returncode != 0:
-        if "not found" in (r.stdout + r.stderr).lower():   # the helpers' "credentials not found"
+        if "not found" in (r.stdout + r.stderr).lower():  # the helpers' "credentials not found"
             return None
         raise ConfigError(f"credential helper {prog} exited with status {r.returncode}")
     try:
@@ -151,10 +153,16 @@ def refused(host, creds, repo=None):
     """The one error for 401/403: which registry, which credentials (never the secret), what to do."""
     what = f"{host}/{repo}" if repo else host
     if creds:
-        return ImageError(f"{what}: the registry refused the credentials from {creds.source} "
-                          f"(user {creds.user!r})", HINT.format(host=host))
-    return ImageError(f"{what}: the registry requires authentication, or there is no such repository"
-                      if repo else f"{host}: the registry requires authentication", HINT.format(host=host))
+        return ImageError(
+            f"{what}: the registry refused the credentials from {creds.source} (user {creds.user!r})",
+            HINT.format(host=host),
+        )
+    return ImageError(
+        f"{what}: the registry requires authentication, or there is no such repository"
+        if repo
+        else f"{host}: the registry requires authentication",
+        HINT.format(host=host),
+    )
 
 
 def _write_config(path, data):
@@ -181,8 +189,7 @@ def save(host, user, secret, env=os.environ):
     host = host_key(host)
     for key in [k for k in auths if host_key(k) == host]:
         del auths[key]
-    auths[HUB_KEY if host == "docker.io" else host] = {
-        "auth": base64.b64encode(f"{user}:{secret}".encode()).decode()}
+    auths[HUB_KEY if host == "docker.io" else host] = {"auth": base64.b64encode(f"{user}:{secret}".encode()).decode()}
     _write_config(path, data)
     return path
 

@@ -4,9 +4,17 @@ fixed list of steps build.py runs, top to bottom. Pure code, printed by
 kept, which steps run as root of the subuid mapping) are never re-derived by the steps."""
 
 # The step that puts the source's files into the root file system, per source kind.
-FILL = {"scratch": ["mkroot"], "dir": ["copy"], "image": ["unsquash"], "debootstrap": ["debootstrap", "unpack"],
-        "tarball": ["fetch", "unpack"], "docker-archive": ["fetch", "unpack"], "oci-archive": ["fetch", "unpack"],
-        "oci": ["fetch", "unpack"], "registry": ["fetch", "unpack"]}
+FILL = {
+    "scratch": ["mkroot"],
+    "dir": ["copy"],
+    "image": ["unsquash"],
+    "debootstrap": ["debootstrap", "unpack"],
+    "tarball": ["fetch", "unpack"],
+    "docker-archive": ["fetch", "unpack"],
+    "oci-archive": ["fetch", "unpack"],
+    "oci": ["fetch", "unpack"],
+    "registry": ["fetch", "unpack"],
+}
 
 
 class BuildPlan:
@@ -19,6 +27,7 @@ class BuildPlan:
 
     def defdir(self):
         import os
+
         return os.path.dirname(self.source.path)
 
     def to_dict(self):
@@ -36,7 +45,7 @@ def build_plan(out, source, idmap, sandbox=False, notest=False, compress="gzip",
     owners = idmap is None or subid and not sandbox
     base = source.base if source.kind == "definition" else source
     if source.kind == "dir" and not sandbox:
-        steps = ["squash"]          # straight from the directory: nothing to add to it
+        steps = ["squash"]  # straight from the directory: nothing to add to it
     else:
         steps = list(FILL["scratch" if base is None else base.kind]) + ["metadata"]
         if source.kind == "definition":
@@ -45,8 +54,18 @@ def build_plan(out, source, idmap, sandbox=False, notest=False, compress="gzip",
             steps += ["post"] if sections.get("post") else []
             steps += ["test"] if sections.get("test") and not notest else []
         steps.append("sandbox" if sandbox else "squash")
-    return BuildPlan(out=out, source=source, steps=steps, sandbox=sandbox, idmap=idmap, owners=owners,
-                     # steps that write the tree run as root of the mapping when owners are kept
-                     mapped=owners and idmap is not None, chown_sandbox=sandbox and subid,
-                     root_only_post=idmap is not None and idmap["mode"] == "root" and "post" in steps,
-                     compress=compress, reproducible=reproducible, sif=not sandbox and out.endswith(".sif"))
+    return BuildPlan(
+        out=out,
+        source=source,
+        steps=steps,
+        sandbox=sandbox,
+        idmap=idmap,
+        owners=owners,
+        # steps that write the tree run as root of the mapping when owners are kept
+        mapped=owners and idmap is not None,
+        chown_sandbox=sandbox and subid,
+        root_only_post=idmap is not None and idmap["mode"] == "root" and "post" in steps,
+        compress=compress,
+        reproducible=reproducible,
+        sif=not sandbox and out.endswith(".sif"),
+    )

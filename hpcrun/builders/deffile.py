@@ -7,6 +7,7 @@ as root of the subuid mapping when the build unpacked with one, like %files),
 %files, %post (inside the image as root: --fakeroot, through the caller's subuid range
 when there is one), %environment, %runscript, %startscript, %labels, %help, %test,
 %arguments (defaults for {{ NAME }}, overridden by --build-arg NAME=VALUE)."""
+
 import json
 import os
 import re
@@ -16,8 +17,7 @@ import sys
 
 from hpcrun.errors import ConfigError, ImageError, UsageError
 
-SECTIONS = {"setup", "files", "post", "environment", "runscript", "startscript", "labels", "help",
-            "test", "arguments"}
+SECTIONS = {"setup", "files", "post", "environment", "runscript", "startscript", "labels", "help", "test", "arguments"}
 AGENTS = {"scratch", "localimage", "docker-archive", "oci", "oci-archive", "docker", "oras", "debootstrap"}
 LATER = {"library", "shub", "yum", "zypper", "busybox", "arch"}
 
@@ -36,8 +36,10 @@ def parse(text, path, build_args=()):
         if m:
             name = m.group(1).lower()
             if name not in SECTIONS:
-                raise UsageError(f"{path}:{n}: unknown section %{name}",
-                                 f"known sections: {', '.join('%' + s for s in sorted(SECTIONS))}")
+                raise UsageError(
+                    f"{path}:{n}: unknown section %{name}",
+                    f"known sections: {', '.join('%' + s for s in sorted(SECTIONS))}",
+                )
             current = name
             sections.setdefault(name, [])
             continue
@@ -66,18 +68,21 @@ def parse(text, path, build_args=()):
             if m.group(1) not in args:
                 raise UsageError(f"{path}: {{{{ {m.group(1)} }}}} has no value", "give --build-arg NAME=VALUE")
             return args[m.group(1)]
+
         return re.sub(r"\{\{\s*(\w+)\s*\}\}", one, s)
+
     header = {k: subst(v) for k, v in header.items()}
     sections = {k: subst(v) for k, v in sections.items()}
     agent = header.get("bootstrap", "").lower()
     if not agent:
         raise UsageError(f"{path}: no 'Bootstrap:' header")
     if agent in LATER:
-        raise UsageError(f"{path}: Bootstrap: {agent} is not supported yet",
-                         "use localimage, docker, oras, docker-archive, oci, oci-archive, debootstrap or scratch")
+        raise UsageError(
+            f"{path}: Bootstrap: {agent} is not supported yet",
+            "use localimage, docker, oras, docker-archive, oci, oci-archive, debootstrap or scratch",
+        )
     if agent not in AGENTS:
-        raise UsageError(f"{path}: unknown bootstrap agent {agent!r}",
-                         f"known: {', '.join(sorted(AGENTS))}")
+        raise UsageError(f"{path}: unknown bootstrap agent {agent!r}", f"known: {', '.join(sorted(AGENTS))}")
     if agent == "debootstrap" and not header.get("osversion"):
         raise UsageError(f"{path}: Bootstrap: debootstrap needs an 'OSVersion:' header", "e.g. OSVersion: bookworm")
     if agent not in ("scratch", "debootstrap") and not header.get("from"):
@@ -106,8 +111,12 @@ def debootstrap(d, work, idmap, quiet):
         raise ConfigError("Bootstrap: debootstrap needs mmdebstrap", "install the mmdebstrap package")
     if idmap and idmap["mode"] != "subid":
         import pwd
-        raise ConfigError(f"Bootstrap: debootstrap needs a range for {pwd.getpwuid(os.getuid()).pw_name} in "
-                          "/etc/subuid and /etc/subgid", "ask your administrator for one, or build as root")
+
+        raise ConfigError(
+            f"Bootstrap: debootstrap needs a range for {pwd.getpwuid(os.getuid()).pw_name} in "
+            "/etc/subuid and /etc/subgid",
+            "ask your administrator for one, or build as root",
+        )
     tarball = os.path.join(work, "debootstrap.tar")
     include = ",".join(p for p in re.split(r"[\s,]+", d.header.get("include", "")) if p)
     args = ["mmdebstrap", "--variant=minbase", "--mode=" + ("unshare" if idmap else "root")]
@@ -115,14 +124,18 @@ def debootstrap(d, work, idmap, quiet):
     args += [d.header["osversion"], tarball, d.header.get("mirrorurl") or "http://deb.debian.org/debian"]
     try:
         _script("Bootstrap: debootstrap (mmdebstrap)", args, dict(os.environ), work)
-    except ImageError as e:     # an image problem (252), whatever mmdebstrap's own code
+    except ImageError as e:  # an image problem (252), whatever mmdebstrap's own code
         raise ImageError(e.message, e.hint) from None
     return tarball
 
 
-SECTION_FILES = (("environment", "env/90-environment.sh", 0o644), ("runscript", "runscript", 0o755),
-                 ("startscript", "startscript", 0o755), ("help", "runscript.help", 0o644),
-                 ("test", "test", 0o755))
+SECTION_FILES = (
+    ("environment", "env/90-environment.sh", 0o644),
+    ("runscript", "runscript", 0o755),
+    ("startscript", "startscript", 0o755),
+    ("help", "runscript.help", 0o644),
+    ("test", "test", 0o755),
+)
 
 
 def setup(d, rootfs, defdir):
@@ -149,6 +162,7 @@ def files(d, root, defdir):
             root.copy_in(src, dst)
         except OSError as e:
             from hpcrun import inroot
+
             raise inroot.failure(e, f"%files: cannot copy {parts[0]} to {dst}") from None
 
 
@@ -186,8 +200,12 @@ def run_in_image(section, rootfs, script, writable):
 
 def _script(section, argv, env, cwd):
     from hpcrun.runtime.idmap import dies_with_us
+
     sys.stdout.flush()
     proc = subprocess.run(argv, env=env, cwd=cwd, preexec_fn=dies_with_us())
     if proc.returncode != 0:
-        raise ImageError(f"{section} failed with exit code {proc.returncode}", "see its output above",
-                         code=proc.returncode if 0 < proc.returncode < 251 else None)
+        raise ImageError(
+            f"{section} failed with exit code {proc.returncode}",
+            "see its output above",
+            code=proc.returncode if 0 < proc.returncode < 251 else None,
+        )

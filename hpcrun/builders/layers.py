@@ -10,6 +10,7 @@ user namespace mapping a subuid range) members keep their numeric owners and ful
 otherwise everything belongs to the caller and stays readable by it. Layers honour OCI whiteouts: `.wh.NAME`
 deletes NAME from the layers below, `.wh..wh..opq` empties its directory of them.
 """
+
 import errno
 import os
 import shutil
@@ -32,8 +33,9 @@ def _clean(name, label):
             continue
         if p == "..":
             if not parts:
-                raise ImageError(f"{label}: member {name!r} points outside the image (..)",
-                                 "the archive is malicious or broken")
+                raise ImageError(
+                    f"{label}: member {name!r} points outside the image (..)", "the archive is malicious or broken"
+                )
             parts.pop()
         else:
             parts.append(p)
@@ -107,7 +109,7 @@ def _whiteout(root, rel, label, m):
     if base == OPAQUE:
         root.empty(parent)
         return
-    name = base[len(WH):]
+    name = base[len(WH) :]
     if name in ("", ".", "..") or name.startswith(WH):
         raise ImageError(f"{label}: invalid whiteout {m.name!r}", "the archive is malicious or broken")
     root.remove(f"{parent}/{name}")
@@ -121,15 +123,17 @@ def _entry(tar, root, rel, m, label, owners, lost):
     elif m.islnk():
         src = _clean(m.linkname, label)
         if src is None:
-            raise ImageError(f"{label}: hard link {m.name!r} -> {m.linkname!r} points outside the image",
-                             "the archive is malicious or broken")
+            raise ImageError(
+                f"{label}: hard link {m.name!r} -> {m.linkname!r} points outside the image",
+                "the archive is malicious or broken",
+            )
         root.hardlink(src, rel)
-        return                          # the link shares its source's inode: nothing more to set
+        return  # the link shares its source's inode: nothing more to set
     elif m.isfile():
         src = tar.extractfile(m)
         with root.create(rel) as out:
             shutil.copyfileobj(src, out, 1 << 20)
-            out.flush()                 # before the mode: a later write would drop setuid and the time
+            out.flush()  # before the mode: a later write would drop setuid and the time
             fd = out.fileno()
             _own(lambda ids: os.fchown(fd, *ids), rel, m, owners, lost)
             # unprivileged: no setuid (it would give nothing) and always readable by us
@@ -137,7 +141,7 @@ def _entry(tar, root, rel, m, label, owners, lost):
             os.utime(fd, ns=_ns(m.mtime))
         return
     else:
-        return                          # (tarfile has no other kinds we keep)
+        return  # (tarfile has no other kinds we keep)
     with root.parent(rel) as (dfd, name):
         _own(lambda ids: os.chown(name, *ids, dir_fd=dfd, follow_symlinks=False), rel, m, owners, lost)
         os.utime(name, ns=_ns(m.mtime), dir_fd=dfd, follow_symlinks=False)
@@ -150,7 +154,7 @@ def _finish_dir(root, rel, m, owners, lost):
         try:
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
         except FileNotFoundError:
-            return                      # removed by a later whiteout or member
+            return  # removed by a later whiteout or member
         if not stat.S_ISDIR(st.st_mode):
             return
         fd = inroot.open_dir_at(dfd, name)
@@ -169,7 +173,7 @@ def _own(chown, rel, m, owners, lost):
         return
     try:
         chown((m.uid, m.gid))
-    except OSError as e:         # EINVAL: the id is not mapped in this user namespace
+    except OSError as e:  # EINVAL: the id is not mapped in this user namespace
         if e.errno != errno.EINVAL:
             raise
         lost.append(rel)

@@ -3,6 +3,7 @@ archives (`docker-archive:FILE`): the layer blobs in order and the image config.
 Every blob an OCI manifest names is checked against its sha256 digest. Archives are
 unpacked, and layouts read, through inroot: a link among their members never reaches a
 host file."""
+
 import hashlib
 import json
 import os
@@ -14,16 +15,18 @@ from hpcrun import inroot
 from hpcrun.errors import ImageError
 
 LAYER_TYPES = {
-    "application/vnd.oci.image.layer.v1.tar", "application/vnd.oci.image.layer.v1.tar+gzip",
-    "application/vnd.oci.image.layer.v1.tar+zstd", "application/vnd.docker.image.rootfs.diff.tar.gzip",
-    "application/vnd.docker.image.rootfs.diff.tar", "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    "application/vnd.docker.image.rootfs.diff.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
 }
-INDEX_TYPES = {"application/vnd.oci.image.index.v1+json",
-               "application/vnd.docker.distribution.manifest.list.v2+json"}
+INDEX_TYPES = {"application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"}
 GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
 
 
-MAX_JSON = 16 << 20     # manifests, indexes and configs are kilobytes; refuse a hostile giant
+MAX_JSON = 16 << 20  # manifests, indexes and configs are kilobytes; refuse a hostile giant
 
 
 class Tree:
@@ -63,8 +66,9 @@ class Tree:
             raise ImageError(f"{self.what}: unsupported or malformed digest {digest!r}")
         path = self.file(f"blobs/sha256/{hexd}")
         if _sha256(path) != hexd:
-            raise ImageError(f"{self.what}: blob {digest} does not match its digest",
-                             "the image is corrupt: fetch it again")
+            raise ImageError(
+                f"{self.what}: blob {digest} does not match its digest", "the image is corrupt: fetch it again"
+            )
         return path
 
 
@@ -89,14 +93,15 @@ def _from_tree(tree, tag):
     what = tree.what
     manifests = tree.json("index.json").get("manifests") or []
     if tag:
-        manifests = [m for m in manifests
-                     if (m.get("annotations") or {}).get("org.opencontainers.image.ref.name") == tag]
+        manifests = [
+            m for m in manifests if (m.get("annotations") or {}).get("org.opencontainers.image.ref.name") == tag
+        ]
         if not manifests:
             raise ImageError(f"{what}: no image tagged {tag!r}")
     if not manifests:
         raise ImageError(f"{what}: index.json lists no image")
     desc = manifests[0]
-    for _ in range(4):          # an index may point to a platform index
+    for _ in range(4):  # an index may point to a platform index
         data = _load(tree.blob(desc), what)
         if desc.get("mediaType") in INDEX_TYPES or "manifests" in data:
             desc = _pick_platform(data.get("manifests") or [], what)
@@ -150,11 +155,16 @@ def from_docker_archive(path, workdir):
     finally:
         tree.close()
     diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
-    for layer, want in zip(layers, diff_ids):    # docker save layers are uncompressed: check them
-        if isinstance(want, str) and want.startswith("sha256:") and _is_plain_tar(layer) \
-                and "sha256:" + _sha256(layer) != want:
-            raise ImageError(f"{what}: layer {os.path.basename(layer)} does not match its diff_id",
-                             "the archive is corrupt")
+    for layer, want in zip(layers, diff_ids):  # docker save layers are uncompressed: check them
+        if (
+            isinstance(want, str)
+            and want.startswith("sha256:")
+            and _is_plain_tar(layer)
+            and "sha256:" + _sha256(layer) != want
+        ):
+            raise ImageError(
+                f"{what}: layer {os.path.basename(layer)} does not match its diff_id", "the archive is corrupt"
+            )
     return layers, config
 
 
@@ -177,6 +187,7 @@ def _extract_plain(path, out, what):
     between them; the image's files are in the layers) into out, through inroot: a link
     member is kept as a link that resolves inside out. -> Tree of out."""
     from hpcrun.builders.layers import _clean
+
     os.mkdir(out, 0o700)
     tree = Tree(out, what)
     root = tree.root

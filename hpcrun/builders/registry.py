@@ -9,6 +9,7 @@ against its sha256 digest and declared size and kept in a content-addressed cach
 Nothing is read past a blob's declared size, a manifest's or config's 4 MiB or a token
 answer's 1 MiB: registry answers are hostile input. Registries on loopback (localhost,
 127.0.0.0/8, ::1) are spoken to over plain HTTP, as Docker does; everything else over HTTPS."""
+
 import errno
 import hashlib
 import http.client
@@ -27,13 +28,17 @@ from hpcrun.builders import auth
 from hpcrun.builders.oci import GOARCH, INDEX_TYPES, LAYER_TYPES
 from hpcrun.errors import ImageError, UsageError
 
-ACCEPT = ", ".join([
-    "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v2+json"])
-LOOKUP = object()   # Registry(creds=LOOKUP): find the user's credentials when challenged
-MANIFEST_MAX = 4 << 20   # manifests, indexes, image configs (containerd's limit)
-TOKEN_MAX = 1 << 20      # a token service's JSON answer
+ACCEPT = ", ".join(
+    [
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    ]
+)
+LOOKUP = object()  # Registry(creds=LOOKUP): find the user's credentials when challenged
+MANIFEST_MAX = 4 << 20  # manifests, indexes, image configs (containerd's limit)
+TOKEN_MAX = 1 << 20  # a token service's JSON answer
 CHUNK = 1 << 20
 
 
@@ -67,7 +72,7 @@ def parse_ref(ref):
     """docker://[host[:port]/]repo[:tag][@digest] -> (host, repo, reference)."""
     for scheme in ("docker://", "oras://"):
         if ref.startswith(scheme):
-            ref = ref[len(scheme):]
+            ref = ref[len(scheme) :]
             break
     else:
         raise UsageError(f"{ref!r}: not a registry reference", "use docker://HOST/REPO:TAG")
@@ -91,7 +96,7 @@ def _loopback(host):
     """host, host:port, [v6]:port or a bare IPv6 literal: exactly localhost, or a loopback
     address (a name like 127.evil.example is not: DNS decides where it goes)."""
     if host.startswith("["):
-        name = host[1:host.find("]")] if "]" in host else ""
+        name = host[1 : host.find("]")] if "]" in host else ""
     else:
         name = host.split(":")[0] if host.count(":") == 1 else host
     if name.lower() == "localhost":
@@ -100,7 +105,7 @@ def _loopback(host):
         ip = ipaddress.ip_address(name)
     except ValueError:
         return False
-    mapped = getattr(ip, "ipv4_mapped", None)   # ::ffff:127.0.0.1 (not is_loopback before 3.13)
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1 (not is_loopback before 3.13)
     return ip.is_loopback or bool(mapped and mapped.is_loopback)
 
 
@@ -121,8 +126,7 @@ def _chunks(r, limit, what):
 def _read_capped(r, cap, what):
     body = b"".join(_chunks(r, cap, what))
     if len(body) > cap:
-        raise ImageError(f"{what} is larger than {cap >> 20} MiB",
-                         "the registry sent more than an image needs")
+        raise ImageError(f"{what} is larger than {cap >> 20} MiB", "the registry sent more than an image needs")
     return body
 
 
@@ -139,7 +143,7 @@ def _descriptor(desc):
     digest = _digest(desc)
     hexd = digest[7:]
     size = desc.get("size")
-    if type(size) is not int or size < 0:   # not bool, not float
+    if type(size) is not int or size < 0:  # not bool, not float
         raise ImageError(f"blob {digest}: the manifest gives no valid size ({size!r})")
     return digest, hexd, size
 
@@ -147,6 +151,7 @@ def _descriptor(desc):
 def _write_error(e, top):
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         from hpcrun.errors import DiskFullError
+
         return DiskFullError(f"disk full: cannot write {top}", "free space there, or set XDG_CACHE_HOME elsewhere")
     return ImageError(f"cannot write {top}: {e.strerror or e}")
 
@@ -176,8 +181,10 @@ def _own_dir(path):
     me = (os.geteuid(), 0)
     link, st = os.lstat(path), os.stat(path)
     if (stat.S_ISLNK(link.st_mode) and link.st_uid not in me) or st.st_uid not in me:
-        raise ImageError(f"cache directory {path} belongs to another user",
-                         "remove it, or set XDG_CACHE_HOME to a directory of your own")
+        raise ImageError(
+            f"cache directory {path} belongs to another user",
+            "remove it, or set XDG_CACHE_HOME to a directory of your own",
+        )
     if not stat.S_ISDIR(st.st_mode):
         raise ImageError(f"cache directory {path} is not a directory")
 
@@ -204,7 +211,7 @@ class Registry:
         self.root = f"{'http' if _loopback(host) else 'https'}://{host}/v2/"
         self.base = self.root + (repo or "")
         self.host, self.repo, self.quiet, self.creds = host, repo, quiet, creds
-        self.authorization = None   # the Authorization header once a challenge was answered
+        self.authorization = None  # the Authorization header once a challenge was answered
 
     def _open(self, url, accept=None):
         for attempt in range(2):
@@ -221,8 +228,9 @@ class Registry:
                     continue
                 if e.code in (401, 403):
                     raise auth.refused(self.host, self._creds(), self.repo) from None
-                raise ImageError(f"{url}: registry answered {e.code} {e.reason}",
-                                 "check the reference and your access") from None
+                raise ImageError(
+                    f"{url}: registry answered {e.code} {e.reason}", "check the reference and your access"
+                ) from None
             except (urllib.error.URLError, OSError) as e:
                 raise ImageError(f"{url}: cannot reach the registry ({getattr(e, 'reason', e)})") from None
 
@@ -277,8 +285,10 @@ class Registry:
         if not ok:
             raise ImageError(f"{self.host}: token service {realm!r} is not an http(s) URL")
         if creds and url.scheme != "https" and not _loopback(url.netloc):
-            raise ImageError(f"{self.host}: token service {realm} is not HTTPS",
-                             "hpcrun sends credentials only over HTTPS or to loopback")
+            raise ImageError(
+                f"{self.host}: token service {realm} is not HTTPS",
+                "hpcrun sends credentials only over HTTPS or to loopback",
+            )
 
     def check(self):
         """GET /v2/ (authenticating as needed): raises unless the registry lets us in."""
@@ -304,8 +314,9 @@ class Registry:
         cap: refuse a declared size above it (image configs)."""
         digest, hexd, size = _descriptor(desc)
         if cap is not None and size > cap:
-            raise ImageError(f"image config {digest} is larger than {cap >> 20} MiB",
-                             "the registry sent more than an image needs")
+            raise ImageError(
+                f"image config {digest} is larger than {cap >> 20} MiB", "the registry sent more than an image needs"
+            )
         top = _blob_dir(cache)
         path = os.path.join(top, hexd)
         if _intact(path, hexd, size):
@@ -313,7 +324,7 @@ class Registry:
         if os.path.lexists(path):
             self._drop(path, digest)
         try:
-            fd, tmp = tempfile.mkstemp(dir=top, prefix=".part-")   # O_EXCL|O_NOFOLLOW, mode 0600
+            fd, tmp = tempfile.mkstemp(dir=top, prefix=".part-")  # O_EXCL|O_NOFOLLOW, mode 0600
         except OSError as e:
             raise _write_error(e, top) from None
         try:
@@ -321,7 +332,7 @@ class Registry:
                 got = self._download(digest, size, out)
             if got != hexd:
                 raise ImageError(f"blob {digest} does not match its digest", "the registry sent corrupt data")
-            os.replace(tmp, path)   # replaces the name: never writes through what is there
+            os.replace(tmp, path)  # replaces the name: never writes through what is there
             return path
         except OSError as e:
             raise _write_error(e, top) from None
@@ -354,8 +365,10 @@ class Registry:
                 for chunk in _chunks(r, size, f"blob {digest}"):
                     done += len(chunk)
                     if done > size:
-                        raise ImageError(f"blob {digest} is larger than its declared size {size}",
-                                         "the registry sent more than the manifest says")
+                        raise ImageError(
+                            f"blob {digest} is larger than its declared size {size}",
+                            "the registry sent more than the manifest says",
+                        )
                     h.update(chunk)
                     out.write(chunk)
                     if show:
@@ -364,8 +377,10 @@ class Registry:
             if show:
                 sys.stderr.write("\n")
         if done < size:
-            raise ImageError(f"blob {digest} is smaller than its declared size {size} ({done} bytes came)",
-                             "the download was cut short, or the registry is corrupt")
+            raise ImageError(
+                f"blob {digest} is smaller than its declared size {size} ({done} bytes came)",
+                "the download was cut short, or the registry is corrupt",
+            )
         return h.hexdigest()
 
 
@@ -375,8 +390,11 @@ def _pick(index, ref):
     entries = index.get("manifests")
     for m in entries if isinstance(entries, list) else []:
         platform = (m.get("platform") or {}) if isinstance(m, dict) else None
-        if isinstance(platform, dict) and platform.get("architecture") == arch \
-                and platform.get("os", "linux") == "linux":
+        if (
+            isinstance(platform, dict)
+            and platform.get("architecture") == arch
+            and platform.get("os", "linux") == "linux"
+        ):
             return m
     raise ImageError(f"{ref}: no image for linux/{arch}")
 
@@ -389,7 +407,7 @@ def pull(ref, quiet=True):
     manifest, mtype = reg.manifest(reference)
     for _ in range(3):
         if mtype in INDEX_TYPES or "manifests" in manifest:
-            manifest, mtype = reg.manifest(_digest(_pick(manifest, ref)))   # by digest: verified
+            manifest, mtype = reg.manifest(_digest(_pick(manifest, ref)))  # by digest: verified
             continue
         break
     if "config" not in manifest:
@@ -420,7 +438,7 @@ def cache_entries():
     except FileNotFoundError:
         return []
     out = []
-    for n in names:     # what is not a regular file is no blob (it is dropped when used)
+    for n in names:  # what is not a regular file is no blob (it is dropped when used)
         st = os.lstat(os.path.join(top, n))
         if stat.S_ISREG(st.st_mode):
             out.append((n, st.st_size))
@@ -430,6 +448,7 @@ def cache_entries():
 def cache_clean():
     """Remove the cache's blobs (fd-based: a link planted in it is removed, not followed)."""
     from hpcrun import trees
+
     top = os.path.join(cache_dir(), "blobs")
     n = len(cache_entries())
     trees.remove(top)

@@ -1,5 +1,6 @@
 """What a build's SOURCE is, found once (by prefix, then by content, never by file name):
 the impure half of build planning, as host.py is for runs."""
+
 import os
 import re
 import stat
@@ -8,16 +9,29 @@ from hpcrun.errors import UsageError
 
 REGISTRY = ("docker://", "oras://")
 ARCHIVES = {"docker-archive:": "docker-archive", "oci-archive:": "oci-archive", "oci:": "oci"}
-KINDS = ("dir", "image", "tarball", "docker-archive", "oci-archive", "oci", "registry", "definition",
-         "debootstrap", "scratch")
-HINT = ("give a directory, a tarball, docker-archive:FILE, oci:DIR, oci-archive:FILE, docker://REF, "
-        "oras://REF or a definition file")
+KINDS = (
+    "dir",
+    "image",
+    "tarball",
+    "docker-archive",
+    "oci-archive",
+    "oci",
+    "registry",
+    "definition",
+    "debootstrap",
+    "scratch",
+)
+HINT = (
+    "give a directory, a tarball, docker-archive:FILE, oci:DIR, oci-archive:FILE, docker://REF, "
+    "oras://REF or a definition file"
+)
 
 
 class Source:
     """kind: one of KINDS. path: a file or directory (absolute); tag: of an OCI layout or
     archive; ref: a registry reference; definition and base: a definition file and the
     Source its Bootstrap names (None for scratch)."""
+
     __slots__ = ("kind", "path", "tag", "ref", "definition", "base")
 
     def __init__(self, kind, path=None, tag=None, ref=None, definition=None, base=None):
@@ -38,7 +52,7 @@ def classify(source, build_args=(), nested=False):
         return Source("registry", ref=source)
     for prefix, kind in ARCHIVES.items():
         if source.startswith(prefix):
-            path, tag = _split_tag(source[len(prefix):]) if kind != "docker-archive" else (source[15:], None)
+            path, tag = _split_tag(source[len(prefix) :]) if kind != "docker-archive" else (source[15:], None)
             return Source(kind, _existing(path), tag)
     path = _existing(source)
     st = os.stat(path)
@@ -53,9 +67,12 @@ def classify(source, build_args=(), nested=False):
     if text is None or not re.search(r"^\s*bootstrap\s*:", text, re.IGNORECASE | re.MULTILINE):
         return Source("tarball", path)
     if nested:
-        raise UsageError(f"{source}: a definition file's From: names another definition file",
-                         "build that one first and bootstrap from the image")
+        raise UsageError(
+            f"{source}: a definition file's From: names another definition file",
+            "build that one first and bootstrap from the image",
+        )
     from hpcrun.builders import deffile
+
     with open(path, encoding="utf-8") as f:
         definition = deffile.parse(f.read(), source, build_args)
     agent = definition.header["bootstrap"].lower()
@@ -83,7 +100,7 @@ def _text(head):
     try:
         return head.decode("utf-8")
     except UnicodeDecodeError as e:
-        return head[:e.start].decode("utf-8") if e.start >= len(head) - 3 else None   # cut mid-character
+        return head[: e.start].decode("utf-8") if e.start >= len(head) - 3 else None  # cut mid-character
 
 
 def _existing(path):

@@ -4,6 +4,7 @@ SIF and squashfs images are read with PySquashfsImage (at the partition's offset
 sandboxes through safepath (their symlinks resolve inside the image). Apptainer keeps
 metadata under /.singularity.d; a SIF may also carry the definition file and labels as
 objects of their own, which win."""
+
 import json
 import os
 
@@ -12,8 +13,13 @@ from hpcrun.images import sif as sifmod
 from hpcrun.images.detect import open_image
 
 META = "/.singularity.d"
-FILES = {"runscript": "runscript", "deffile": "Singularity", "helpfile": "runscript.help",
-         "startscript": "startscript", "test": "test"}
+FILES = {
+    "runscript": "runscript",
+    "deffile": "Singularity",
+    "helpfile": "runscript.help",
+    "startscript": "startscript",
+    "test": "test",
+}
 SIF_DEFFILE, SIF_LABELS = 0x4001, 0x4003
 # At most this much of each metadata file or object is read: an image is anyone's, and
 # a runscript of 9 GB (a sparse file costs nothing to ship) must not take 9 GB here.
@@ -24,12 +30,13 @@ def _text(data, size, path, strict=False):
     """Decoded text of the first LIMIT bytes; a note says when the file had more (strict:
     refuse it instead, for data that is useless cut short)."""
     if size > LIMIT and strict:
-        raise ImageError(f"{path} in the image is larger than {LIMIT >> 20} MiB ({size} bytes)",
-                         "inspect reads metadata of up to 1 MiB per file")
+        raise ImageError(
+            f"{path} in the image is larger than {LIMIT >> 20} MiB ({size} bytes)",
+            "inspect reads metadata of up to 1 MiB per file",
+        )
     text = data[:LIMIT].decode("utf-8", "replace")
     if size > LIMIT:
-        text += (f"\n[hpcrun: {path} truncated: {size} bytes, inspect shows the first "
-                 f"{LIMIT >> 20} MiB]\n")
+        text += f"\n[hpcrun: {path} truncated: {size} bytes, inspect shows the first {LIMIT >> 20} MiB]\n"
     return text
 
 
@@ -47,6 +54,7 @@ class _Head:
 class _Squash:
     def __init__(self, image):
         from PySquashfsImage import SquashFsImage
+
         try:
             self.im = SquashFsImage.from_file(f"/proc/self/fd/{image.fd}", offset=image.offset)
         except Exception as e:  # the library raises plain exceptions on corrupt data
@@ -92,11 +100,12 @@ class _Sandbox:
     def read(self, path, strict=False):
         import stat
         from hpcrun.runtime import safepath
+
         try:
             fd = safepath.open_in_root(self.root, path)
         except OSError:
             return None
-        try:   # the O_PATH fd pins the inode: checked regular, it cannot become a FIFO
+        try:  # the O_PATH fd pins the inode: checked regular, it cannot become a FIFO
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 return None
@@ -110,6 +119,7 @@ class _Sandbox:
 
     def listdir(self, path):
         from hpcrun.runtime import safepath
+
         try:
             fd = safepath.open_in_root(self.root, path)
         except OSError:
@@ -135,9 +145,10 @@ def metadata(path):
             env, total = [], 0
             for name in reader.listdir(f"{META}/env"):
                 if name.endswith(".sh"):
-                    if total > LIMIT:   # many files: the limit holds for all of them together
-                        env.append(f"[hpcrun: more files in {META}/env, not shown: "
-                                   f"inspect shows {LIMIT >> 20} MiB of them]\n")
+                    if total > LIMIT:  # many files: the limit holds for all of them together
+                        env.append(
+                            f"[hpcrun: more files in {META}/env, not shown: inspect shows {LIMIT >> 20} MiB of them]\n"
+                        )
                         break
                     text = reader.read(f"{META}/env/{name}")
                     if text:
@@ -147,12 +158,16 @@ def metadata(path):
             labels = reader.read(f"{META}/labels.json", strict=True)
         finally:
             reader.close()
-        if image.kind == "sif":   # objects in the SIF itself
+        if image.kind == "sif":  # objects in the SIF itself
             f = sifmod.SifFile(image.path, image.fd)
             for d in f.descriptors:
                 if d.datatype in (SIF_DEFFILE, SIF_LABELS):
-                    data = _text(os.pread(image.fd, min(d.size, LIMIT + 1), d.offset), d.size,
-                                 f"SIF object {d.id}", strict=d.datatype == SIF_LABELS)
+                    data = _text(
+                        os.pread(image.fd, min(d.size, LIMIT + 1), d.offset),
+                        d.size,
+                        f"SIF object {d.id}",
+                        strict=d.datatype == SIF_LABELS,
+                    )
                     if d.datatype == SIF_DEFFILE:
                         out["deffile"] = data
                     else:

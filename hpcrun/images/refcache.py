@@ -4,6 +4,7 @@ from there, as Apptainer runs such references from its cache. The tag is resolve
 digest on every use (a moving tag gets the new image, as in Apptainer, which checks the
 manifest digest each time); an image already in the cache is not pulled again. Two
 tasks pulling the same digest at once: a lock file per digest, the SIF placed by rename."""
+
 import hashlib
 import os
 import stat
@@ -11,8 +12,10 @@ import stat
 from hpcrun.errors import ImageError, UsageError
 
 PULLED = ("docker://", "oras://")
-REFUSED = {"library://": "the Sylabs library is not supported",
-           "shub://": "Singularity Hub is closed (read-only archive since 2021)"}
+REFUSED = {
+    "library://": "the Sylabs library is not supported",
+    "shub://": "Singularity Hub is closed (read-only archive since 2021)",
+}
 
 
 def resolve(ref, quiet=False):
@@ -21,12 +24,14 @@ def resolve(ref, quiet=False):
         if ref.startswith(scheme):
             raise UsageError(f"{ref}: {why}", "pull it with another tool, or use docker:// or oras://")
     scheme = next((s for s in PULLED if ref.startswith(s)), None)
-    if scheme is None and os.path.lexists(ref):   # a file that merely has :// in its path
+    if scheme is None and os.path.lexists(ref):  # a file that merely has :// in its path
         return ref
     if scheme is None:
-        raise UsageError(f"{ref}: unknown image reference scheme",
-                         "use a file, a directory, docker://REF or oras://REF")
+        raise UsageError(
+            f"{ref}: unknown image reference scheme", "use a file, a directory, docker://REF or oras://REF"
+        )
     from hpcrun.builders import registry
+
     host, repo, reference = registry.parse_ref(ref)
     digest = manifest_digest(registry.Registry(host, repo, quiet), reference, ref)
     top = sif_dir(registry)
@@ -34,10 +39,12 @@ def resolve(ref, quiet=False):
     if _cached(path):
         return path
     import fcntl
-    lock = os.open(os.path.join(top, digest[7:] + ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
-                   | os.O_CLOEXEC, 0o600)
+
+    lock = os.open(
+        os.path.join(top, digest[7:] + ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+    )
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)   # another task may be pulling the same image
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another task may be pulling the same image
         if not _cached(path):
             _pull(f"{scheme}{host}/{repo}@{digest}", path, quiet)
     finally:
@@ -50,6 +57,7 @@ def manifest_digest(reg, reference, ref):
     this machine's entry (what will run)."""
     from hpcrun.builders import registry
     from hpcrun.builders.oci import INDEX_TYPES
+
     with reg._open(f"{reg.base}/manifests/{reference}", registry.ACCEPT) as r:
         body = registry._read_capped(r, registry.MANIFEST_MAX, f"manifest {reference}")
         mtype = r.headers.get("Content-Type", "").split(";")[0]
@@ -57,6 +65,7 @@ def manifest_digest(reg, reference, ref):
     if reference.startswith("sha256:") and digest != reference:
         raise ImageError(f"manifest {reference} does not match its digest", "the registry is corrupt")
     import json
+
     try:
         data = json.loads(body)
     except ValueError:
@@ -82,9 +91,11 @@ def sif_dir(registry):
             except FileExistsError:
                 pass
             registry._own_dir(path)
-            if os.stat(path).st_mode & 0o022:   # others could swap a SIF in after the check
-                raise ImageError(f"cache directory {path} is writable by others",
-                                 f"chmod go-w {path}, or set XDG_CACHE_HOME to a directory of your own")
+            if os.stat(path).st_mode & 0o022:  # others could swap a SIF in after the check
+                raise ImageError(
+                    f"cache directory {path} is writable by others",
+                    f"chmod go-w {path}, or set XDG_CACHE_HOME to a directory of your own",
+                )
     except OSError as e:
         raise registry._write_error(e, top) from None
     return top
@@ -103,6 +114,7 @@ def _cached(path):
 
 def _pull(ref, path, quiet):
     from hpcrun.build import build
+
     tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{os.getpid()}.tmp"
     try:
         build(tmp, ref, quiet=quiet)

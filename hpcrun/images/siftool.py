@@ -1,24 +1,32 @@
 """`hpcrun sif list|header`: the same text Apptainer's `siftool list|header` prints."""
+
 import uuid as uuidmod
 
 from hpcrun.images import sif
 
 HASHES = {1: "SHA-256", 2: "SHA-384", 3: "SHA-512", 4: "BLAKE2s-256", 5: "BLAKE2b-256"}
-SBOM_FORMATS = {1: "cyclonedx-json", 2: "cyclonedx-xml", 3: "github-json", 4: "spdx-json",
-                5: "spdx-rdf", 6: "spdx-tag-value", 7: "spdx-yaml", 8: "syft-json"}
+SBOM_FORMATS = {
+    1: "cyclonedx-json",
+    2: "cyclonedx-xml",
+    3: "github-json",
+    4: "spdx-json",
+    5: "spdx-rdf",
+    6: "spdx-tag-value",
+    7: "spdx-yaml",
+    8: "syft-json",
+}
 GO_ZERO_TIME = -62135596800
 RULE = "-" * 78
 
 
 def _int(extra, off=0):
-    return int.from_bytes(extra[off:off + 4], "little", signed=True)
+    return int.from_bytes(extra[off : off + 4], "little", signed=True)
 
 
 def type_text(d):
     name = sif.DATATYPES.get(d.datatype, f"Unknown ({d.datatype:#x})")
     if d.datatype == sif.PARTITION:
-        return (f"{name} ({sif.FSTYPES.get(d.fstype, '?')}/{sif.PARTTYPES.get(d.parttype, '?')}"
-                f"/{d.arch})")
+        return f"{name} ({sif.FSTYPES.get(d.fstype, '?')}/{sif.PARTTYPES.get(d.parttype, '?')}/{d.arch})"
     if d.datatype == 0x4005:
         return f"{name} ({HASHES.get(_int(d.extra), 'unknown')})"
     if d.datatype == 0x4009:
@@ -40,16 +48,27 @@ def _link(raw):
 
 
 def list_rows(f):
-    return [{"id": d.id, "group": d.groupid & 0x0FFFFFFF, "link": d.linkid, "start": d.offset,
-             "end": d.offset + d.size, "type": type_text(d), "name": d.name}
-            for d in sorted(f.descriptors, key=lambda d: d.id)]
+    return [
+        {
+            "id": d.id,
+            "group": d.groupid & 0x0FFFFFFF,
+            "link": d.linkid,
+            "start": d.offset,
+            "end": d.offset + d.size,
+            "type": type_text(d),
+            "name": d.name,
+        }
+        for d in sorted(f.descriptors, key=lambda d: d.id)
+    ]
 
 
 def list_text(f):
     lines = [RULE, f"{'ID':<5}|{'GROUP':<8}|{'LINK':<8}|{'SIF POSITION (start-end)':<26}|TYPE", RULE]
     for d in sorted(f.descriptors, key=lambda d: d.id):
-        lines.append(f"{d.id:<5}|{_group(d.groupid):<8}|{_link(d.linkid):<8}|"
-                     f"{f'{d.offset}-{d.offset + d.size}':<26}|{type_text(d)}")
+        lines.append(
+            f"{d.id:<5}|{_group(d.groupid):<8}|{_link(d.linkid):<8}|"
+            f"{f'{d.offset}-{d.offset + d.size}':<26}|{type_text(d)}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -67,6 +86,7 @@ def _time(t):
     crafted or damaged header: Python's datetime cannot hold it) is printed as the raw
     number of seconds instead, marked, rather than guessed at or clamped."""
     import datetime
+
     try:
         return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S %z UTC")
     except (OverflowError, OSError, ValueError):
@@ -85,9 +105,14 @@ def header_fields(f):
         fields.append(("Created", _time(f.ctime)))
     if f.mtime != GO_ZERO_TIME:
         fields.append(("Modified", _time(f.mtime)))
-    fields += [("Descriptors Free", str(f.dfree)), ("Descriptors Total", str(f.dtotal)),
-               ("Descriptors Offset", str(f.doffset)), ("Descriptors Size", readable_size(f.dsize)),
-               ("Data Offset", str(f.data_offset)), ("Data Size", readable_size(f.data_size))]
+    fields += [
+        ("Descriptors Free", str(f.dfree)),
+        ("Descriptors Total", str(f.dtotal)),
+        ("Descriptors Offset", str(f.doffset)),
+        ("Descriptors Size", readable_size(f.dsize)),
+        ("Data Offset", str(f.data_offset)),
+        ("Data Size", readable_size(f.data_size)),
+    ]
     return fields
 
 

@@ -3,13 +3,14 @@ namespace's CAP_SYS_ADMIN, the daemon would not after exec), then hand the open
 /dev/fuse to squashfuse as `/dev/fd/N`, as Apptainer does. The daemon dies with us
 (PDEATHSIG) and never outlives the container; a shared container's daemon instead
 lives exactly as long as the mount (see `detach`)."""
+
 import errno
 import os
 
 from hpcrun.errors import ImageError, RuntimeSetupError
 from hpcrun.runtime import syscalls as sc
 
-LOST = (errno.ENOTCONN, errno.ECONNABORTED)   # the FUSE connection is gone: its daemon died
+LOST = (errno.ENOTCONN, errno.ECONNABORTED)  # the FUSE connection is gone: its daemon died
 
 
 def which(names, path=None):
@@ -43,9 +44,14 @@ def mount(devfd, image_fd, image_path, offset, mountpoint, daemon, uid, gid, hos
     its own without the mount, so when the last process leaves the container's
     namespace the kernel drops the mount, aborts the FUSE connection and the daemon
     exits (a shared container's keeper may exit before the tasks using it)."""
-    sc.mount(image_path, mountpoint, "fuse.squashfuse", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_RDONLY,
-             f"fd={devfd},rootmode=40000,user_id={uid},group_id={gid},allow_other",
-             what=f"cannot mount {image_path} with FUSE")
+    sc.mount(
+        image_path,
+        mountpoint,
+        "fuse.squashfuse",
+        sc.MS_NOSUID | sc.MS_NODEV | sc.MS_RDONLY,
+        f"fd={devfd},rootmode=40000,user_id={uid},group_id={gid},allow_other",
+        what=f"cannot mount {image_path} with FUSE",
+    )
     log = os.memfd_create("squashfuse-log")
     parent = os.getpid()
     pid = os.fork()
@@ -58,7 +64,7 @@ def mount(devfd, image_fd, image_path, offset, mountpoint, daemon, uid, gid, hos
                 sc.prctl(sc.PR_SET_PDEATHSIG, 9)
                 if os.getppid() != parent:
                     os._exit(1)
-            os.setsid()   # the terminal's ^C is for the command, not the file system
+            os.setsid()  # the terminal's ^C is for the command, not the file system
             os.chroot(host_root)
             os.chdir("/")
             null = os.open("/dev/null", os.O_RDWR)
@@ -68,14 +74,14 @@ def mount(devfd, image_fd, image_path, offset, mountpoint, daemon, uid, gid, hos
             os.set_inheritable(devfd, True)
             os.set_inheritable(image_fd, True)
             import _signal as signal
+
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
-            os.execv(daemon, [daemon, "-f", "-o", f"offset={offset}",
-                              f"/proc/self/fd/{image_fd}", f"/dev/fd/{devfd}"])
+            os.execv(daemon, [daemon, "-f", "-o", f"offset={offset}", f"/proc/self/fd/{image_fd}", f"/dev/fd/{devfd}"])
         finally:
             os._exit(127)
     os.close(devfd)  # the daemon's copy is the last one: if it dies, the mount fails fast
     try:
-        os.listdir(mountpoint)   # blocks until the daemon serves, ENOTCONN if it died
+        os.listdir(mountpoint)  # blocks until the daemon serves, ENOTCONN if it died
     except OSError as e:
         raise _mount_failed(pid, log, daemon, image_path, e) from None
     os.close(log)
@@ -85,19 +91,20 @@ def mount(devfd, image_fd, image_path, offset, mountpoint, daemon, uid, gid, hos
 def _mount_failed(pid, log, daemon, image_path, e):
     """The error for a mount whose first listing failed with e; reaps the daemon."""
     code = exit_code(pid, 1.0 if e.errno in LOST else 0)
-    if code is None:             # still serving: it refuses a broken image
+    if code is None:  # still serving: it refuses a broken image
         os.kill(pid, 9)
         os.waitpid(pid, 0)
     os.lseek(log, 0, 0)
     said = os.read(log, 4096).decode(errors="replace").strip().splitlines()
     os.close(log)
-    if code is not None and code < 0:   # a signal from outside: nothing says the image is bad
+    if code is not None and code < 0:  # a signal from outside: nothing says the image is bad
         return died(image_path, code, "while mounting")
     if code == 127 and not said:
         return RuntimeSetupError(f"cannot start {daemon}", "run `hpcrun check`")
     detail = said[-1] if said else e.strerror
-    return ImageError(f"{image_path}: squashfuse cannot read the image: {detail}",
-                      "the image is corrupt: copy or build it again")
+    return ImageError(
+        f"{image_path}: squashfuse cannot read the image: {detail}", "the image is corrupt: copy or build it again"
+    )
 
 
 def exit_code(pid, wait=0.0):
@@ -111,14 +118,16 @@ def exit_code(pid, wait=0.0):
         if wait <= 0:
             return None
         import time
+
         time.sleep(0.01)
         wait -= 0.01
 
 
 def died(image_path, code, when):
     how = f"was killed (signal {-code})" if code < 0 else f"exited (status {code})"
-    return RuntimeSetupError(f"squashfuse {how} {when} {image_path}",
-                             "run it again; if it keeps failing, run `hpcrun check`")
+    return RuntimeSetupError(
+        f"squashfuse {how} {when} {image_path}", "run it again; if it keeps failing, run `hpcrun check`"
+    )
 
 
 def set_up_failed(pid, image_path, exc):
@@ -136,8 +145,10 @@ def set_up_failed(pid, image_path, exc):
     except (ProcessLookupError, ChildProcessError):
         pass
     if lost:
-        return RuntimeSetupError(f"the FUSE connection to {image_path} was lost while the container was set up",
-                                 "run it again; if it keeps failing, run `hpcrun check`")
+        return RuntimeSetupError(
+            f"the FUSE connection to {image_path} was lost while the container was set up",
+            "run it again; if it keeps failing, run `hpcrun check`",
+        )
     return None
 
 

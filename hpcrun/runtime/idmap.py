@@ -1,4 +1,5 @@
 """User namespace id maps: our own uid only, root only, or a subuid range via newuidmap."""
+
 import os
 
 from hpcrun.errors import RuntimeSetupError
@@ -16,8 +17,7 @@ def write_self(idmap):
         with open("/proc/self/gid_map", "w") as f:
             f.write(f"{inside_gid} {idmap['gid']} 1")
     except OSError as e:
-        raise RuntimeSetupError(f"cannot write user namespace id maps: {e.strerror}",
-                                "run `hpcrun check`") from None
+        raise RuntimeSetupError(f"cannot write user namespace id maps: {e.strerror}", "run `hpcrun check`") from None
 
 
 def start_helper(idmap):
@@ -37,8 +37,7 @@ def start_helper(idmap):
             os._exit(1)
         us, uc = idmap["subuid"]
         gs, gc = idmap["subgid"]
-        for tool, own, start, count in (("newuidmap", idmap["uid"], us, uc),
-                                        ("newgidmap", idmap["gid"], gs, gc)):
+        for tool, own, start, count in (("newuidmap", idmap["uid"], us, uc), ("newgidmap", idmap["gid"], gs, gc)):
             args = [tool, str(parent), "0", str(own), "1", "1", str(start), str(count)]
             child = os.posix_spawnp(tool, args, os.environ)
             if os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) != 0:
@@ -53,13 +52,16 @@ def finish_helper(pid, w):
     os.close(w)
     status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     if status != 0:
-        raise RuntimeSetupError("newuidmap/newgidmap could not map your subordinate id range",
-                                "check /etc/subuid and /etc/subgid, or run `hpcrun check`")
+        raise RuntimeSetupError(
+            "newuidmap/newgidmap could not map your subordinate id range",
+            "check /etc/subuid and /etc/subgid, or run `hpcrun check`",
+        )
 
 
 def _enter(idmap):
     """In a fresh child: become root of a new user namespace with these maps."""
     from hpcrun.runtime import syscalls as sc
+
     helper = start_helper(idmap) if idmap["mode"] == "subid" else None
     sc.unshare(sc.CLONE_NEWUSER)
     if helper:
@@ -72,6 +74,7 @@ def die_with_parent(parent):
     """In a forked child: SIGKILL when the parent goes (even by SIGKILL), so no tool keeps
     writing into a tree that is being removed."""
     from hpcrun.runtime import syscalls as sc
+
     sc.prctl(sc.PR_SET_PDEATHSIG, 9)
     if os.getppid() != parent:
         os._exit(1)
@@ -120,6 +123,7 @@ def call_mapped(fn, idmap):
     raises is raised here, with its message and exit code."""
     import json
     from hpcrun.errors import HpcrunError
+
     r, w = os.pipe()
     parent = os.getpid()
     pid = os.fork()
@@ -143,7 +147,7 @@ def call_mapped(fn, idmap):
         with os.fdopen(r) as f:
             data = f.read()
     except BaseException:
-        _reap(pid)        # kills it: we were interrupted
+        _reap(pid)  # kills it: we were interrupted
         raise
     _reap(pid)
     reply = json.loads(data) if data else {"error": ["the user namespace child died", None, 255]}
@@ -156,6 +160,7 @@ def build_idmap():
     """The --fakeroot map for the caller (subuid range when there is one)."""
     import pwd
     from hpcrun.host import subid_range
+
     uid, gid = os.getuid(), os.getgid()
     user = pwd.getpwuid(uid).pw_name
     su, sg = subid_range("/etc/subuid", user, uid), subid_range("/etc/subgid", user, uid)

@@ -9,6 +9,7 @@ it serves and removed with its socket. Whether an instance is alive is always as
 of its keeper (a connection, peer uid checked), never read from the file alone; what
 killed keepers left is removed by whoever finds it (start, list, stop, join).
 """
+
 import os
 import sys
 
@@ -17,7 +18,7 @@ from hpcrun.runtime import share
 
 PREFIX = "instance-"
 NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
-MAX_NAME = 64      # the socket's path (/proc/self/fd/N/instance-NAME.sock) must fit in 108 bytes
+MAX_NAME = 64  # the socket's path (/proc/self/fd/N/instance-NAME.sock) must fit in 108 bytes
 STARTSCRIPT = "/.singularity.d/startscript"
 # Options a joining task chooses for itself; every other one is the instance's.
 PER_TASK = ("env", "env_file", "cleanenv", "pwd", "quiet", "verbose", "debug", "dry_run")
@@ -27,8 +28,9 @@ def check_name(name):
     """Apptainer's rule (^[a-zA-Z0-9._-]+$), and a length our socket path can hold."""
     if not name or len(name) > MAX_NAME or not set(name) <= NAME_CHARS:
         shown = name if len(name) <= MAX_NAME else name[:MAX_NAME] + "..."
-        raise UsageError(f"{shown!r} is not a valid instance name",
-                         f"use letters, digits, '.', '_' and '-', at most {MAX_NAME}")
+        raise UsageError(
+            f"{shown!r} is not a valid instance name", f"use letters, digits, '.', '_' and '-', at most {MAX_NAME}"
+        )
 
 
 class Instance:
@@ -44,8 +46,7 @@ class Instance:
         """Open NAME.out and NAME.err (appended to) in $XDG_STATE_HOME/hpcrun/instances/HOST,
         as Apptainer keeps ~/.apptainer/instances/logs/HOST/USER/NAME.*; without them
         (a read-only home) the output is lost, with a warning."""
-        base = env.get("XDG_STATE_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"),
-                                                          ".local", "state")
+        base = env.get("XDG_STATE_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".local", "state")
         d = os.path.join(base, "hpcrun", "instances", os.uname().nodename)
         paths = (os.path.join(d, self.name + ".out"), os.path.join(d, self.name + ".err"))
         fds = []
@@ -57,8 +58,9 @@ class Instance:
             for fd in fds:
                 os.close(fd)
             if not quiet:
-                sys.stderr.write(f"hpcrun: warning: instance {self.name}: no log files in {d} ({e.strerror}): "
-                                 "its output is lost\n")
+                sys.stderr.write(
+                    f"hpcrun: warning: instance {self.name}: no log files in {d} ({e.strerror}): its output is lost\n"
+                )
             return
         self.logs, self.log_paths = tuple(fds), paths
 
@@ -81,6 +83,7 @@ class Instance:
         """In the container: (program, argv) of the start- or runscript, None when there
         is no startscript (the instance then only holds the container, as Apptainer's)."""
         from hpcrun.runtime import launcher
+
         if self.script == "start":
             if not (os.path.isfile(STARTSCRIPT) and os.access(STARTSCRIPT, os.X_OK)):
                 return None
@@ -97,16 +100,25 @@ class Instance:
         """The state file, written whole (a temporary name, then rename) by the keeper."""
         import json
         import time
-        state = {"name": self.name, "image": self.image, "pid": init, "keeper": keeper, "daemon": daemon,
-                 "started": time.time(), "script": self.script, "opts": self.opts,
-                 "logOutPath": self.log_paths[0], "logErrPath": self.log_paths[1]}
+
+        state = {
+            "name": self.name,
+            "image": self.image,
+            "pid": init,
+            "keeper": keeper,
+            "daemon": daemon,
+            "started": time.time(),
+            "script": self.script,
+            "opts": self.opts,
+            "logOutPath": self.log_paths[0],
+            "logErrPath": self.log_paths[1],
+        }
         tmp = f".{self.cid}.json.tmp"
         try:
             os.unlink(tmp, dir_fd=dirfd)
         except FileNotFoundError:
             pass
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=dirfd)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
         with open(fd, "w", encoding="utf-8") as f:
             json.dump(state, f)
         os.rename(tmp, self.cid + ".json", src_dir_fd=dirfd, dst_dir_fd=dirfd)
@@ -114,9 +126,9 @@ class Instance:
 
 def _read_state(dirfd, name):
     import json
+
     try:
-        fd = os.open(PREFIX + name + ".json", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                     dir_fd=dirfd)
+        fd = os.open(PREFIX + name + ".json", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirfd)
     except OSError:
         return None
     try:
@@ -133,13 +145,12 @@ def _names():
     rundir, dirfd, _refused = share.run_dir(os.environ, os.getuid())
     if dirfd is None:
         return None, []
-    names = sorted(n[len(PREFIX):-5] for n in os.listdir(dirfd)
-                   if n.startswith(PREFIX) and n.endswith(".json"))
+    names = sorted(n[len(PREFIX) : -5] for n in os.listdir(dirfd) if n.startswith(PREFIX) and n.endswith(".json"))
     if not names:
         try:
             os.rmdir(rundir)
         except OSError:
-            pass   # other files are there
+            pass  # other files are there
     return dirfd, names
 
 
@@ -147,6 +158,7 @@ def _alive(pattern):
     """[(state, connection to its keeper)] of the running instances matching the glob;
     what dead ones left is removed on the way."""
     import fnmatch
+
     dirfd, names = _names()
     out = []
     try:
@@ -161,7 +173,7 @@ def _alive(pattern):
             for fd in fds.values():
                 os.close(fd)
             state = _read_state(dirfd, name)
-            if state is None:   # a keeper still starting: not yet an instance
+            if state is None:  # a keeper still starting: not yet an instance
                 conn.close()
                 continue
             out.append((state, conn))
@@ -185,7 +197,8 @@ def for_join(req):
     own options, but for those a task chooses itself (PER_TASK)."""
     from hpcrun.options import defaults
     from hpcrun.start import Request
-    name, opts = req.image[len("instance://"):], req.opts
+
+    name, opts = req.image[len("instance://") :], req.opts
     if opts.get("instance"):
         raise UsageError("an instance:// image cannot start another instance", "give the image's path")
     check_name(name)
@@ -210,7 +223,7 @@ def launch(plan, image, daemon, reason, opts, timer):
     inst = opts["instance"]
     name = inst["name"]
     if inst["mode"] == "join":
-        plan.namespaces = dict(plan.namespaces, pid=False)   # we enter the instance's
+        plan.namespaces = dict(plan.namespaces, pid=False)  # we enter the instance's
         plan.new_proc = False
         target = Instance(name)
         got = share.connect_named(target.cid, target.key, target.files())
@@ -219,8 +232,9 @@ def launch(plan, image, daemon, reason, opts, timer):
         timer("share")
         return share.enter(plan, got[0], got[1], timer, f"instance {name}'s")
     if reason is not None:
-        raise RuntimeSetupError(f"instance {name}: cannot mount the image with FUSE ({reason})",
-                                "instances need FUSE: run `hpcrun check`")
+        raise RuntimeSetupError(
+            f"instance {name}: cannot mount the image with FUSE ({reason})", "instances need FUSE: run `hpcrun check`"
+        )
     for prefix in ("APPTAINER_", "SINGULARITY_"):
         plan.env[prefix + "INSTANCE"] = name
     saved = {k: v for k, v in opts.items() if k != "instance"}
@@ -253,15 +267,16 @@ def stop(pattern, sig, timeout, quiet=False):
     there after `timeout` seconds, and return once their keepers and FUSE daemons are
     gone. An unknown name is an error."""
     import select
+
     targets = _alive(pattern)
     if not targets:
-        raise UsageError(f"no instance {pattern}" if pattern != "*" else "no instance is running",
-                         "see `instance list`")
+        raise UsageError(
+            f"no instance {pattern}" if pattern != "*" else "no instance is running", "see `instance list`"
+        )
     daemons = []
     for state, conn in targets:
         if not quiet:
-            sys.stderr.write(f"hpcrun: stopping {state['name']} instance of {state['image']} "
-                             f"(PID={state['pid']})\n")
+            sys.stderr.write(f"hpcrun: stopping {state['name']} instance of {state['image']} (PID={state['pid']})\n")
         daemons += _daemon_watch(state, share.peer_pid(conn))
         _send(conn, sig)
     left = _wait_closed([c for _, c in targets], timeout, select)
@@ -269,7 +284,7 @@ def stop(pattern, sig, timeout, quiet=False):
         _send(conn, 9)
     if _wait_closed(left, 10, select):
         raise RuntimeSetupError(f"instance {pattern}: its keeper did not stop", "kill the hpcrun-keeper process")
-    _wait_closed(daemons, 10, select)   # the image's FUSE mount goes with the last process in it
+    _wait_closed(daemons, 10, select)  # the image's FUSE mount goes with the last process in it
     for fd in daemons:
         os.close(fd)
     return 0
@@ -279,7 +294,7 @@ def _send(conn, sig):
     try:
         conn.send(f"signal {sig}".encode())
     except OSError:
-        pass   # already gone
+        pass  # already gone
 
 
 def _daemon_watch(state, keeper):
@@ -299,6 +314,7 @@ def _daemon_watch(state, keeper):
 def _wait_closed(items, timeout, select):
     """Wait until each socket reads EOF (or each pidfd is readable); returns those not."""
     import time
+
     left = list(items)
     end = time.monotonic() + timeout
     while left:

@@ -9,28 +9,40 @@
 This process stays alive as the supervisor: it forwards signals, reaps, kills what
 is left and the FUSE daemon, and exits with the command's status.
 """
+
 import os
-import _signal as signal   # the C module: signal.py builds enums, ~7 ms of every start
+import _signal as signal  # the C module: signal.py builds enums, ~7 ms of every start
 import sys
 
 from hpcrun import envvars
 from hpcrun.errors import BindError, RuntimeSetupError, NOT_EXECUTABLE, NOT_FOUND
 from hpcrun.runtime import fuse, idmap as idmaps, safepath, syscalls as sc
 
-OLD = "/oldroot"          # the host's root, during setup
-PROC = OLD + "/proc"      # our /proc during setup
-IMAGE_DIR = "/image"      # the read-only image (FUSE mount or sandbox)
-RW = "/rw"                # tmpfs: overlay upper and work directories
-ROOT = "/root"            # the container root being built
-FORWARD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-           signal.SIGUSR2, signal.SIGALRM, signal.SIGWINCH, signal.SIGCONT)
-SI_KERNEL = 0x80          # si_code of signals the terminal sends to the whole foreground group
-GUARD = signal.SIGRTMIN + 1   # PDEATHSIG of the guardian: hpcrun is gone, clean up
+OLD = "/oldroot"  # the host's root, during setup
+PROC = OLD + "/proc"  # our /proc during setup
+IMAGE_DIR = "/image"  # the read-only image (FUSE mount or sandbox)
+RW = "/rw"  # tmpfs: overlay upper and work directories
+ROOT = "/root"  # the container root being built
+FORWARD = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGALRM,
+    signal.SIGWINCH,
+    signal.SIGCONT,
+)
+SI_KERNEL = 0x80  # si_code of signals the terminal sends to the whole foreground group
+GUARD = signal.SIGRTMIN + 1  # PDEATHSIG of the guardian: hpcrun is gone, clean up
 # Signals ignored by whoever started us (nohup: SIGHUP) stay ignored for the command, as
 # for a host command. SIGPIPE and SIGXFSZ are not among them: Python ignores those two
 # itself at start-up (what it found is lost), and a command must get them by default.
-INHERITED_IGN = frozenset(s for s in range(1, signal.NSIG)
-                          if signal.getsignal(s) == signal.SIG_IGN) - {signal.SIGPIPE, signal.SIGXFSZ}
+INHERITED_IGN = frozenset(s for s in range(1, signal.NSIG) if signal.getsignal(s) == signal.SIG_IGN) - {
+    signal.SIGPIPE,
+    signal.SIGXFSZ,
+}
 
 
 def say(msg):
@@ -49,7 +61,7 @@ def build(plan, image, timer, verbose=False, daemon=None, sandbox=None, keep=Non
     root, with all capabilities of the user namespace. Returns the FUSE daemon's pid.
     keep: a list that receives fds of the new namespaces (a shared container's keeper);
     its FUSE daemon then lives as long as the mount, not as long as this process."""
-    if plan.namespaces["net"]:   # needed after pivot_root, when the stdlib is out of reach
+    if plan.namespaces["net"]:  # needed after pivot_root, when the stdlib is out of reach
         import fcntl, socket, struct  # noqa: F401,E401
     helper = None
     if plan.idmap["mode"] == "subid":
@@ -64,9 +76,8 @@ def build(plan, image, timer, verbose=False, daemon=None, sandbox=None, keep=Non
     else:
         idmaps.write_self(plan.idmap)
     timer("namespaces")
-    if keep is not None:   # /proc/self/ns/*: still the host's /proc here
-        for name, on in (("user", True), ("ipc", ns["ipc"]), ("uts", ns["uts"]), ("net", ns["net"]),
-                         ("mnt", True)):
+    if keep is not None:  # /proc/self/ns/*: still the host's /proc here
+        for name, on in (("user", True), ("ipc", ns["ipc"]), ("uts", ns["uts"]), ("net", ns["net"]), ("mnt", True)):
             if on:
                 keep.append((name, os.open(f"/proc/self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)))
 
@@ -86,23 +97,31 @@ def build(plan, image, timer, verbose=False, daemon=None, sandbox=None, keep=Non
     daemon_pid = None
     if sandbox is not None:
         lower = OLD + sandbox
-    elif image.kind == "sandbox":   # by path: overlayfs refuses a lower layer from another mount namespace
+    elif image.kind == "sandbox":  # by path: overlayfs refuses a lower layer from another mount namespace
         lower = OLD + image.path
     else:
-        devfd = fuse.open_device(OLD + "/dev/fuse")   # opened in the namespace, or the kernel refuses it
+        devfd = fuse.open_device(OLD + "/dev/fuse")  # opened in the namespace, or the kernel refuses it
         if devfd is None:
             raise RuntimeSetupError("cannot open /dev/fuse inside the user namespace", "run `hpcrun check`")
-        daemon_pid = fuse.mount(devfd, image.fd, image.path, image.offset, IMAGE_DIR, daemon,
-                                plan.idmap["uid"] if plan.idmap["mode"] == "self" else 0,
-                                plan.idmap["gid"] if plan.idmap["mode"] == "self" else 0, OLD,
-                                detach=keep is not None)
+        daemon_pid = fuse.mount(
+            devfd,
+            image.fd,
+            image.path,
+            image.offset,
+            IMAGE_DIR,
+            daemon,
+            plan.idmap["uid"] if plan.idmap["mode"] == "self" else 0,
+            plan.idmap["gid"] if plan.idmap["mode"] == "self" else 0,
+            OLD,
+            detach=keep is not None,
+        )
         lower = IMAGE_DIR
     timer("image")
     try:
         _container(plan, lower, timer, verbose)
     except BaseException as e:
         if daemon_pid:
-            lost = fuse.set_up_failed(daemon_pid, image.path, e)   # stops the daemon
+            lost = fuse.set_up_failed(daemon_pid, image.path, e)  # stops the daemon
             if lost is not None:
                 raise lost from None
         raise
@@ -143,8 +162,9 @@ def _container(plan, lower, timer, verbose):
         except OSError as e:
             if m.optional:
                 continue
-            raise BindError(f"bind destination {m.dst}: {e.strerror or e} in the image",
-                            "choose another destination") from None
+            raise BindError(
+                f"bind destination {m.dst}: {e.strerror or e} in the image", "choose another destination"
+            ) from None
         if exists and m.if_missing:
             continue
         if not exists:
@@ -153,15 +173,19 @@ def _container(plan, lower, timer, verbose):
     identity = _write_identity(plan, lower, upper)
     if plan.in_place:
         sc.mount(lower, ROOT, None, sc.MS_BIND | sc.MS_REC, what=f"cannot bind the sandbox {plan.image}")
-        sc.mount(None, ROOT, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_NOSUID | sc.MS_NODEV
-                 | sc.current_flags(ROOT))
-        for src, comps in identity:   # generated files over the image's, the image unchanged
+        sc.mount(None, ROOT, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_NOSUID | sc.MS_NODEV | sc.current_flags(ROOT))
+        for src, comps in identity:  # generated files over the image's, the image unchanged
             sc.mount(src, ROOT + "/" + "/".join(comps), None, sc.MS_BIND)
     else:
         escaped = lower.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
-        sc.mount("overlay", ROOT, "overlay", sc.MS_NOSUID | sc.MS_NODEV,
-                 f"lowerdir={escaped},upperdir={RW}/upper,workdir={RW}/work",
-                 what="cannot mount the overlay root (kernel without unprivileged overlayfs? run `hpcrun check`)")
+        sc.mount(
+            "overlay",
+            ROOT,
+            "overlay",
+            sc.MS_NOSUID | sc.MS_NODEV,
+            f"lowerdir={escaped},upperdir={RW}/upper,workdir={RW}/work",
+            what="cannot mount the overlay root (kernel without unprivileged overlayfs? run `hpcrun check`)",
+        )
     for m in ready:
         _apply(m, verbose)
     if not plan.writable:
@@ -169,8 +193,8 @@ def _container(plan, lower, timer, verbose):
     timer("mounts")
 
     os.chdir(ROOT)
-    sc.pivot_root(".", ".")          # stack the container root over the staging root...
-    sc.umount2(".", sc.MNT_DETACH)   # ...and drop the staging root and the host with it
+    sc.pivot_root(".", ".")  # stack the container root over the staging root...
+    sc.umount2(".", sc.MNT_DETACH)  # ...and drop the staging root and the host with it
     os.chdir("/")
     if plan.hostname:
         sc.sethostname(plan.hostname)
@@ -190,8 +214,10 @@ def _apply(m, verbose):
     try:
         fd = safepath.open_in_root(ROOT, m.dst)
     except OSError:
-        raise BindError(f"bind destination {m.dst} does not exist in the container",
-                        "a destination inside another bind must exist in that bind's source") from None
+        raise BindError(
+            f"bind destination {m.dst} does not exist in the container",
+            "a destination inside another bind must exist in that bind's source",
+        ) from None
     try:
         target = safepath.fd_path(fd, PROC)
         if m.kind == "tmpfs":
@@ -199,18 +225,24 @@ def _apply(m, verbose):
             return
         src = OLD + m.src
         if os.path.isdir(target) != os.path.isdir(src):
-            raise BindError(f"bind {m.src} -> {m.dst}: one is a directory, the other is not",
-                            "bind a directory onto a directory and a file onto a file")
+            raise BindError(
+                f"bind {m.src} -> {m.dst}: one is a directory, the other is not",
+                "bind a directory onto a directory and a file onto a file",
+            )
         if verbose:
             say(f"bind {m.src} -> {m.dst}{' (ro)' if m.readonly else ''}")
         sc.mount(src, target, None, sc.MS_BIND | sc.MS_REC, what=f"cannot bind {m.src} to {m.dst}")
-        real = os.readlink(target)   # where the fd landed: inside ROOT by construction
-        want = (sc.MS_NOSUID | (sc.MS_NODEV if m.nodev else 0) | (sc.MS_RDONLY if m.readonly else 0))
-        sc.mount(None, real, None, sc.MS_REMOUNT | sc.MS_BIND | want | sc.current_flags(real),
-                 what=f"cannot make {m.dst} nosuid/nodev")
-    except OSError as e:   # e.g. longer than PATH_MAX once the image's symlinks are followed
-        raise BindError(f"bind destination {m.dst[:60]}: {e.strerror or e}",
-                        "choose another destination") from None
+        real = os.readlink(target)  # where the fd landed: inside ROOT by construction
+        want = sc.MS_NOSUID | (sc.MS_NODEV if m.nodev else 0) | (sc.MS_RDONLY if m.readonly else 0)
+        sc.mount(
+            None,
+            real,
+            None,
+            sc.MS_REMOUNT | sc.MS_BIND | want | sc.current_flags(real),
+            what=f"cannot make {m.dst} nosuid/nodev",
+        )
+    except OSError as e:  # e.g. longer than PATH_MAX once the image's symlinks are followed
+        raise BindError(f"bind destination {m.dst[:60]}: {e.strerror or e}", "choose another destination") from None
     finally:
         os.close(fd)
 
@@ -219,10 +251,9 @@ def _write_identity(plan, lower, upper):
     """The caller's passwd/group entries after the image's own: written into the overlay's
     upper layer; with --writable into our tmpfs, returned as (file, components) to bind."""
     binds = []
-    for rel, line, key in (("/etc/passwd", plan.passwd_line, plan.user),
-                           ("/etc/group", plan.group_line, plan.group)):
+    for rel, line, key in (("/etc/passwd", plan.passwd_line, plan.user), ("/etc/group", plan.group_line, plan.group)):
         if line is None and plan.uid != 0:
-            continue    # no safe entry for the caller (plan.identity_lines): the image's file stays
+            continue  # no safe entry for the caller (plan.identity_lines): the image's file stays
         comps, exists = safepath.canonical(lower, rel)
         old = []
         if exists:
@@ -234,7 +265,7 @@ def _write_identity(plan, lower, upper):
                 os.close(fd)
         if plan.uid == 0:
             if any(ln.split(":", 1)[0] == "root" for ln in old):
-                continue        # the image's own root entry stays
+                continue  # the image's own root entry stays
             line = "root:x:0:0:root:/root:/bin/sh" if rel == "/etc/passwd" else "root:x:0:"
             key = "root"
         text = "\n".join([ln for ln in old if ln.split(":", 1)[0] != key] + [line]) + "\n"
@@ -249,14 +280,15 @@ def _write_identity(plan, lower, upper):
 
 
 def _loopback_up():
-    import fcntl   # imported in launch(), before the host's files went out of reach
+    import fcntl  # imported in launch(), before the host's files went out of reach
     import socket
     import struct
+
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         ifr = struct.pack("16sH14x", b"lo", 0)
-        flags = struct.unpack("16sH14x", fcntl.ioctl(s, 0x8913, ifr))[1]      # SIOCGIFFLAGS
-        fcntl.ioctl(s, 0x8914, struct.pack("16sH14x", b"lo", flags | 1))     # SIOCSIFFLAGS, IFF_UP
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s, 0x8913, ifr))[1]  # SIOCGIFFLAGS
+        fcntl.ioctl(s, 0x8914, struct.pack("16sH14x", b"lo", flags | 1))  # SIOCSIFFLAGS, IFF_UP
     finally:
         s.close()
 
@@ -290,7 +322,7 @@ def _chdir(plan):
             os.chdir("/")
         else:
             os.chdir(plan.home)
-        plan.env["PWD"] = os.getcwd()   # where the command really starts
+        plan.env["PWD"] = os.getcwd()  # where the command really starts
 
 
 def find_program(name, path):
@@ -311,7 +343,7 @@ def _default_signals():
     handlers (SIGINT) go too, so that a signal before execve acts as on the command."""
     for s in range(1, signal.NSIG):
         want = signal.SIG_IGN if s in INHERITED_IGN else signal.SIG_DFL
-        h = signal.getsignal(s)   # None: a signal Python does not manage (32, 33)
+        h = signal.getsignal(s)  # None: a signal Python does not manage (32, 33)
         if h is not None and h != want:
             signal.signal(s, want)
 
@@ -340,7 +372,7 @@ def supervise(plan, program, argv, daemon_pid, timer):
     the FUSE daemon, and return the command's status."""
     waited = set(FORWARD) | {signal.SIGCHLD}
     signal.pthread_sigmask(signal.SIG_BLOCK, waited | {GUARD})
-    if plan.namespaces["pid"]:   # in a shared container, the new /proc must be ours alone
+    if plan.namespaces["pid"]:  # in a shared container, the new /proc must be ours alone
         sc.unshare(sc.CLONE_NEWPID | (sc.CLONE_NEWNS if plan.share and plan.new_proc else 0))
     me = os.getpid()
     sys.stdout.flush()
@@ -364,7 +396,7 @@ def _wait(pid, waited):
     while True:
         info = signal.sigwaitinfo(waited)
         if info.si_signo != signal.SIGCHLD:
-            if info.si_code != SI_KERNEL:   # the terminal already sent it to the command
+            if info.si_code != SI_KERNEL:  # the terminal already sent it to the command
                 try:
                     os.kill(pid, signal.SIGKILL if info.si_signo == GUARD else info.si_signo)
                 except ProcessLookupError:
@@ -396,7 +428,7 @@ def _guardian(plan, program, argv, waited, parent):
     subreaper. Either way, when the command exits or hpcrun dies (even by SIGKILL:
     PDEATHSIG sends GUARD), it kills every process the command left and exits."""
     sc.prctl(sc.PR_SET_PDEATHSIG, GUARD)
-    if os.getppid() not in (parent, 0):   # 0: our parent is outside our new PID namespace
+    if os.getppid() not in (parent, 0):  # 0: our parent is outside our new PID namespace
         os._exit(1)
     if plan.namespaces["pid"] and plan.new_proc:
         sc.mount("proc", "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
@@ -423,7 +455,7 @@ def _kill_children():
             with open(path, "rb") as f:
                 pids = [int(p) for p in f.read().split()]
         except OSError:
-            return      # no /proc in the container: nothing to find them with
+            return  # no /proc in the container: nothing to find them with
         if not pids:
             return
         for p in pids:

@@ -5,6 +5,7 @@ read and followed by hand, absolute targets restart at the root and `..` stops a
 root. So a symlink in an image can never lead a mount onto a host path: the result is
 an fd for an object inside the root, and mounts go onto /proc/self/fd/N (as runc does).
 """
+
 import os
 import stat
 
@@ -45,15 +46,21 @@ def walk_at(rootfd, path, create=None):
                 fd = os.open(name, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
             except FileNotFoundError:
                 if create is None:
-                    for n in [name] + todo:      # the missing tail is taken literally
+                    for n in [name] + todo:  # the missing tail is taken literally
                         if n == "..":
                             names = names[:-1]
                         else:
                             names.append(n)
                     return None, names, False
                 if create == "file" and not todo:
-                    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                                     | os.O_CLOEXEC, 0o644, dir_fd=parent))
+                    os.close(
+                        os.open(
+                            name,
+                            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                            0o644,
+                            dir_fd=parent,
+                        )
+                    )
                 else:
                     os.mkdir(name, 0o755, dir_fd=parent)
                 fd = os.open(name, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
@@ -63,7 +70,7 @@ def walk_at(rootfd, path, create=None):
                 links += 1
                 if links > MAXLINKS:
                     raise BindError(f"{path}: too many levels of symbolic links in the image")
-                if target.startswith("/"):       # absolute: restart at the root
+                if target.startswith("/"):  # absolute: restart at the root
                     for extra in stack[1:]:
                         os.close(extra)
                     del stack[1:]
@@ -115,8 +122,7 @@ def make_in_upper(upper, comps, kind):
             last = i == len(comps) - 1
             try:
                 if last and kind == "file":
-                    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                     0o644, dir_fd=fd))
+                    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=fd))
                     return
                 os.mkdir(name, 0o755, dir_fd=fd)
             except FileExistsError:

@@ -19,7 +19,8 @@ its own.
 Everything lives in a run directory checked to be ours and private, and is reached
 through that directory's fd, never by a path another user could swap in meanwhile.
 """
-import _socket   # not `socket`: its enum classes cost ~5 ms on every task's start
+
+import _socket  # not `socket`: its enum classes cost ~5 ms on every task's start
 import errno
 import fcntl
 import os
@@ -31,9 +32,15 @@ from hpcrun.errors import HpcrunError, RuntimeSetupError, UsageError
 from hpcrun.plan import share_key
 from hpcrun.runtime import launcher, syscalls as sc
 
-NS_FLAGS = {"user": sc.CLONE_NEWUSER, "ipc": sc.CLONE_NEWIPC, "uts": sc.CLONE_NEWUTS,
-            "net": sc.CLONE_NEWNET, "mnt": sc.CLONE_NEWNS, "pid": sc.CLONE_NEWPID}
-DEAD = b"dead"   # a leaving keeper's answer, without fds: start a new one
+NS_FLAGS = {
+    "user": sc.CLONE_NEWUSER,
+    "ipc": sc.CLONE_NEWIPC,
+    "uts": sc.CLONE_NEWUTS,
+    "net": sc.CLONE_NEWNET,
+    "mnt": sc.CLONE_NEWNS,
+    "pid": sc.CLONE_NEWPID,
+}
+DEAD = b"dead"  # a leaving keeper's answer, without fds: start a new one
 
 
 def run_dir(env, uid):
@@ -73,7 +80,7 @@ def _private_dir(path, uid):
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             break
         except FileNotFoundError:
-            continue   # a leaving keeper of ours removed it after our mkdir
+            continue  # a leaving keeper of ours removed it after our mkdir
         except OSError as e:
             return None, _unusable(path, uid, e)
     else:
@@ -82,7 +89,7 @@ def _private_dir(path, uid):
     if st.st_uid != uid:
         why = f"is not yours (owner {st.st_uid})"
     elif made:
-        os.fchmod(fd, 0o700)   # whatever the umask took away
+        os.fchmod(fd, 0o700)  # whatever the umask took away
         return fd, None
     elif st.st_mode & 0o777 != 0o700:
         why = f"has mode {st.st_mode & 0o777:o}, not 700"
@@ -101,7 +108,8 @@ def _unusable(path, uid, e):
     if owner != uid:
         return f"is not yours (owner {owner})"
     return {errno.ELOOP: "is a symbolic link", errno.ENOTDIR: "is not a directory"}.get(
-        e.errno, f"cannot be opened ({e.strerror})")
+        e.errno, f"cannot be opened ({e.strerror})"
+    )
 
 
 def container_id(plan, image):
@@ -122,7 +130,7 @@ def run(plan, image, daemon, timer, verbose=False, quiet=False):
         where = f"sharing containers through {rundir}" if rundir else "not sharing this container"
         sys.stderr.write(f"hpcrun: note: {', '.join(refused)}: {where}\n")
     if lock is None:
-        plan.share = False   # as with --no-sharens
+        plan.share = False  # as with --no-sharens
         return launcher.launch(plan, image, timer, verbose, daemon)
     try:
         conn, fds, started = _join(plan, image, daemon, rundir, dirfd, cid, key, lock, verbose)
@@ -137,7 +145,7 @@ def run(plan, image, daemon, timer, verbose=False, quiet=False):
 
 def enter(plan, conn, fds, timer, whose):
     """Join the namespaces a keeper sent and run the command in them."""
-    for name in ("user", "ipc", "uts", "net", "mnt", "pid"):   # the user namespace first: it grants the rest
+    for name in ("user", "ipc", "uts", "net", "mnt", "pid"):  # the user namespace first: it grants the rest
         if name in fds:
             sc.setns(fds[name], NS_FLAGS[name], f"{whose} {name} namespace")
             os.close(fds[name])
@@ -145,7 +153,7 @@ def enter(plan, conn, fds, timer, whose):
     try:
         return launcher.enter(plan, None, timer)
     finally:
-        conn.close()   # our reference; forked children hold theirs until they exit
+        conn.close()  # our reference; forked children hold theirs until they exit
 
 
 def start_instance(plan, image, daemon, instance, verbose=False):
@@ -154,8 +162,9 @@ def start_instance(plan, image, daemon, instance, verbose=False):
     cid, key = instance.cid, instance.key
     rundir, dirfd, lock, refused = _lock(cid)
     if lock is None:
-        raise RuntimeSetupError(f"no private run directory for instances ({'; '.join(refused)})",
-                                "remove or fix those paths")
+        raise RuntimeSetupError(
+            f"no private run directory for instances ({'; '.join(refused)})", "remove or fix those paths"
+        )
     try:
         conn = _connect(dirfd, cid)
         fds = _receive(conn, key) if conn is not None else None
@@ -164,9 +173,10 @@ def start_instance(plan, image, daemon, instance, verbose=False):
         for fd in (fds or {}).values():
             os.close(fd)
         if fds is not None:
-            raise UsageError(f"instance {instance.name} already exists",
-                             f"stop it first: instance stop {instance.name}")
-        _unlink(dirfd, cid + ".sock")   # what a killed or leaving keeper left
+            raise UsageError(
+                f"instance {instance.name} already exists", f"stop it first: instance stop {instance.name}"
+            )
+        _unlink(dirfd, cid + ".sock")  # what a killed or leaving keeper left
         for name in instance.files():
             _unlink(dirfd, name)
         _sweep(dirfd, cid)
@@ -247,10 +257,10 @@ def _init(plan, instance, ready):
     sc.prctl(sc.PR_SET_PDEATHSIG, sig.SIGKILL)
     waited = set(launcher.FORWARD) | {sig.SIGCHLD}
     sig.pthread_sigmask(sig.SIG_BLOCK, waited)
-    os.closerange(3, ready)   # the keeper's socket, lock, image: not the instance's to hold
+    os.closerange(3, ready)  # the keeper's socket, lock, image: not the instance's to hold
     os.closerange(ready + 1, 1 << 16)
     try:
-        if os.getppid() == 0 and plan.new_proc:   # 0: our parent is outside our namespace
+        if os.getppid() == 0 and plan.new_proc:  # 0: our parent is outside our namespace
             sc.mount("proc", "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
         command = instance.command(plan)
     except BaseException as e:
@@ -261,7 +271,7 @@ def _init(plan, instance, ready):
     sc.set_name("hpcrun-init")
     if command is not None:
         if os.fork() == 0:
-            os.setsid()   # its own process group, as under Apptainer
+            os.setsid()  # its own process group, as under Apptainer
             launcher._default_signals()
             sig.pthread_sigmask(sig.SIG_SETMASK, [])
             launcher._chdir(plan)
@@ -272,7 +282,7 @@ def _init(plan, instance, ready):
         if info.si_signo != sig.SIGCHLD:
             stopping = stopping or info.si_signo not in (sig.SIGCONT, sig.SIGWINCH)
             try:
-                os.kill(-1, info.si_signo)   # from PID 1: everyone in the namespace but us
+                os.kill(-1, info.si_signo)  # from PID 1: everyone in the namespace but us
             except ProcessLookupError:
                 pass
         while True:
@@ -301,14 +311,14 @@ def _join(plan, image, daemon, rundir, dirfd, cid, key, lock, verbose):
     fds = _receive(conn, key) if conn is not None else None
     if fds is not None:
         return conn, fds, False
-    if conn is not None:   # a keeper on its way out (its FUSE daemon died): replace it
+    if conn is not None:  # a keeper on its way out (its FUSE daemon died): replace it
         conn.close()
         _unlink(dirfd, cid + ".sock")
     _sweep(dirfd, cid)
     try:
         _start_keeper(plan, image, daemon, rundir, dirfd, cid, key, lock, verbose)
     except BaseException:
-        _forget(rundir, dirfd, cid)   # we hold the lock: nobody else is using these
+        _forget(rundir, dirfd, cid)  # we hold the lock: nobody else is using these
         raise
     conn = _connect(dirfd, cid)
     fds = _receive(conn, key) if conn is not None else None
@@ -327,11 +337,10 @@ def _lock(cid):
         if dirfd is None:
             return None, None, None, refused
         try:
-            lock = os.open(cid + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                           dir_fd=dirfd)
+            lock = os.open(cid + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
         except FileNotFoundError:
             os.close(dirfd)
-            continue          # the directory went between mkdir and open
+            continue  # the directory went between mkdir and open
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _file_id(dirfd, cid + ".lock") == _fd_id(lock):
             return rundir, dirfd, lock, refused
@@ -378,13 +387,13 @@ def _sweep(dirfd, cid):
             continue
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            conn = _connect(dirfd, other)   # refused: unlinks the socket
+            conn = _connect(dirfd, other)  # refused: unlinks the socket
             if conn is None:
                 _unlink(dirfd, other + ".lock")
             else:
                 conn.close()
         except OSError:
-            pass   # busy or alive: not ours to touch
+            pass  # busy or alive: not ours to touch
         finally:
             os.close(lock)
 
@@ -397,7 +406,7 @@ def _forget(rundir, dirfd, cid):
     try:
         os.rmdir(rundir)
     except OSError:
-        pass   # other containers' files are there
+        pass  # other containers' files are there
 
 
 def _connect(dirfd, cid):
@@ -408,13 +417,14 @@ def _connect(dirfd, cid):
         s.connect(f"/proc/self/fd/{dirfd}/{cid}.sock")
     except (FileNotFoundError, ConnectionRefusedError):
         s.close()
-        _unlink(dirfd, cid + ".sock")   # a keeper that was killed; we hold the lock
+        _unlink(dirfd, cid + ".sock")  # a keeper that was killed; we hold the lock
         return None
     uid = _peer_uid(s)
     if uid != os.getuid():
         s.close()
-        raise RuntimeSetupError(f"the keeper of shared container {cid} runs as uid {uid}, not as you",
-                                "use --no-sharens")
+        raise RuntimeSetupError(
+            f"the keeper of shared container {cid} runs as uid {uid}, not as you", "use --no-sharens"
+        )
     return s
 
 
@@ -432,7 +442,7 @@ def _receive(conn, key):
     fds = []
     for level, kind, data in anc:
         if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
-            fds += struct.unpack(f"{len(data) // 4}i", data[:len(data) - len(data) % 4])
+            fds += struct.unpack(f"{len(data) // 4}i", data[: len(data) - len(data) % 4])
     if not fds and msg in (b"", DEAD):
         return None
     names, _, their_key = msg.partition(b"\0")
@@ -440,8 +450,9 @@ def _receive(conn, key):
     if their_key != key or len(names) != len(fds) or not fds:
         for fd in fds:
             os.close(fd)
-        raise RuntimeSetupError("the shared container's keeper answered for another container "
-                                "(an id collision?)", "use --no-sharens")
+        raise RuntimeSetupError(
+            "the shared container's keeper answered for another container (an id collision?)", "use --no-sharens"
+        )
     return dict(zip(names, fds))
 
 
@@ -457,8 +468,8 @@ def _start_keeper(plan, image, daemon, rundir, dirfd, cid, key, lock, verbose, i
         code = 1
         try:
             os.close(r)
-            os.close(lock)   # the lock stays with the task; the keeper opens its own
-            os.setsid()      # not in the terminal's process group: ^C is for the task
+            os.close(lock)  # the lock stays with the task; the keeper opens its own
+            os.setsid()  # not in the terminal's process group: ^C is for the task
             if os.fork() == 0:
                 _keeper(plan, image, daemon, rundir, dirfd, cid, key, w, verbose, instance)
             code = 0
@@ -488,7 +499,7 @@ class _Files:
 
     def __init__(self, rundir, dirfd, cid, extra=()):
         self.dirfd, self.cid, self.base = dirfd, cid, os.path.basename(rundir)
-        self.extra = extra   # more files of ours (an instance's state), removed with the socket
+        self.extra = extra  # more files of ours (an instance's state), removed with the socket
         self.parentfd = os.open(os.path.dirname(rundir), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.lock = os.open(cid + ".lock", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
         self.sock_id = None
@@ -520,7 +531,7 @@ class _Files:
         try:
             os.rmdir(self.base, dir_fd=self.parentfd)
         except OSError:
-            pass   # other containers' files are there, or it is not ours
+            pass  # other containers' files are there, or it is not ours
 
 
 def _keeper(plan, image, daemon, rundir, dirfd, cid, key, report, verbose, instance=None):
@@ -533,23 +544,31 @@ def _keeper(plan, image, daemon, rundir, dirfd, cid, key, report, verbose, insta
         import select  # noqa: F401  (before the host's files are out of reach)
         import signal
         import socket
+
         files = _Files(rundir, dirfd, cid, instance.files() if instance else ())
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        files.bind(listener)   # in the host's view, before unshare
+        files.bind(listener)  # in the host's view, before unshare
         listener.listen(64)
         procfd = None
-        if instance:   # the host's /proc: after build, /proc is the container's
+        if instance:  # the host's /proc: after build, /proc is the container's
             import json  # noqa: F401
+
             procfd = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        _close_fds_but({0, 1, 2, report, listener.fileno(), image.fd, procfd} | files.fds()
-                       | set(instance.logs if instance else ()))
+        _close_fds_but(
+            {0, 1, 2, report, listener.fileno(), image.fd, procfd}
+            | files.fds()
+            | set(instance.logs if instance else ())
+        )
         keep = []
         try:
             daemon_pid = launcher.build(plan, image, lambda phase: None, verbose, daemon, keep=keep)
-        except BaseException as e:   # the task that waits says it (and removes our files)
-            said = (f"{e.code} {e.line()}" if isinstance(e, HpcrunError)
-                    else f"254 cannot build the shared container: {type(e).__name__}: {e}")
-            if not _tell(report, said.encode()):   # the task is gone: nobody else cleans up
+        except BaseException as e:  # the task that waits says it (and removes our files)
+            said = (
+                f"{e.code} {e.line()}"
+                if isinstance(e, HpcrunError)
+                else f"254 cannot build the shared container: {type(e).__name__}: {e}"
+            )
+            if not _tell(report, said.encode()):  # the task is gone: nobody else cleans up
                 _leave(listener, files)
             os._exit(1)
         os.chdir("/")
@@ -561,9 +580,9 @@ def _keeper(plan, image, daemon, rundir, dirfd, cid, key, report, verbose, insta
                 os.dup2(null, fd)
             else:
                 os.close(fd)
-        if instance:   # its startscript's output: the instance's log files
+        if instance:  # its startscript's output: the instance's log files
             instance.redirect()
-        sc.set_name("hpcrun-keeper")   # for ps, pkill and epilogs
+        sc.set_name("hpcrun-keeper")  # for ps, pkill and epilogs
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         if instance:
@@ -571,11 +590,14 @@ def _keeper(plan, image, daemon, rundir, dirfd, cid, key, report, verbose, insta
                 init = _start_init(plan, instance, procfd, keep)
                 instance.save(dirfd, os.getpid(), init, daemon_pid)
             except BaseException as e:
-                said = (f"{e.code} {e.line()}" if isinstance(e, HpcrunError)
-                        else f"254 cannot start the instance: {type(e).__name__}: {e}")
+                said = (
+                    f"{e.code} {e.line()}"
+                    if isinstance(e, HpcrunError)
+                    else f"254 cannot start the instance: {type(e).__name__}: {e}"
+                )
                 _tell(report, said.encode())
                 raise
-        _tell(report, b"ok")   # a task killed meanwhile can't hear it: serve whoever comes next
+        _tell(report, b"ok")  # a task killed meanwhile can't hear it: serve whoever comes next
         os.close(report)
         try:
             _serve(listener, dict(keep), key, files, None if instance else plan.share_idle, daemon_pid, init)
@@ -583,7 +605,7 @@ def _keeper(plan, image, daemon, rundir, dirfd, cid, key, report, verbose, insta
             _leave(listener, files)
         status = 0
     finally:
-        if init:   # the instance goes with its keeper: its init's death ends its PID namespace
+        if init:  # the instance goes with its keeper: its init's death ends its PID namespace
             _kill_init(init)
         os._exit(status)
 
@@ -605,7 +627,7 @@ def _close_fds_but(keep):
             try:
                 os.close(fd)
             except OSError:
-                pass   # the fd listdir itself used
+                pass  # the fd listdir itself used
 
 
 class _Daemon:
@@ -636,6 +658,7 @@ def _serve(listener, nsfds, key, files, idle, daemon_pid, init_pid=None):
     to signal its init ('signal N': `instance stop`)."""
     import select
     import socket
+
     names = " ".join(nsfds).encode() + b"\0" + key
     fds = list(nsfds.values())
     fuse = _Daemon(daemon_pid)
@@ -643,12 +666,11 @@ def _serve(listener, nsfds, key, files, idle, daemon_pid, init_pid=None):
     tasks = []
     wait = idle
     while fuse.alive() and init.alive():
-        ready, _, _ = select.select([listener] + fuse.watch + init.watch + tasks, [], [],
-                                    None if tasks else wait)
-        if not ready:   # idle: leave, unless a task is connecting right now
+        ready, _, _ = select.select([listener] + fuse.watch + init.watch + tasks, [], [], None if tasks else wait)
+        if not ready:  # idle: leave, unless a task is connecting right now
             if files.try_lock():
                 return
-            wait = 0.05   # it will connect (or start another keeper) in a moment
+            wait = 0.05  # it will connect (or start another keeper) in a moment
             continue
         wait = idle
         for s in ready:
@@ -656,7 +678,7 @@ def _serve(listener, nsfds, key, files, idle, daemon_pid, init_pid=None):
                 conn = _accept(listener)
                 if conn is None:
                     continue
-                if not fuse.alive():   # checked before every answer
+                if not fuse.alive():  # checked before every answer
                     _refuse(conn)
                     continue
                 try:
@@ -672,7 +694,7 @@ def _serve(listener, nsfds, key, files, idle, daemon_pid, init_pid=None):
                     msg = b""
                 gone = not msg
                 if init_pid and msg.startswith(b"signal ") and msg[7:].isdigit() and init.alive():
-                    os.kill(init_pid, int(msg[7:]))   # our unreaped child: the pid is still its
+                    os.kill(init_pid, int(msg[7:]))  # our unreaped child: the pid is still its
                 if gone:
                     tasks.remove(s)
                     s.close()
@@ -703,6 +725,7 @@ def _leave(listener, files):
     keeper). Holding the lock no task is between connecting and its answer, and our files
     go unless a newer keeper's replaced them."""
     import select
+
     while not files.try_lock():
         if select.select([listener], [], [], 0.05)[0]:
             conn = _accept(listener)

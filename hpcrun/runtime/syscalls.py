@@ -1,5 +1,6 @@
 """ctypes wrappers for the system calls Python 3.11 lacks. The only place that turns
 errno into HpcrunError, with the context the caller gives."""
+
 import ctypes
 import os
 
@@ -43,8 +44,10 @@ def setns(fd, nstype, what):
 
 
 def mount(src, target, fstype, flags, data=None, what=None):
-    _check(_libc.mount(_b(src), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data)),
-           what or f"cannot mount {fstype or 'bind'} on {target}")
+    _check(
+        _libc.mount(_b(src), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data)),
+        what or f"cannot mount {fstype or 'bind'} on {target}",
+    )
 
 
 def umount2(target, flags):
@@ -59,14 +62,17 @@ def pivot_root(new, old):
 
 
 def prctl(option, arg):
-    _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), ctypes.c_ulong(0),
-                       ctypes.c_ulong(0), ctypes.c_ulong(0)), f"prctl({option})")
+    _check(
+        _libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)),
+        f"prctl({option})",
+    )
 
 
 def set_name(name):
     """The process name (comm) that ps and pkill show; PR_SET_NAME."""
-    _libc.prctl(ctypes.c_int(15), ctypes.c_char_p(_b(name)[:15]), ctypes.c_ulong(0), ctypes.c_ulong(0),
-                ctypes.c_ulong(0))
+    _libc.prctl(
+        ctypes.c_int(15), ctypes.c_char_p(_b(name)[:15]), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)
+    )
 
 
 def sethostname(name):
@@ -76,8 +82,15 @@ def sethostname(name):
 
 # statvfs f_flag bits -> mount flags a bind remount must keep (the kernel locks them
 # on mounts inherited from a more privileged namespace).
-_LOCKED = ((1, MS_RDONLY), (2, MS_NOSUID), (4, MS_NODEV), (8, MS_NOEXEC), (1024, MS_NOATIME),
-           (2048, MS_NODIRATIME), (4096, MS_RELATIME))
+_LOCKED = (
+    (1, MS_RDONLY),
+    (2, MS_NOSUID),
+    (4, MS_NODEV),
+    (8, MS_NOEXEC),
+    (1024, MS_NOATIME),
+    (2048, MS_NODIRATIME),
+    (4096, MS_RELATIME),
+)
 
 
 def current_flags(path):

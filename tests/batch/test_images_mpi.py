@@ -1,6 +1,7 @@
 """The recipes in images/: Debian with Python, and the MPI image run under srun --mpi=pmix
 (the hybrid model: Open MPI in the image, launched by the host's Slurm). Both are built
 unprivileged with mmdebstrap (packages from Debian) and hpcrun build."""
+
 import os
 import shutil
 import subprocess
@@ -22,8 +23,14 @@ def build_recipe(name, out):
     shutil.copytree(os.path.join(IMAGES, name), dst)
     subprocess.run(["chmod", "-R", "a+rwX", dst], check=True)
     env = user_env({"PATH": f"{os.path.dirname(HPCRUN)}:/usr/bin:/bin"})
-    r = subprocess.run(as_user(["sh", os.path.join(dst, "build.sh"), out]), env=env, cwd=work,
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        as_user(["sh", os.path.join(dst, "build.sh"), out]),
+        env=env,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return out
 
@@ -42,14 +49,22 @@ def test_debian_python_image(images):
 
 def test_mpi_hello_under_srun_pmix(slurm, mpi_image):
     env = user_env({"PATH": f"{os.path.dirname(HPCRUN)}:/usr/bin:/bin"})
-    r = subprocess.run(as_user(["srun", "--mpi=pmix", "-n", "2", HPCRUN, "run", mpi_image]), env=env,
-                       cwd=os.path.join(WORK, "work"), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        as_user(["srun", "--mpi=pmix", "-n", "2", HPCRUN, "run", mpi_image]),
+        env=env,
+        cwd=os.path.join(WORK, "work"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     lines = sorted(ln for ln in r.stdout.splitlines() if ln.startswith("rank "))
-    assert [ln.split(":")[0] for ln in lines] == ["rank 0 of 2 on " + os.uname().nodename.split(".")[0],
-                                                  "rank 1 of 2 on " + os.uname().nodename.split(".")[0]]
+    assert [ln.split(":")[0] for ln in lines] == [
+        "rank 0 of 2 on " + os.uname().nodename.split(".")[0],
+        "rank 1 of 2 on " + os.uname().nodename.split(".")[0],
+    ]
     assert all(ln.endswith("sum of ranks 1") for ln in lines)
-    assert "PMIX ERROR" not in r.stderr     # the PMIx server directory is bound in
+    assert "PMIX ERROR" not in r.stderr  # the PMIx server directory is bound in
     # Both ranks joined one container (automatic in Slurm steps): one user namespace, so
     # Open MPI's cross-memory attach works between them.
     assert "different user namespaces" not in r.stderr, r.stderr

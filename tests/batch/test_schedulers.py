@@ -1,5 +1,6 @@
 """Other schedulers (not installable here): their job templates parse, and their rank/host
 variables reach the container, with each scheduler's environment emulated."""
+
 import os
 import subprocess
 
@@ -14,8 +15,13 @@ EMULATED = {
     "lsf": {"LSB_JOBID": "42", "LSB_HOSTS": "n1 n1", "LSB_DJOB_NUMPROC": "2"},
     "htcondor": {"_CONDOR_SCRATCH_DIR": "/tmp/condor", "_CONDOR_SLOT": "slot1_1"},
     "flux": {"FLUX_JOB_ID": "f2ytb", "FLUX_TASK_RANK": "3", "FLUX_URI": "local:///tmp/flux"},
-    "pmi": {"PMI_RANK": "1", "PMI_SIZE": "4", "PMIX_RANK": "1", "OMPI_COMM_WORLD_RANK": "1",
-            "OMPI_COMM_WORLD_LOCAL_RANK": "1"},
+    "pmi": {
+        "PMI_RANK": "1",
+        "PMI_SIZE": "4",
+        "PMIX_RANK": "1",
+        "OMPI_COMM_WORLD_RANK": "1",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+    },
 }
 
 
@@ -28,8 +34,19 @@ def test_scheduler_variables_pass_through(images, name):
     assert {k: inside.get(k) for k in env} == env
 
 
-@pytest.mark.parametrize("path", ["slurm/single.sbatch", "slurm/array.sbatch", "slurm/multi.sbatch", "slurm/image.sbatch",
-                                  "slurm/epilog.sh", "pbs/job.pbs", "lsf/job.lsf", "flux/job.sh"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "slurm/single.sbatch",
+        "slurm/array.sbatch",
+        "slurm/multi.sbatch",
+        "slurm/image.sbatch",
+        "slurm/epilog.sh",
+        "pbs/job.pbs",
+        "lsf/job.lsf",
+        "flux/job.sh",
+    ],
+)
 def test_job_scripts_parse(path):
     shell = "sh" if path.endswith("epilog.sh") else "bash"
     r = subprocess.run([shell, "-n", os.path.join(BATCH, path)], capture_output=True, text=True)

@@ -1,4 +1,5 @@
 """hpcrun inside real Slurm jobs, submitted as the unprivileged test user."""
+
 import os
 import shutil
 import subprocess
@@ -24,8 +25,19 @@ def script(utmp, name):
 
 
 def test_srun_tasks_see_their_own_rank_variables(slurm, images):
-    r = run(["srun", "-n", "2", HPCRUN, "exec", images["sif"], "sh", "-c",
-             "echo $SLURM_PROCID $SLURM_LOCALID $SLURM_NTASKS $SLURM_JOB_ID $(id -un) $(pwd)"])
+    r = run(
+        [
+            "srun",
+            "-n",
+            "2",
+            HPCRUN,
+            "exec",
+            images["sif"],
+            "sh",
+            "-c",
+            "echo $SLURM_PROCID $SLURM_LOCALID $SLURM_NTASKS $SLURM_JOB_ID $(id -un) $(pwd)",
+        ]
+    )
     assert r.returncode == 0, r.stderr
     rows = sorted(line.split() for line in r.stdout.splitlines())
     assert [row[:3] for row in rows] == [["0", "0", "2"], ["1", "1", "2"]]
@@ -51,8 +63,21 @@ def test_sbatch_job_exit_status_and_output(slurm, images, utmp):
 def test_job_array_elements(slurm, images, utmp):
     job = script(utmp, "array.sbatch")
     out = os.path.join(str(utmp), "arr-%a.txt")
-    r = run(["sbatch", "--wait", "--array=0-2", "-o", out, job, images["sif"], "sh", "-c",
-             "echo task=$SLURM_ARRAY_TASK_ID"], timeout=180)
+    r = run(
+        [
+            "sbatch",
+            "--wait",
+            "--array=0-2",
+            "-o",
+            out,
+            job,
+            images["sif"],
+            "sh",
+            "-c",
+            "echo task=$SLURM_ARRAY_TASK_ID",
+        ],
+        timeout=180,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     for i in range(3):
         with open(out.replace("%a", str(i))) as f:
@@ -71,8 +96,10 @@ def test_scancel_leaves_nothing_behind(slurm, images, utmp):
         subprocess.run(["scancel", jobid], check=True)
     assert wait_gone(lambda: user_processes(), 30), user_processes()
     end = time.monotonic() + 30
-    while time.monotonic() < end and subprocess.run(["squeue", "-h", "-j", jobid], capture_output=True,
-                                                    text=True).stdout.strip():
+    while (
+        time.monotonic() < end
+        and subprocess.run(["squeue", "-h", "-j", jobid], capture_output=True, text=True).stdout.strip()
+    ):
         time.sleep(0.5)
 
 
@@ -84,17 +111,18 @@ def test_check_as_a_job_step(slurm, images):
 
 
 NS = "echo $(readlink /proc/self/ns/user) $(readlink /proc/self/ns/mnt)"
-COUNT_FUSE = ("n=0; for d in /proc/[0-9]*; do [ \"$(stat -c %u $d 2>/dev/null)\" = $(id -u) ] && "
-              "grep -q squashfuse $d/comm 2>/dev/null && n=$((n+1)); done; echo fuse=$n")
+COUNT_FUSE = (
+    'n=0; for d in /proc/[0-9]*; do [ "$(stat -c %u $d 2>/dev/null)" = $(id -u) ] && '
+    "grep -q squashfuse $d/comm 2>/dev/null && n=$((n+1)); done; echo fuse=$n"
+)
 
 
 def test_step_tasks_share_one_container_automatically(slurm, images):
-    r = run(["srun", "-O", "-n", "4", HPCRUN, "exec", images["sif"], "sh", "-c",
-             NS + "; " + COUNT_FUSE + "; sleep 1"])
+    r = run(["srun", "-O", "-n", "4", HPCRUN, "exec", images["sif"], "sh", "-c", NS + "; " + COUNT_FUSE + "; sleep 1"])
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert len(lines) == 8
-    assert len({ln for ln in lines if ln.startswith("user:")}) == 1, lines   # one user+mount namespace
+    assert len({ln for ln in lines if ln.startswith("user:")}) == 1, lines  # one user+mount namespace
     assert {ln for ln in lines if not ln.startswith("user:")} == {"fuse=1"}, lines  # one FUSE mount
 
 
@@ -109,9 +137,22 @@ def test_time_limit_leaves_nothing_behind(slurm, images, utmp):
     after KillWait: no process, mount, keeper or run directory stays."""
     os.chmod(utmp, 0o777)
     out = os.path.join(str(utmp), "limit.txt")
-    r = run(["sbatch", "--wait", "-n", "2", "-t", "1", "-o", out, "--wrap",
-             f"srun -n 2 {HPCRUN} exec {images['sif']} sh -c 'echo started; sleep 600'"], timeout=240)
-    assert r.returncode != 0, r.stdout          # killed, not finished
+    r = run(
+        [
+            "sbatch",
+            "--wait",
+            "-n",
+            "2",
+            "-t",
+            "1",
+            "-o",
+            out,
+            "--wrap",
+            f"srun -n 2 {HPCRUN} exec {images['sif']} sh -c 'echo started; sleep 600'",
+        ],
+        timeout=240,
+    )
+    assert r.returncode != 0, r.stdout  # killed, not finished
     with open(out) as f:
         text = f.read()
     assert text.count("started") == 2 and "TIME LIMIT" in text, text
@@ -124,16 +165,29 @@ def test_stage_image_with_sbcast(slurm, images, utmp):
     the staged copy; the epilog removes it when the job ends."""
     stage = script(utmp, "stage-image.sh")
     out = os.path.join(str(utmp), "stage.txt")
-    r = run(["sbatch", "--wait", "-n", "2", "-o", out, "--wrap",
-             f"IMG=$({stage} {images['sif']}) || exit 9; echo staged=$IMG; "
-             f"srun {HPCRUN} exec $IMG sh -c 'echo rank=$SLURM_PROCID $HPCRUN_CONTAINER'"], timeout=120)
+    r = run(
+        [
+            "sbatch",
+            "--wait",
+            "-n",
+            "2",
+            "-o",
+            out,
+            "--wrap",
+            f"IMG=$({stage} {images['sif']}) || exit 9; echo staged=$IMG; "
+            f"srun {HPCRUN} exec $IMG sh -c 'echo rank=$SLURM_PROCID $HPCRUN_CONTAINER'",
+        ],
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     with open(out) as f:
         text = f.read()
     staged = [ln.split("=", 1)[1] for ln in text.splitlines() if ln.startswith("staged=")]
     assert staged and staged[0].startswith("/tmp/hpcrun-stage-") and staged[0].endswith("-busybox.sif"), text
-    assert sorted(ln for ln in text.splitlines() if ln.startswith("rank=")) == \
-        [f"rank=0 {staged[0]}", f"rank=1 {staged[0]}"], text
+    assert sorted(ln for ln in text.splitlines() if ln.startswith("rank=")) == [
+        f"rank=0 {staged[0]}",
+        f"rank=1 {staged[0]}",
+    ], text
     assert wait_gone(lambda: os.path.exists(staged[0]), 30), "the epilog did not remove the staged image"
 
 
@@ -145,13 +199,15 @@ def test_pmix_steps_of_a_job_reuse_one_warm_container(slurm, images, utmp):
     with open(conf, "w") as f:
         f.write("share_idle_timeout: 5\n")
     out = os.path.join(str(utmp), "pmix.txt")
-    step = (f"srun --mpi=pmix -n 1 {HPCRUN} -v exec {images['sif']} "
-            "sh -c 'test -d $PMIX_SERVER_TMPDIR && echo sees=$PMIX_SERVER_TMPDIR'")
+    step = (
+        f"srun --mpi=pmix -n 1 {HPCRUN} -v exec {images['sif']} "
+        "sh -c 'test -d $PMIX_SERVER_TMPDIR && echo sees=$PMIX_SERVER_TMPDIR'"
+    )
     r = run(["sbatch", "--wait", "-o", out, "--wrap", f"{step} && {step}"], env={"HPCRUN_CONFIG": conf})
     assert r.returncode == 0, r.stdout + r.stderr
     with open(out) as f:
         text = f.read()
     seen = [ln.split("=", 1)[1] for ln in text.splitlines() if ln.startswith("sees=")]
-    assert len(seen) == 2 and seen[0] != seen[1], text          # two steps, two PMIx directories
+    assert len(seen) == 2 and seen[0] != seen[1], text  # two steps, two PMIx directories
     said = [ln.split()[1:] for ln in text.splitlines() if "shared container" in ln]
     assert [w[0] for w in said] == ["started", "joined"] and said[0][-1] == said[1][-1], text

@@ -2,6 +2,7 @@
 one-node Slurm, as the unprivileged test user. tests/slurm-up.sh builds the plugin and
 registers it in plugstack.conf; HPCRUN_SPANK_BIN points it at the hpcrun under test
 (plugstack.conf names the site default, /opt/hpcrun-venv/bin/hpcrun)."""
+
 import os
 import shutil
 import subprocess
@@ -17,8 +18,9 @@ IN_IMAGE = "test -f /.singularity.d/labels.json && echo in-image || echo on-host
 def run(args, timeout=120, env=None):
     e = {"PATH": f"{os.path.dirname(HPCRUN)}:/usr/local/bin:/usr/bin:/bin", "HPCRUN_SPANK_BIN": HPCRUN}
     e.update(env or {})
-    return subprocess.run(as_user(args), env=user_env(e), cwd=WORK_USER, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        as_user(args), env=user_env(e), cwd=WORK_USER, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_plugin_is_registered(slurm, images):
@@ -27,12 +29,23 @@ def test_plugin_is_registered(slurm, images):
 
 
 def test_every_task_runs_in_the_image_as_the_user(slurm, images):
-    r = run(["srun", "-n", "2", f"--hpcrun-image={images['sif']}", "sh", "-c",
-             f"echo $SLURM_PROCID $SLURM_NTASKS $(id -u) $({IN_IMAGE}) $(cat /.singularity.d/labels.json)"])
+    r = run(
+        [
+            "srun",
+            "-n",
+            "2",
+            f"--hpcrun-image={images['sif']}",
+            "sh",
+            "-c",
+            f"echo $SLURM_PROCID $SLURM_NTASKS $(id -u) $({IN_IMAGE}) $(cat /.singularity.d/labels.json)",
+        ]
+    )
     assert r.returncode == 0, r.stderr
     rows = sorted(line.split(None, 4) for line in r.stdout.splitlines())
-    assert [row[:4] for row in rows] == [["0", "2", str(user().pw_uid), "in-image"],
-                                         ["1", "2", str(user().pw_uid), "in-image"]], r.stdout
+    assert [row[:4] for row in rows] == [
+        ["0", "2", str(user().pw_uid), "in-image"],
+        ["1", "2", str(user().pw_uid), "in-image"],
+    ], r.stdout
     assert all("busybox-test" in row[4] for row in rows)
 
 
@@ -57,8 +70,10 @@ def test_missing_image_is_one_clear_error(slurm, images):
 
 
 def test_missing_hpcrun_is_one_clear_error(slurm, images):
-    for path, msg in (("/nonexistent/hpcrun", "cannot run /nonexistent/hpcrun"),
-                      ("hpcrun", "must be an absolute path")):
+    for path, msg in (
+        ("/nonexistent/hpcrun", "cannot run /nonexistent/hpcrun"),
+        ("hpcrun", "must be an absolute path"),
+    ):
         r = run(["srun", "-n", "1", f"--hpcrun-image={images['sif']}", "true"], env={"HPCRUN_SPANK_BIN": path})
         assert r.returncode == 127, r.stderr
         ours = [line for line in r.stderr.splitlines() if not line.startswith("srun:")]
@@ -66,8 +81,18 @@ def test_missing_hpcrun_is_one_clear_error(slurm, images):
 
 
 def test_options_and_runscript(slurm, images):
-    r = run(["srun", "-n", "1", f"--hpcrun-image={images['sif']}", "--hpcrun-options=--env FOO=from-plugin -q",
-             "sh", "-c", "echo $FOO"])
+    r = run(
+        [
+            "srun",
+            "-n",
+            "1",
+            f"--hpcrun-image={images['sif']}",
+            "--hpcrun-options=--env FOO=from-plugin -q",
+            "sh",
+            "-c",
+            "echo $FOO",
+        ]
+    )
     assert (r.returncode, r.stdout.strip()) == (0, "from-plugin"), r.stderr
     r = run(["srun", "-n", "1", f"--hpcrun-image={images['sif']}", "--hpcrun-run", "a", "b"])
     assert (r.returncode, r.stdout.strip()) == (0, "runscript:a b"), r.stderr
@@ -82,10 +107,12 @@ def test_sbatch_directive_puts_every_step_in_the_image(slurm, images, utmp):
     os.chmod(utmp, 0o777)
     job = os.path.join(str(utmp), "job.sh")
     with open(job, "w") as f:
-        f.write(f"#!/bin/sh\n#SBATCH --hpcrun-image={images['sif']}\n#SBATCH -n 2\n"
-                f"echo batch $({IN_IMAGE})\n"          # the script itself stays on the host (it calls srun)
-                f"srun -n 2 sh -c 'echo step$SLURM_PROCID $({IN_IMAGE})'\n"
-                "srun -n 1 sh -c 'exit 4'\n")
+        f.write(
+            f"#!/bin/sh\n#SBATCH --hpcrun-image={images['sif']}\n#SBATCH -n 2\n"
+            f"echo batch $({IN_IMAGE})\n"  # the script itself stays on the host (it calls srun)
+            f"srun -n 2 sh -c 'echo step$SLURM_PROCID $({IN_IMAGE})'\n"
+            "srun -n 1 sh -c 'exit 4'\n"
+        )
     os.chmod(job, 0o755)
     out = os.path.join(str(utmp), "out.txt")
     r = run(["sbatch", "--wait", "-o", out, job], timeout=180)
@@ -104,8 +131,20 @@ def test_image_sbatch_template_with_image_on_the_command_line(slurm, images, utm
     shutil.copy(os.path.join(BATCH, "image.sbatch"), job)
     os.chmod(job, 0o755)
     out = os.path.join(str(utmp), "out.txt")
-    r = run(["sbatch", "--wait", f"--hpcrun-image={images['sif']}", "-o", out, job,
-             "sh", "-c", f"echo $SLURM_PROCID $({IN_IMAGE}); exit 3"], timeout=180)
+    r = run(
+        [
+            "sbatch",
+            "--wait",
+            f"--hpcrun-image={images['sif']}",
+            "-o",
+            out,
+            job,
+            "sh",
+            "-c",
+            f"echo $SLURM_PROCID $({IN_IMAGE}); exit 3",
+        ],
+        timeout=180,
+    )
     assert r.returncode == 3, r.stdout + r.stderr
     with open(out) as f:
         text = f.read()

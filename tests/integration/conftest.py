@@ -1,4 +1,5 @@
 """Fixtures for the integration tests live in hpcrun_testlib (shared with tests/batch)."""
+
 import os
 import sys
 

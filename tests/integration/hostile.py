@@ -1,6 +1,7 @@
 """A corpus of hostile build inputs, generated in code (no binary files in the repo), and
 the canary helpers test_hostile_build.py uses: a tree of known bytes, modes and owners
 outside the build that every escaping link points at, snapshotted before and after."""
+
 import hashlib
 import io
 import json
@@ -14,12 +15,20 @@ MTIME = 1700000000
 # p -> . repeated: more `..` than any build directory is deep, fewer links than the
 # kernel follows in one lookup (40)
 DEPTH = 16
-CONFIG = {"architecture": "amd64", "os": "linux",
-          "config": {"Env": ["PATH=/bin:/usr/bin", "HOSTILE=1"], "Entrypoint": ["/bin/echo"],
-                     "Cmd": ["hostile"], "Labels": {"org.example.hostile": "yes"}}}
+CONFIG = {
+    "architecture": "amd64",
+    "os": "linux",
+    "config": {
+        "Env": ["PATH=/bin:/usr/bin", "HOSTILE=1"],
+        "Entrypoint": ["/bin/echo"],
+        "Cmd": ["hostile"],
+        "Labels": {"org.example.hostile": "yes"},
+    },
+}
 
 
 # --- tar members: (name, kind, data or link target, mode) -----------------------------
+
 
 def F(name, data=b"x\n", mode=0o644):
     return (name, "file", data, mode)
@@ -84,9 +93,13 @@ def docker_archive(path, layers, outer=(), config=CONFIG):
     cfg = dict(config, rootfs={"type": "layers", "diff_ids": ["sha256:" + _digest(b) for b in layers]})
     names = [f"l{i}/layer.tar" for i in range(len(layers))]
     members = list(outer) + [F(n, b) for n, b in zip(names, layers)]
-    members += [F("config.json", json.dumps(cfg).encode()),
-                F("manifest.json", json.dumps([{"Config": "config.json", "RepoTags": ["hostile:1"],
-                                                "Layers": names}]).encode())]
+    members += [
+        F("config.json", json.dumps(cfg).encode()),
+        F(
+            "manifest.json",
+            json.dumps([{"Config": "config.json", "RepoTags": ["hostile:1"], "Layers": names}]).encode(),
+        ),
+    ]
     return write(path, tar_bytes(members))
 
 
@@ -98,22 +111,34 @@ def oci_archive(path, layers, outer=(), config=CONFIG):
     def blob(data, media):
         blobs.append(F("blobs/sha256/" + _digest(data), data))
         return {"mediaType": media, "digest": "sha256:" + _digest(data), "size": len(data)}
+
     cfg = dict(config, rootfs={"type": "layers", "diff_ids": ["sha256:" + _digest(b) for b in layers]})
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": blob(json.dumps(cfg).encode(), "application/vnd.oci.image.config.v1+json"),
-                "layers": [blob(b, "application/vnd.oci.image.layer.v1.tar") for b in layers]}
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": blob(json.dumps(cfg).encode(), "application/vnd.oci.image.config.v1+json"),
+        "layers": [blob(b, "application/vnd.oci.image.layer.v1.tar") for b in layers],
+    }
     mdesc = blob(json.dumps(manifest).encode(), "application/vnd.oci.image.manifest.v1+json")
     index = {"schemaVersion": 2, "manifests": [mdesc]}
-    members = list(outer) + blobs + [F("oci-layout", b'{"imageLayoutVersion": "1.0.0"}'),
-                                     F("index.json", json.dumps(index).encode())]
+    members = (
+        list(outer)
+        + blobs
+        + [F("oci-layout", b'{"imageLayoutVersion": "1.0.0"}'), F("index.json", json.dumps(index).encode())]
+    )
     return write(path, tar_bytes(members))
 
 
 # --- the canary: files and directories outside the build ------------------------------
 
-CANARY = {"": ("dir", 0o700, None), "file": ("file", 0o600, b"canary file\n"),
-          "file2": ("file", 0o600, b"second canary file\n"), "dir": ("dir", 0o700, None),
-          "dir/inner": ("file", 0o600, b"inner canary file\n"), "dir/sub": ("dir", 0o750, None)}
+CANARY = {
+    "": ("dir", 0o700, None),
+    "file": ("file", 0o600, b"canary file\n"),
+    "file2": ("file", 0o600, b"second canary file\n"),
+    "dir": ("dir", 0o700, None),
+    "dir/inner": ("file", 0o600, b"inner canary file\n"),
+    "dir/sub": ("dir", 0o750, None),
+}
 
 
 def make_canary(top, uid, gid):
@@ -150,6 +175,7 @@ def snapshot(top, skip=()):
                 sub = os.path.join(rel, name) if rel else name
                 if sub not in skip:
                     visit(os.path.join(path, name), sub)
+
     visit(top, "")
     return out
 
@@ -192,6 +218,7 @@ def image_entries(path):
     offset = 0
     if path.endswith(".sif"):
         from hpcrun.images.sif import SifFile
+
         offset = SifFile(path).primary_partition().offset
     r = subprocess.run(["unsquashfs", "-o", str(offset), "-lln", path], capture_output=True, text=True)
     assert r.returncode == 0, f"unsquashfs -lln {path}: {r.stderr}"

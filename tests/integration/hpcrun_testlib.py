@@ -1,5 +1,6 @@
 """Integration fixtures: real images built from busybox-static, hpcrun run as the
 unprivileged test user (tests/setup-host.sh creates it) through setpriv."""
+
 import os
 import pwd
 import shutil
@@ -22,9 +23,15 @@ def user():
 
 def user_env(extra=None):
     pw = user()
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": pw.pw_dir, "USER": pw.pw_name,
-           "LOGNAME": pw.pw_name, "LANG": "C.UTF-8", "XDG_CACHE_HOME": os.path.join(WORK, "cache", pw.pw_name)}
-    if os.path.exists(TEST_CONFIG):   # shared containers leave 1 s after their last task
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": pw.pw_dir,
+        "USER": pw.pw_name,
+        "LOGNAME": pw.pw_name,
+        "LANG": "C.UTF-8",
+        "XDG_CACHE_HOME": os.path.join(WORK, "cache", pw.pw_name),
+    }
+    if os.path.exists(TEST_CONFIG):  # shared containers leave 1 s after their last task
         env["HPCRUN_CONFIG"] = TEST_CONFIG
     env.update(extra or {})
     return env
@@ -34,19 +41,34 @@ def as_user(argv):
     if os.getuid() != 0:
         return list(argv)
     pw = user()
-    return ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups",
-            "--inh-caps=-all", "--"] + list(argv)
+    return ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--inh-caps=-all", "--"] + list(
+        argv
+    )
 
 
 def hpcrun(*args, env=None, input=None, cwd=None, timeout=60, text=True):
     """Run hpcrun as the test user; returns CompletedProcess."""
-    return subprocess.run(as_user([HPCRUN, *args]), env=user_env(env), input=input,
-                          capture_output=True, cwd=cwd or WORK_USER, timeout=timeout, text=text)
+    return subprocess.run(
+        as_user([HPCRUN, *args]),
+        env=user_env(env),
+        input=input,
+        capture_output=True,
+        cwd=cwd or WORK_USER,
+        timeout=timeout,
+        text=text,
+    )
 
 
 def spawn(*args, env=None, **kw):
-    return subprocess.Popen(as_user([HPCRUN, *args]), env=user_env(env), cwd=WORK_USER,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        as_user([HPCRUN, *args]),
+        env=user_env(env),
+        cwd=WORK_USER,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def user_processes():
@@ -74,7 +96,7 @@ def wait_gone(pred, timeout=10):
     return False
 
 
-WORK = os.environ.get("HPCRUN_TEST_WORK", "/tmp/hpcrun-it")   # separate runs may use their own
+WORK = os.environ.get("HPCRUN_TEST_WORK", "/tmp/hpcrun-it")  # separate runs may use their own
 WORK_USER = os.path.join(WORK, "work")
 TEST_CONFIG = os.path.join(WORK, "test-config.yaml")
 
@@ -114,8 +136,7 @@ def check_not_stale():
     or a copy identical to it: a stale installed copy would test something else."""
     probe = "import hpcrun, os; print(os.path.dirname(os.path.realpath(hpcrun.__file__)))"
     python = os.path.join(os.path.dirname(HPCRUN), "python")
-    r = subprocess.run(as_user([python, "-c", probe]), capture_output=True, text=True, cwd="/",
-                       env=user_env())
+    r = subprocess.run(as_user([python, "-c", probe]), capture_output=True, text=True, cwd="/", env=user_env())
     installed = r.stdout.strip()
     mine = os.path.join(CHECKOUT, "hpcrun")
     if r.returncode != 0:
@@ -123,6 +144,7 @@ def check_not_stale():
     if os.path.realpath(installed) == os.path.realpath(mine):
         return
     import filecmp
+
     for dirpath, dirnames, filenames in os.walk(mine):
         dirnames[:] = [d for d in dirnames if d != "__pycache__"]
         for name in filenames:
@@ -130,14 +152,18 @@ def check_not_stale():
                 rel = os.path.relpath(os.path.join(dirpath, name), mine)
                 other = os.path.join(installed, rel)
                 if not os.path.exists(other) or not filecmp.cmp(os.path.join(mine, rel), other, shallow=False):
-                    pytest.exit(f"the hpcrun installed in {HPCRUN} is not this checkout's ({rel} differs): "
-                                "run `bash tests/setup-host.sh`", returncode=3)
+                    pytest.exit(
+                        f"the hpcrun installed in {HPCRUN} is not this checkout's ({rel} differs): "
+                        "run `bash tests/setup-host.sh`",
+                        returncode=3,
+                    )
 
 
 @pytest.fixture(scope="session")
 def images():
     """{'squashfs': path, 'sif': path, 'sandbox': path, 'plain': path (no .singularity.d)}"""
     from hpcrun.images.sif import write_sif
+
     check_not_stale()
     if os.path.exists(WORK):
         subprocess.run(["rm", "-rf", WORK], check=True)
@@ -158,8 +184,11 @@ def images():
     out = {"sandbox": root}
     for name, src in (("squashfs", root), ("plain", plain)):
         path = os.path.join(WORK, f"{name}.sqfs")
-        subprocess.run(["mksquashfs", src, path, "-noappend", "-quiet", "-all-root", "-no-progress"],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["mksquashfs", src, path, "-noappend", "-quiet", "-all-root", "-no-progress"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         out[name] = path
     out["sif"] = os.path.join(WORK, "busybox.sif")
     write_sif(out["sif"], out["squashfs"])
@@ -181,7 +210,7 @@ def no_leaks():
     assert wait_gone(lambda: user_processes(), 10), f"left behind: {user_processes()}"
     left = [d for d in os.listdir("/tmp") if d.startswith("hpcrun-unsquash-") and _owner("/tmp/" + d) == user().pw_uid]
     assert not left, f"temporary sandboxes left behind: {left}"
-    run_dir = f"/tmp/hpcrun-{user().pw_uid}"   # shared containers' sockets and locks
+    run_dir = f"/tmp/hpcrun-{user().pw_uid}"  # shared containers' sockets and locks
     assert wait_gone(lambda: os.path.exists(run_dir), 5), f"left behind: {os.listdir(run_dir)}"
 
 
@@ -190,6 +219,7 @@ def utmp(images, request):
     """A fresh directory the test user can read (pytest's tmp_path is private to root)."""
     import pathlib
     import re
+
     path = pathlib.Path(WORK) / "t" / re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)

@@ -1,5 +1,6 @@
 """hpcrun as `apptainer`/`singularity`: names, --version as the workflow clients parse it,
 Apptainer's options and environment keys, for real (test user, namespaces, squashfuse)."""
+
 import os
 import subprocess
 
@@ -13,8 +14,14 @@ BIN = os.path.dirname(HPCRUN)
 
 def app(name, *args, env=None, cwd=None):
     """Run the installed `name` (apptainer, singularity, hpcrun) as the test user."""
-    return subprocess.run(as_user([os.path.join(BIN, name), *args]), env=user_env(env), capture_output=True,
-                          text=True, cwd=cwd or WORK_USER, timeout=60)
+    return subprocess.run(
+        as_user([os.path.join(BIN, name), *args]),
+        env=user_env(env),
+        capture_output=True,
+        text=True,
+        cwd=cwd or WORK_USER,
+        timeout=60,
+    )
 
 
 @pytest.mark.parametrize("name", ["apptainer", "singularity"])
@@ -46,13 +53,15 @@ def client_path(monkeypatch):
 def test_snakemake_accepts_the_version(client_path):
     from packaging.version import Version
     from snakemake.deployment.singularity import Singularity
+
     s = Singularity()
-    s.check()   # raises WorkflowError when unparseable or < 1.0.0
+    s.check()  # raises WorkflowError when unparseable or < 1.0.0
     assert s.binary == "apptainer" and s.parseversion(s.version) >= Version("1.1")
 
 
 def test_cwltool_accepts_the_version(client_path, monkeypatch):
     from cwltool import singularity
+
     monkeypatch.setattr(singularity, "_SINGULARITY_VERSION", None)
     monkeypatch.setattr(singularity, "_SINGULARITY_FLAVOR", "")
     version, flavor = singularity.get_version()
@@ -64,6 +73,7 @@ def test_spython_accepts_the_version(client_path, monkeypatch):
     monkeypatch.delenv("SPYTHON_SINGULARITY_VERSION", raising=False)
     from spython.main import Client
     from spython.utils import check_install
+
     assert check_install() is True
     assert Client.version().startswith("apptainer version 1.")
 
@@ -79,8 +89,15 @@ def test_global_options_before_the_command(images):
 
 def test_mount_docker_style(images, utmp):
     (utmp / "f").write_text("hello\n")
-    r = app("apptainer", "exec", f"--mount=type=bind,source={utmp},target=/mnt/m,readonly", images["sif"],
-            "sh", "-c", "cat /mnt/m/f; touch /mnt/m/g && echo wrote")
+    r = app(
+        "apptainer",
+        "exec",
+        f"--mount=type=bind,source={utmp},target=/mnt/m,readonly",
+        images["sif"],
+        "sh",
+        "-c",
+        "cat /mnt/m/f; touch /mnt/m/g && echo wrote",
+    )
     assert r.returncode != 0 or "wrote" not in r.stdout
     assert r.stdout.startswith("hello\n"), r.stderr
     r = app("apptainer", "exec", "--mount", f"type=bind,src={utmp},dst=/mnt/m", images["sif"], "cat", "/mnt/m/f")
@@ -90,7 +107,7 @@ def test_mount_docker_style(images, utmp):
 
 
 def test_network_none_has_loopback_only(images):
-    ifaces = "tail -n +3 /proc/net/dev | cut -d: -f1"   # of our network namespace (/sys is the host's)
+    ifaces = "tail -n +3 /proc/net/dev | cut -d: -f1"  # of our network namespace (/sys is the host's)
     assert len(app("apptainer", "exec", images["sif"], "sh", "-c", ifaces).stdout.split()) > 1
     for argv in (["--net", "--network", "none"], ["--network=none"]):
         r = app("apptainer", "exec", *argv, images["sif"], "sh", "-c", ifaces)
@@ -106,13 +123,17 @@ def test_cwd_and_pwd_set_the_working_directory(images):
 
 
 def test_userns_is_accepted(images):
-    r = app("apptainer", "exec", "-u", "--userns", images["sif"], "true")   # cwltool probes this
+    r = app("apptainer", "exec", "-u", "--userns", images["sif"], "true")  # cwltool probes this
     assert r.returncode == 0, r.stderr
 
 
 def test_refused_options_say_why_in_one_line(images):
-    for argv, word in ((["--keep-privs"], "root"), (["--nv"], "GPU"), (["--cpus", "2"], "cgroup"),
-                       (["-o", "/x.img"], "overlay")):
+    for argv, word in (
+        (["--keep-privs"], "root"),
+        (["--nv"], "GPU"),
+        (["--cpus", "2"], "cgroup"),
+        (["-o", "/x.img"], "overlay"),
+    ):
         r = app("apptainer", "exec", *argv, images["sif"], "true")
         assert r.returncode == 2 and r.stderr.startswith("apptainer: error: ") and word in r.stderr, r.stderr
         assert r.stderr.count("\n") == 1
@@ -122,11 +143,11 @@ def test_containall_from_the_environment(images):
     script = "echo ${FOO:-unset}; ls /proc | grep -c '^[0-9]'"
     r = app("apptainer", "exec", images["sif"], "sh", "-c", script, env={"FOO": "host"})
     foo, nproc = r.stdout.split()
-    assert foo == "host" and int(nproc) > 10, r.stderr   # the host's processes
+    assert foo == "host" and int(nproc) > 10, r.stderr  # the host's processes
     r = app("apptainer", "exec", images["sif"], "sh", "-c", script, env={"APPTAINER_CONTAINALL": "1", "FOO": "host"})
     assert r.returncode == 0, r.stderr
     foo, nproc = r.stdout.split()
-    assert foo == "unset" and int(nproc) < 10   # clean environment, own PID namespace
+    assert foo == "unset" and int(nproc) < 10  # clean environment, own PID namespace
     r = app("apptainer", "exec", images["sif"], "sh", "-c", "echo $FOO", env={"APPTAINER_CONTAINALL": "yes"})
     assert r.returncode == 2 and "APPTAINER_CONTAINALL" in r.stderr
 
@@ -134,29 +155,48 @@ def test_containall_from_the_environment(images):
 def test_cleanenv_short_and_from_env(images):
     r = app("apptainer", "exec", "-e", images["sif"], "sh", "-c", "echo ${FOO:-unset}", env={"FOO": "host"})
     assert r.stdout == "unset\n", r.stderr
-    r = app("singularity", "exec", images["sif"], "sh", "-c", "echo ${FOO:-unset}",
-            env={"FOO": "host", "SINGULARITY_CLEANENV": "true"})
+    r = app(
+        "singularity",
+        "exec",
+        images["sif"],
+        "sh",
+        "-c",
+        "echo ${FOO:-unset}",
+        env={"FOO": "host", "SINGULARITY_CLEANENV": "true"},
+    )
     assert r.stdout == "unset\n", r.stderr
     assert "SINGULARITY_CLEANENV is set, but APPTAINER_CLEANENV is preferred" in r.stderr
 
 
 def test_singularity_bindpath_with_its_deprecation_note(images, utmp):
     (utmp / "f").write_text("bound\n")
-    r = app("singularity", "exec", images["sif"], "cat", "/mnt/sb/f",
-            env={"SINGULARITY_BINDPATH": f"{utmp}:/mnt/sb"})
+    r = app("singularity", "exec", images["sif"], "cat", "/mnt/sb/f", env={"SINGULARITY_BINDPATH": f"{utmp}:/mnt/sb"})
     assert r.returncode == 0 and r.stdout == "bound\n", r.stderr
-    assert ("singularity: info: Environment variable SINGULARITY_BINDPATH is set, but APPTAINER_BINDPATH "
-            "is preferred\n") in r.stderr
-    r = app("apptainer", "-q", "exec", images["sif"], "cat", "/mnt/sb/f",
-            env={"SINGULARITY_BINDPATH": f"{utmp}:/mnt/sb"})
+    assert (
+        "singularity: info: Environment variable SINGULARITY_BINDPATH is set, but APPTAINER_BINDPATH is preferred\n"
+    ) in r.stderr
+    r = app(
+        "apptainer", "-q", "exec", images["sif"], "cat", "/mnt/sb/f", env={"SINGULARITY_BINDPATH": f"{utmp}:/mnt/sb"}
+    )
     assert r.stdout == "bound\n" and r.stderr == ""
 
 
 def test_bind_keys_and_command_line_all_count(images, utmp):
     for d in "abc":
         (utmp / d).mkdir()
-    r = app("apptainer", "exec", "-B", f"{utmp}/a:/mnt/a", images["sif"], "ls", "-d", "/mnt/a", "/mnt/b", "/mnt/c",
-            env={"APPTAINER_BINDPATH": f"{utmp}/b:/mnt/b", "SINGULARITY_BIND": f"{utmp}/c:/mnt/c"})
+    r = app(
+        "apptainer",
+        "exec",
+        "-B",
+        f"{utmp}/a:/mnt/a",
+        images["sif"],
+        "ls",
+        "-d",
+        "/mnt/a",
+        "/mnt/b",
+        "/mnt/c",
+        env={"APPTAINER_BINDPATH": f"{utmp}/b:/mnt/b", "SINGULARITY_BIND": f"{utmp}/c:/mnt/c"},
+    )
     assert r.returncode == 0 and r.stdout.split() == ["/mnt/a", "/mnt/b", "/mnt/c"], r.stderr
 
 
@@ -164,7 +204,7 @@ def test_env_keys_for_pwd_home_and_shell(images):
     r = app("apptainer", "exec", images["sif"], "pwd", env={"APPTAINER_PWD": "/etc"})
     assert r.stdout == "/etc\n", r.stderr
     r = app("apptainer", "exec", "--pwd", "/usr", images["sif"], "pwd", env={"APPTAINER_PWD": "/etc"})
-    assert r.stdout == "/usr\n", r.stderr   # the command line wins
+    assert r.stdout == "/usr\n", r.stderr  # the command line wins
     r = app("apptainer", "shell", "-s", "/bin/echo", images["sif"], "from-shell")
     assert r.returncode == 0 and r.stdout == "from-shell\n", r.stderr
     r = app("apptainer", "shell", images["sif"], "from-env", env={"APPTAINER_SHELL": "/bin/echo"})
@@ -172,18 +212,40 @@ def test_env_keys_for_pwd_home_and_shell(images):
 
 
 def test_no_umask_and_compat(images):
-    r = subprocess.run(as_user(["sh", "-c", f"umask 0077; exec {BIN}/apptainer exec --no-umask "
-                                            f"{images['sif']} sh -c umask"]),
-                       env=user_env(), capture_output=True, text=True, cwd=WORK_USER, timeout=60)
+    r = subprocess.run(
+        as_user(["sh", "-c", f"umask 0077; exec {BIN}/apptainer exec --no-umask {images['sif']} sh -c umask"]),
+        env=user_env(),
+        capture_output=True,
+        text=True,
+        cwd=WORK_USER,
+        timeout=60,
+    )
     assert r.stdout.strip() in ("0022", "022"), r.stderr
-    r = app("apptainer", "exec", "--compat", images["sif"], "sh", "-c",
-            "touch /new && echo writable; echo ${FOO:-unset}", env={"FOO": "host"})
+    r = app(
+        "apptainer",
+        "exec",
+        "--compat",
+        images["sif"],
+        "sh",
+        "-c",
+        "touch /new && echo writable; echo ${FOO:-unset}",
+        env={"FOO": "host"},
+    )
     assert r.returncode == 0 and r.stdout.split() == ["writable", "unset"], r.stderr
 
 
 def test_no_env_blocks_host_variables(images):
-    r = app("apptainer", "exec", "--no-env", "FOO,BAR", images["sif"], "sh", "-c",
-            "echo ${FOO:-unset} ${BAR:-unset} $BAZ", env={"FOO": "1", "BAR": "2", "BAZ": "3"})
+    r = app(
+        "apptainer",
+        "exec",
+        "--no-env",
+        "FOO,BAR",
+        images["sif"],
+        "sh",
+        "-c",
+        "echo ${FOO:-unset} ${BAR:-unset} $BAZ",
+        env={"FOO": "1", "BAR": "2", "BAZ": "3"},
+    )
     assert r.stdout.split() == ["unset", "unset", "3"], r.stderr
 
 
@@ -191,6 +253,7 @@ def test_inspect_takes_the_union_of_selectors(images):
     r = app("apptainer", "inspect", "-l", "-r", "--json", images["sif"])
     assert r.returncode == 0, r.stderr
     import json
+
     attrs = json.loads(r.stdout)["data"]["attributes"]
     assert set(attrs) == {"labels", "runscript"}
 
@@ -206,18 +269,37 @@ def test_build_and_pull_know_apptainers_names(images, bdir):
 
 def test_pull_name_dir_and_cachedir(registry, bdir):  # noqa: F811
     cache = os.path.join(WORK, "cache", "apptainer-cachedir")
-    r = app("apptainer", "pull", "--name", "named.sif", "--dir", str(bdir), "--disable-cache",
-            f"docker://{registry}/test/busybox:v1", env={"APPTAINER_CACHEDIR": cache})
+    r = app(
+        "apptainer",
+        "pull",
+        "--name",
+        "named.sif",
+        "--dir",
+        str(bdir),
+        "--disable-cache",
+        f"docker://{registry}/test/busybox:v1",
+        env={"APPTAINER_CACHEDIR": cache},
+    )
     assert r.returncode == 0, r.stderr
     assert (bdir / "named.sif").is_file()
-    assert os.listdir(os.path.join(cache, "hpcrun", "blobs", "sha256"))   # the cache is where it was put
+    assert os.listdir(os.path.join(cache, "hpcrun", "blobs", "sha256"))  # the cache is where it was put
     r = app("apptainer", "exec", str(bdir / "named.sif"), "true")
     assert r.returncode == 0, r.stderr
 
 
 def test_scratch_is_an_empty_directory_in_memory(images):
-    r = app("apptainer", "exec", "-S", "/scratch1,/opt/s2", "--scratch", "/data/s3", images["sif"], "sh", "-c",
-            "for d in /scratch1 /opt/s2 /data/s3; do ls -A $d; touch $d/f && echo ok; done")
+    r = app(
+        "apptainer",
+        "exec",
+        "-S",
+        "/scratch1,/opt/s2",
+        "--scratch",
+        "/data/s3",
+        images["sif"],
+        "sh",
+        "-c",
+        "for d in /scratch1 /opt/s2 /data/s3; do ls -A $d; touch $d/f && echo ok; done",
+    )
     assert r.returncode == 0 and r.stdout.split() == ["ok", "ok", "ok"], r.stderr
     r = app("apptainer", "exec", images["sif"], "ls", "/scratch1", env={"APPTAINER_SCRATCH": "/scratch1"})
     assert r.returncode == 0, r.stderr

@@ -1,4 +1,5 @@
 """Bad input: a documented exit code, one line on stderr, no traceback, nothing left."""
+
 import os
 import shutil
 
@@ -44,14 +45,16 @@ def test_truncated_sif(images):
 def test_corrupt_squashfs(images):
     with open(images["squashfs"], "rb") as f:
         data = bytearray(f.read())
-    data[96:len(data) - 4096] = b"\xa5" * (len(data) - 4096 - 96)   # keep the superblock
+    data[96 : len(data) - 4096] = b"\xa5" * (len(data) - 4096 - 96)  # keep the superblock
     one_line(hpcrun("exec", bad_file("corrupt.sqfs", bytes(data)), "true"), IMAGE, "corrupt.sqfs")
     data = bytearray(data[:4096])
     one_line(hpcrun("exec", bad_file("short.sqfs", bytes(data)), "true"), IMAGE, "truncated")
 
 
-@pytest.mark.parametrize("name,word", [("one-object-sbom.sif", "no primary system partition"),
-                                       ("two-groups-signed-legacy-all.sif", "no squashfs data")])
+@pytest.mark.parametrize(
+    "name,word",
+    [("one-object-sbom.sif", "no primary system partition"), ("two-groups-signed-legacy-all.sif", "no squashfs data")],
+)
 def test_sif_without_runnable_partition(images, name, word):
     dst = os.path.join(WORK, name)
     shutil.copy(os.path.join(TESTDATA, name), dst)

@@ -1,4 +1,5 @@
 """hpcrun build from tarballs, docker-archive, OCI layouts; each result run with hpcrun exec."""
+
 import gzip
 import hashlib
 import io
@@ -48,12 +49,24 @@ def _base_layer(images):
     return buf.getvalue()
 
 
-TOP = [(".wh.gone", "file", b""), ("opaque", "dir", None),
-       ("opaque/.wh..wh..opq", "file", b""), ("opaque/new", "file", b"new"), ("dev/null2", "chr", None),
-       ("keep/link", "hardlink", "keep/file")]
-CONFIG = {"architecture": "amd64", "os": "linux",
-          "config": {"Env": ["PATH=/bin:/usr/bin", "GREETING=it's oci"], "Entrypoint": ["/bin/echo", "entry"],
-                     "Cmd": ["default-cmd"], "Labels": {"org.example.name": "test-image"}}}
+TOP = [
+    (".wh.gone", "file", b""),
+    ("opaque", "dir", None),
+    ("opaque/.wh..wh..opq", "file", b""),
+    ("opaque/new", "file", b"new"),
+    ("dev/null2", "chr", None),
+    ("keep/link", "hardlink", "keep/file"),
+]
+CONFIG = {
+    "architecture": "amd64",
+    "os": "linux",
+    "config": {
+        "Env": ["PATH=/bin:/usr/bin", "GREETING=it's oci"],
+        "Entrypoint": ["/bin/echo", "entry"],
+        "Cmd": ["default-cmd"],
+        "Labels": {"org.example.name": "test-image"},
+    },
+}
 
 
 def _blob(layout, data):
@@ -66,14 +79,22 @@ def _blob(layout, data):
 
 def make_oci_layout(path, images, tag="v1"):
     base, top = gzip.compress(_base_layer(images)), _layer(TOP)
-    layers = [dict(_blob(path, base), mediaType="application/vnd.oci.image.layer.v1.tar+gzip"),
-              dict(_blob(path, top), mediaType="application/vnd.oci.image.layer.v1.tar")]
+    layers = [
+        dict(_blob(path, base), mediaType="application/vnd.oci.image.layer.v1.tar+gzip"),
+        dict(_blob(path, top), mediaType="application/vnd.oci.image.layer.v1.tar"),
+    ]
     config = dict(_blob(path, json.dumps(CONFIG).encode()), mediaType="application/vnd.oci.image.config.v1+json")
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": config, "layers": layers}
-    mdesc = dict(_blob(path, json.dumps(manifest).encode()),
-                 mediaType="application/vnd.oci.image.manifest.v1+json",
-                 annotations={"org.opencontainers.image.ref.name": tag})
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": config,
+        "layers": layers,
+    }
+    mdesc = dict(
+        _blob(path, json.dumps(manifest).encode()),
+        mediaType="application/vnd.oci.image.manifest.v1+json",
+        annotations={"org.opencontainers.image.ref.name": tag},
+    )
     with open(os.path.join(path, "index.json"), "w") as f:
         json.dump({"schemaVersion": 2, "manifests": [mdesc]}, f)
     with open(os.path.join(path, "oci-layout"), "w") as f:
@@ -82,11 +103,17 @@ def make_oci_layout(path, images, tag="v1"):
 
 def make_docker_archive(path, images):
     base, top = _base_layer(images), _layer(TOP)
-    cfg = dict(CONFIG, rootfs={"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(b).hexdigest()
-                                                             for b in (base, top)]})
-    files = {"l1/layer.tar": base, "l2/layer.tar": top, "config.json": json.dumps(cfg).encode(),
-             "manifest.json": json.dumps([{"Config": "config.json", "RepoTags": ["test:1"],
-                                           "Layers": ["l1/layer.tar", "l2/layer.tar"]}]).encode()}
+    cfg = dict(
+        CONFIG, rootfs={"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(b).hexdigest() for b in (base, top)]}
+    )
+    files = {
+        "l1/layer.tar": base,
+        "l2/layer.tar": top,
+        "config.json": json.dumps(cfg).encode(),
+        "manifest.json": json.dumps(
+            [{"Config": "config.json", "RepoTags": ["test:1"], "Layers": ["l1/layer.tar", "l2/layer.tar"]}]
+        ).encode(),
+    }
     with tarfile.open(path, "w") as tar:
         for name, data in files.items():
             ti = tarfile.TarInfo(name)
@@ -98,8 +125,14 @@ def check_oci_result(out):
     r = hpcrun("run", out)
     assert r.stdout.strip() == "entry default-cmd", r.stderr
     assert hpcrun("run", out, "given").stdout.strip() == "entry given"
-    r = hpcrun("exec", out, "sh", "-c", "echo \"$GREETING\"; test -e /gone || echo gone-deleted;"
-               " ls /opaque; cat /keep/link; test -e /dev/null2 || echo no-dev")
+    r = hpcrun(
+        "exec",
+        out,
+        "sh",
+        "-c",
+        'echo "$GREETING"; test -e /gone || echo gone-deleted;'
+        " ls /opaque; cat /keep/link; test -e /dev/null2 || echo no-dev",
+    )
     assert r.stdout.split("\n")[:5] == ["it's oci", "gone-deleted", "new", "kept", "no-dev"], r.stdout + r.stderr
     assert "org.example.name: test-image" in hpcrun("inspect", out).stdout
 
@@ -158,10 +191,13 @@ def test_member_through_a_symlink_lands_inside(images, bdir):
     assert "squashfs-root/a -> /tmp" in listing and "squashfs-root/tmp/hpcrun-owned" in listing, listing
 
 
-@pytest.mark.parametrize("entries,word", [
-    ([("../escape", "file", b"x")], "outside the image"),
-    ([("h", "hardlink", "../../etc/passwd")], "outside the image"),
-])
+@pytest.mark.parametrize(
+    "entries,word",
+    [
+        ([("../escape", "file", b"x")], "outside the image"),
+        ([("h", "hardlink", "../../etc/passwd")], "outside the image"),
+    ],
+)
 def test_hostile_tarballs_refused(images, bdir, entries, word):
     src = bdir / "evil.tar"
     src.write_bytes(_layer(entries))
@@ -232,6 +268,7 @@ data.txt /opt/data.txt
 
 def test_build_from_definition_file(images, bdir):
     import shutil
+
     shutil.copy(images["sif"], bdir / "base.sif")
     (bdir / "data.txt").write_text("payload\n")
     (bdir / "app.def").write_text(DEF)
@@ -240,7 +277,9 @@ def test_build_from_definition_file(images, bdir):
     r = hpcrun("build", "--build-arg", "GREETING=hi", out, str(bdir / "app.def"))
     assert r.returncode == 0, r.stdout + r.stderr
     assert hpcrun("run", out, "x").stdout.strip() == "app runscript: def x"
-    r = hpcrun("exec", out, "sh", "-c", "cat /opt/post.txt /opt/data.txt /opt/postuid; test -e /from-setup && echo setup")
+    r = hpcrun(
+        "exec", out, "sh", "-c", "cat /opt/post.txt /opt/data.txt /opt/postuid; test -e /from-setup && echo setup"
+    )
     assert r.stdout.split("\n")[:4] == ["hi from post", "payload", "0", "setup"], r.stdout + r.stderr
     # %post ran as root through the subuid range: the chown survives into the image
     r = hpcrun("exec", "--fakeroot", out, "stat", "-c", "%u:%g", "/opt/owned")
@@ -253,15 +292,19 @@ def test_build_from_definition_file(images, bdir):
     assert not [n for n in os.listdir(bdir) if n.startswith(".hpcrun-build-")]
 
 
-@pytest.mark.parametrize("body,code,word", [
-    ("Bootstrap: localimage\nFrom: base.sif\n%post\n    exit 7\n", 7, "%post failed with exit code 7"),
-    ("Bootstrap: localimage\nFrom: base.sif\n%bogus\n", 2, "unknown section %bogus"),
-    ("Bootstrap: nonsense\n", 2, "unknown bootstrap agent"),
-    ("Bootstrap: localimage\n", 2, "needs a 'From:'"),
-    ("Bootstrap: localimage\nFrom: base.sif\n%post\n    echo {{ MISSING }}\n", 2, "MISSING"),
-])
+@pytest.mark.parametrize(
+    "body,code,word",
+    [
+        ("Bootstrap: localimage\nFrom: base.sif\n%post\n    exit 7\n", 7, "%post failed with exit code 7"),
+        ("Bootstrap: localimage\nFrom: base.sif\n%bogus\n", 2, "unknown section %bogus"),
+        ("Bootstrap: nonsense\n", 2, "unknown bootstrap agent"),
+        ("Bootstrap: localimage\n", 2, "needs a 'From:'"),
+        ("Bootstrap: localimage\nFrom: base.sif\n%post\n    echo {{ MISSING }}\n", 2, "MISSING"),
+    ],
+)
 def test_definition_file_errors(images, bdir, body, code, word):
     import shutil
+
     shutil.copy(images["sif"], bdir / "base.sif")
     (bdir / "bad.def").write_text(body)
     subprocess.run(["chmod", "-R", "a+rX", str(bdir)], check=True)
@@ -276,6 +319,7 @@ def test_definition_file_errors(images, bdir, body, code, word):
 def test_compression_choices_and_reproducible_builds(images, bdir):
     import struct
     from hpcrun.images.sif import SifFile
+
     for name, comp_id in (("gzip", 1), ("xz", 4), ("lz4", 5), ("zstd", 6)):
         out = str(bdir / f"{name}.sif")
         r = hpcrun("build", "--compress", name, out, images["sandbox"])
@@ -288,7 +332,7 @@ def test_compression_choices_and_reproducible_builds(images, bdir):
     a, b = str(bdir / "r1.sif"), str(bdir / "r2.sif")
     for out in (a, b):
         assert hpcrun("build", "--reproducible", out, images["sandbox"]).returncode == 0
-        time.sleep(1.1)   # a different wall-clock second must not matter
+        time.sleep(1.1)  # a different wall-clock second must not matter
     with open(a, "rb") as fa, open(b, "rb") as fb:
         assert fa.read() == fb.read()
     assert hpcrun("build", "--compress", "rar", str(bdir / "x.sif"), images["sandbox"]).returncode == 2

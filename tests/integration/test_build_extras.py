@@ -1,5 +1,6 @@
 """hpcrun build --sandbox, --fakeroot, file owners from rootfs tarballs, Bootstrap: debootstrap
 (its errors; the real Debian build is tests/batch/test_images_mpi.py). Each result is run."""
+
 import io
 import os
 import pwd
@@ -12,21 +13,39 @@ import pytest
 from hpcrun_testlib import HPCRUN, USER, hpcrun, user_env
 from test_build import make_oci_layout
 
-USER2 = USER + "2"      # tests/setup-host.sh gives this one no /etc/subuid range
+USER2 = USER + "2"  # tests/setup-host.sh gives this one no /etc/subuid range
 
 
 def hpcrun2(*args, cwd):
     """hpcrun as the second test user (no subordinate ids)."""
     pw = pwd.getpwnam(USER2)
-    return subprocess.run(["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups",
-                           "--inh-caps=-all", "--", HPCRUN, *args], capture_output=True, text=True, cwd=cwd,
-                          env=user_env({"HOME": pw.pw_dir, "USER": USER2, "LOGNAME": USER2}), timeout=120)
+    return subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={pw.pw_uid}",
+            f"--regid={pw.pw_gid}",
+            "--init-groups",
+            "--inh-caps=-all",
+            "--",
+            HPCRUN,
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=user_env({"HOME": pw.pw_dir, "USER": USER2, "LOGNAME": USER2}),
+        timeout=120,
+    )
 
 
 def as_test_user(*argv, cwd):
     pw = pwd.getpwnam(USER)
-    return subprocess.run(["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--",
-                           *argv], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run(
+        ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--", *argv],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+    )
 
 
 def one_line(r, code, word):
@@ -75,8 +94,13 @@ def test_sandbox_from_every_source_kind(images, bdir):
     owned_tarball(str(bdir / "rootfs.tar"), images)
     make_oci_layout(str(bdir / "layout"), images)
     subprocess.run(["chmod", "-R", "a+rX", str(bdir)], check=True)
-    sources = {"dir": images["sandbox"], "sif": images["sif"], "tar": str(bdir / "rootfs.tar"), "oci": f"oci:{bdir / 'layout'}:v1",
-               "def": str(bdir / "app.def")}
+    sources = {
+        "dir": images["sandbox"],
+        "sif": images["sif"],
+        "tar": str(bdir / "rootfs.tar"),
+        "oci": f"oci:{bdir / 'layout'}:v1",
+        "def": str(bdir / "app.def"),
+    }
     for kind, src in sources.items():
         out = bdir / f"sb-{kind}"
         r = hpcrun("build", "--sandbox", str(out), src)
@@ -118,25 +142,42 @@ def test_tarball_keeps_owners_through_subuid_range(images, bdir):
     r = hpcrun("build", out, str(bdir / "rootfs.tar"))
     assert r.returncode == 0, r.stderr
     listing = subprocess.run(["unsquashfs", "-o", "32768", "-lln", out], capture_output=True, text=True).stdout
-    rows = {ln.split()[-1] if "->" not in ln else ln.split()[-3]: ln.split()[:2] for ln in listing.splitlines()
-            if "squashfs-root/opt/owned" in ln}
-    assert rows == {"squashfs-root/opt/owned": ["drwxr-x---", "5/6"],
-                    "squashfs-root/opt/owned/f": ["-rwsr-xr-x", "5/6"],
-                    "squashfs-root/opt/owned/l": ["lrwxrwxrwx", "7/8"]}, listing
+    rows = {
+        ln.split()[-1] if "->" not in ln else ln.split()[-3]: ln.split()[:2]
+        for ln in listing.splitlines()
+        if "squashfs-root/opt/owned" in ln
+    }
+    assert rows == {
+        "squashfs-root/opt/owned": ["drwxr-x---", "5/6"],
+        "squashfs-root/opt/owned/f": ["-rwsr-xr-x", "5/6"],
+        "squashfs-root/opt/owned/l": ["lrwxrwxrwx", "7/8"],
+    }, listing
     r = hpcrun("exec", "--fakeroot", out, "stat", "-c", "%u:%g %a", "/opt/owned", "/opt/owned/f", "/bin/busybox")
     assert r.stdout.split("\n")[:3] == ["5:6 750", "5:6 4755", "0:0 755"], r.stdout + r.stderr
     assert hpcrun("exec", out, "echo", "ran").stdout == "ran\n"
     # the same tarball under a definition file: %files and %post (root of the same mapping)
     # work among those owners, and they survive with %post's own
-    (bdir / "t.def").write_text("Bootstrap: localimage\nFrom: rootfs.tar\n%files\nhi.txt /opt/owned/hi.txt\n"
-                                "%post\n    echo post > /opt/owned/g && chown 9:9 /opt/owned/g\n")
+    (bdir / "t.def").write_text(
+        "Bootstrap: localimage\nFrom: rootfs.tar\n%files\nhi.txt /opt/owned/hi.txt\n"
+        "%post\n    echo post > /opt/owned/g && chown 9:9 /opt/owned/g\n"
+    )
     (bdir / "hi.txt").write_text("hi\n")
     subprocess.run(["chmod", "-R", "a+rX", str(bdir)], check=True)
     out = str(bdir / "def.sif")
     r = hpcrun("build", out, str(bdir / "t.def"))
     assert r.returncode == 0, r.stderr
-    r = hpcrun("exec", "--fakeroot", out, "stat", "-c", "%u:%g", "/opt/owned", "/opt/owned/f", "/opt/owned/g",
-               "/opt/owned/hi.txt")
+    r = hpcrun(
+        "exec",
+        "--fakeroot",
+        out,
+        "stat",
+        "-c",
+        "%u:%g",
+        "/opt/owned",
+        "/opt/owned/f",
+        "/opt/owned/g",
+        "/opt/owned/hi.txt",
+    )
     assert r.stdout.split() == ["5:6", "5:6", "9:9", "0:0"], r.stdout + r.stderr
     # a SIF as the source (localimage, or given directly) keeps them too
     again = str(bdir / "again.sif")
@@ -165,8 +206,11 @@ def test_fakeroot_flag_requires_a_subuid_range(images, bdir):
     (bdir / "chown.def").write_text("Bootstrap: localimage\nFrom: base.sif\n%post\n    mkdir /o && chown 5:6 /o\n")
     subprocess.run(["chmod", "-R", "a+rX", str(bdir)], check=True)
     out = bdir / "fr.sif"
-    one_line(hpcrun2("build", "--fakeroot", str(out), str(bdir / "chown.def"), cwd=str(bdir)), 251,
-             "--fakeroot: no range for " + USER2)
+    one_line(
+        hpcrun2("build", "--fakeroot", str(out), str(bdir / "chown.def"), cwd=str(bdir)),
+        251,
+        "--fakeroot: no range for " + USER2,
+    )
     assert not out.exists() and no_work_dirs(bdir)
     r = hpcrun("build", "--fakeroot", str(out), str(bdir / "chown.def"))
     assert r.returncode == 0, r.stderr
@@ -179,10 +223,13 @@ def test_fakeroot_flag_requires_a_subuid_range(images, bdir):
     assert hpcrun2("exec", str(bdir / "p.sif"), "ls", "/p", cwd=str(bdir)).stdout.strip() == "/p"
 
 
-@pytest.mark.parametrize("body,who,code,word", [
-    ("Bootstrap: debootstrap\nMirrorURL: http://deb.debian.org/debian\n", 1, 2, "needs an 'OSVersion:'"),
-    ("Bootstrap: debootstrap\nOSVersion: bookworm\n", 2, 251, "Bootstrap: debootstrap needs a range"),
-])
+@pytest.mark.parametrize(
+    "body,who,code,word",
+    [
+        ("Bootstrap: debootstrap\nMirrorURL: http://deb.debian.org/debian\n", 1, 2, "needs an 'OSVersion:'"),
+        ("Bootstrap: debootstrap\nOSVersion: bookworm\n", 2, 251, "Bootstrap: debootstrap needs a range"),
+    ],
+)
 def test_debootstrap_errors(images, bdir, body, who, code, word):
     (bdir / "d.def").write_text(body)
     os.chmod(bdir / "d.def", 0o644)

@@ -1,5 +1,6 @@
 """A build killed or interrupted half-way leaves nothing: no work directory next to OUT,
 no OUT, no process (unpacking children and tools die with hpcrun); as root and as the user."""
+
 import io
 import os
 import signal
@@ -25,8 +26,9 @@ def start(builder, *args):
     if builder == "user":
         return spawn("build", *args)
     env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "HOME": "/root", "LANG": "C.UTF-8"}
-    return subprocess.Popen([HPCRUN, "build", *args], env=env, cwd=WORK, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [HPCRUN, "build", *args], env=env, cwd=WORK, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def work_dirs(d):

@@ -5,6 +5,7 @@ are unchanged byte for byte, mode for mode and owner for owner; the build fails 
 `hpcrun: error:` line and a documented code, or succeeds with the hostile link kept as a
 link inside the image (or, at a name the build writes, replaced by that file inside it);
 nothing temporary is left next to OUT (no_leaks: no process)."""
+
 import os
 import pwd
 import re
@@ -17,7 +18,7 @@ import hostile
 from hostile import D, F, H, L, chain, docker_archive, oci_archive, tar_bytes, up, write
 from hpcrun_testlib import HPCRUN, USER, WORK, hpcrun, user
 
-CODES = (2, 251, 252, 253, 254)     # documented failures of hpcrun itself (255 is a bug)
+CODES = (2, 251, 252, 253, 254)  # documented failures of hpcrun itself (255 is a bug)
 BUILDERS = ("root", "user")
 LAYER = tar_bytes([D("etc"), F("etc/hostname", b"hostile\n")])
 
@@ -25,10 +26,13 @@ LAYER = tar_bytes([D("etc"), F("etc/hostname", b"hostile\n")])
 def run_build(builder, *args):
     if builder == "user":
         return hpcrun("build", *args, timeout=120)
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": "/root", "LANG": "C.UTF-8",
-           "XDG_CACHE_HOME": os.path.join(WORK, "cache", "root")}
-    return subprocess.run([HPCRUN, "build", *args], env=env, capture_output=True, text=True, timeout=120,
-                          cwd=WORK)
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+        "HOME": "/root",
+        "LANG": "C.UTF-8",
+        "XDG_CACHE_HOME": os.path.join(WORK, "cache", "root"),
+    }
+    return subprocess.run([HPCRUN, "build", *args], env=env, capture_output=True, text=True, timeout=120, cwd=WORK)
 
 
 def owner(builder):
@@ -37,8 +41,21 @@ def owner(builder):
 
 def plant(pw, target, path):
     """ln -s target path, as the user pw (another user who can write OUT's directory)."""
-    subprocess.run(["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups",
-                    "--inh-caps=-all", "--", "ln", "-s", target, str(path)], check=True)
+    subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={pw.pw_uid}",
+            f"--regid={pw.pw_gid}",
+            "--init-groups",
+            "--inh-caps=-all",
+            "--",
+            "ln",
+            "-s",
+            target,
+            str(path),
+        ],
+        check=True,
+    )
 
 
 class Arena:
@@ -107,19 +124,23 @@ class Arena:
     def _good_image(self, links):
         st = os.lstat(self.out)
         if not stat.S_ISREG(st.st_mode):
-            return [f"OUT {self.out} is not a regular file"
-                    + (f": a symlink -> {os.readlink(self.out)}" if stat.S_ISLNK(st.st_mode) else "")]
+            return [
+                f"OUT {self.out} is not a regular file"
+                + (f": a symlink -> {os.readlink(self.out)}" if stat.S_ISLNK(st.st_mode) else "")
+            ]
         if (st.st_uid, st.st_gid) != (self.uid, self.gid):
             return [f"OUT is owned by {st.st_uid}:{st.st_gid}, not the builder"]
         entries = hostile.image_entries(self.out)
         bad = []
         for path, target in links.items():
             ok = [("l", target)]
-            if isinstance(target, Replaceable):     # a file the build writes may take the link's place
+            if isinstance(target, Replaceable):  # a file the build writes may take the link's place
                 ok.append(("-", None))
             if entries.get(path) not in ok:
-                bad.append(f"image {path}: {entries.get(path)}, not a link -> {target}"
-                           + (" or a regular file" if len(ok) > 1 else ""))
+                bad.append(
+                    f"image {path}: {entries.get(path)}, not a link -> {target}"
+                    + (" or a regular file" if len(ok) > 1 else "")
+                )
         return bad
 
 
@@ -136,22 +157,26 @@ def verdict(r, bad):
 # --- cases 1-5: the source itself is hostile ------------------------------------------
 # Each: (src dir, arena) -> (build arguments after OUT, {image path: link target} kept on success)
 
+
 def outer(kind, members):
     def make(src, a):
         pack = docker_archive if kind == "docker" else oci_archive
         return [f"{kind}-archive:{pack(src / 'img.tar', [LAYER], members(a))}"], {}
+
     return make
 
 
 def rootfs(entries, links):
     def make(src, a):
         return [write(src / "rootfs.tar", tar_bytes(entries(a)))], links(a)
+
     return make
 
 
 def layer(entries, links):
     def make(src, a):
         return [f"docker-archive:{docker_archive(src / 'img.tar', [tar_bytes(entries(a))])}"], links(a)
+
     return make
 
 
@@ -159,6 +184,7 @@ def whiteout(lower, upper, links=lambda a: {}):
     def make(src, a):
         layers = [tar_bytes(lower(a)), tar_bytes(upper)]
         return [f"oci-archive:{oci_archive(src / 'img.tar', layers)}"], links(a)
+
     return make
 
 
@@ -168,6 +194,7 @@ def definition(base, section, body, links):
         write(src / "payload", b"payload from %files\n")
         text = f"Bootstrap: localimage\nFrom: base.tar\n\n%{section}\n    {body}\n"
         return ["--notest", write(src / "app.def", text.encode())], links(a)
+
     return make
 
 
@@ -179,49 +206,72 @@ CASES = {
     "outer-oci-chain-abs-dir": outer("oci", lambda a: chain("x", a.dir) + [F("x/planted", b"pwned\n")]),
     "outer-oci-abs-link-dir": outer("oci", lambda a: [L("x", a.dir), F("x/planted", b"pwned\n")]),
     "outer-oci-chain-file-member": outer(
-        "oci", lambda a: chain("x", up(a.file)) + [F("p/" * hostile.DEPTH + "x", b"pwned\n")]),
+        "oci", lambda a: chain("x", up(a.file)) + [F("p/" * hostile.DEPTH + "x", b"pwned\n")]
+    ),
     "outer-oci-blobs-dotdot": outer("oci", lambda a: [L("blobs/sha256/..", a.dir)]),
     "outer-docker-chain-hardlink": outer(
-        "docker", lambda a: [L("p", "."), H("p/" * hostile.DEPTH + "h", a.file), F("h", b"pwned\n")]),
+        "docker", lambda a: [L("p", "."), H("p/" * hostile.DEPTH + "h", a.file), F("h", b"pwned\n")]
+    ),
     "outer-docker-hardlink-abs": outer("docker", lambda a: [H("h", a.file), F("h", b"pwned\n")]),
     # 2. a rootfs tarball directory that a later member replaces by a link out
-    **{f"rootfs-dir{mode:04o}-then-link-{to}": rootfs(
-        lambda a, mode=mode, to=to: [D("d", mode), F("d/f"), L("d", getattr(a, to))],
-        lambda a, to=to: {"/d": getattr(a, to)})
-       for mode in (0o755, 0o6777) for to in ("file", "dir")},
+    **{
+        f"rootfs-dir{mode:04o}-then-link-{to}": rootfs(
+            lambda a, mode=mode, to=to: [D("d", mode), F("d/f"), L("d", getattr(a, to))],
+            lambda a, to=to: {"/d": getattr(a, to)},
+        )
+        for mode in (0o755, 0o6777)
+        for to in ("file", "dir")
+    },
     # 3. a layer planting links where the metadata writer writes (config has Env, Cmd, Labels)
     "layer-singularity.d-link": layer(lambda a: [L(SD, a.dir)], lambda a: {f"/{SD}": a.dir}),
-    **{f"layer-{name.replace('/', '-')}-link": layer(
-        lambda a, name=name, to=to: [D(SD), D(f"{SD}/env"), L(f"{SD}/{name}", getattr(a, to))],
-        lambda a, name=name, to=to: {f"/{SD}/{name}": Replaceable(getattr(a, to))})
-       for name, to in (("runscript", "file"), ("env/10-docker2singularity.sh", "file"),
-                        ("labels.json", "file"))},
+    **{
+        f"layer-{name.replace('/', '-')}-link": layer(
+            lambda a, name=name, to=to: [D(SD), D(f"{SD}/env"), L(f"{SD}/{name}", getattr(a, to))],
+            lambda a, name=name, to=to: {f"/{SD}/{name}": Replaceable(getattr(a, to))},
+        )
+        for name, to in (("runscript", "file"), ("env/10-docker2singularity.sh", "file"), ("labels.json", "file"))
+    },
     "layer-env-dir-link": layer(lambda a: [D(SD), L(f"{SD}/env", a.dir)], lambda a: {f"/{SD}/env": a.dir}),
     # mount points the metadata step mkdirs: linked at the canary dir, or at a new name in it
-    **{f"layer-{d}-link{suffix}": layer(lambda a, d=d, new=new: [L(d, a.dir + new)],
-                                        lambda a, d=d, new=new: {f"/{d}": a.dir + new})
-       for d in ("proc", "sys", "dev", "tmp", "home") for suffix, new in (("", ""), ("-dangling", f"/new-{d}"))},
+    **{
+        f"layer-{d}-link{suffix}": layer(
+            lambda a, d=d, new=new: [L(d, a.dir + new)], lambda a, d=d, new=new: {f"/{d}": a.dir + new}
+        )
+        for d in ("proc", "sys", "dev", "tmp", "home")
+        for suffix, new in (("", ""), ("-dangling", f"/new-{d}"))
+    },
     # 4. a definition file on a base that planted links
-    "def-files-parent-link": definition(lambda a: [L("opt", a.dir)], "files", "./payload /opt/x",
-                                        lambda a: {"/opt": a.dir}),
-    "def-files-dest-link": definition(lambda a: [D("opt"), L("opt/x", a.file)], "files", "./payload /opt/x",
-                                      lambda a: {"/opt/x": Replaceable(a.file)}),
-    **{f"def-{section}": definition(
-        lambda a, name=name: [D(SD), D(f"{SD}/env"), L(f"{SD}/{name}", a.file)], section, body,
-        lambda a, name=name: {f"/{SD}/{name}": Replaceable(a.file)})
-       for section, name, body in (("runscript", "runscript", "echo run"),
-                                   ("startscript", "startscript", "echo start"),
-                                   ("environment", "env/90-environment.sh", "export HOSTILE=1"),
-                                   ("help", "runscript.help", "Some help."),
-                                   ("test", "test", "true"),
-                                   ("labels", "labels.json", "Author hostile"))},
+    "def-files-parent-link": definition(
+        lambda a: [L("opt", a.dir)], "files", "./payload /opt/x", lambda a: {"/opt": a.dir}
+    ),
+    "def-files-dest-link": definition(
+        lambda a: [D("opt"), L("opt/x", a.file)], "files", "./payload /opt/x", lambda a: {"/opt/x": Replaceable(a.file)}
+    ),
+    **{
+        f"def-{section}": definition(
+            lambda a, name=name: [D(SD), D(f"{SD}/env"), L(f"{SD}/{name}", a.file)],
+            section,
+            body,
+            lambda a, name=name: {f"/{SD}/{name}": Replaceable(a.file)},
+        )
+        for section, name, body in (
+            ("runscript", "runscript", "echo run"),
+            ("startscript", "startscript", "echo start"),
+            ("environment", "env/90-environment.sh", "export HOSTILE=1"),
+            ("help", "runscript.help", "Some help."),
+            ("test", "test", "true"),
+            ("labels", "labels.json", "Author hostile"),
+        )
+    },
     # 5. OCI whiteouts of . and .., and an opaque whiteout in a directory linked out
     "wh-dot": whiteout(lambda a: [F("keep")], [F(".wh..", b"")]),
     "wh-dotdot": whiteout(lambda a: [F("keep")], [F(".wh...", b"")]),
     "wh-dir-dotdot": whiteout(lambda a: [D("dir"), F("dir/f"), F("keep")], [F("dir/.wh...", b"")]),
-    "wh-opaque-in-link": whiteout(lambda a: [L("link", a.dir)],
-                                  [F("link/.wh..wh..opq", b""), F("link/.wh.inner", b"")],
-                                  lambda a: {"/link": a.dir}),
+    "wh-opaque-in-link": whiteout(
+        lambda a: [L("link", a.dir)],
+        [F("link/.wh..wh..opq", b""), F("link/.wh.inner", b"")],
+        lambda a: {"/link": a.dir},
+    ),
 }
 
 
@@ -238,7 +288,7 @@ def test_hostile_source(images, bdir, builder, case):
 
 # --- case 6: predictable names next to OUT, planted by another user --------------------
 
-TEMP_CASES = {   # OUT name, {planted name: canary attribute}, --force, outcome
+TEMP_CASES = {  # OUT name, {planted name: canary attribute}, --force, outcome
     "sif-temp-names": ("img.sif", {"img.sif.sqfs.tmp": "file", "img.sif.tmp": "file2"}, False, None),
     "sqfs-temp-name": ("img.sqfs", {"img.sqfs.tmp": "file"}, False, None),
     "out-link-no-force": ("img.sif", {"img.sif": "file"}, False, "fail"),
@@ -265,11 +315,11 @@ def test_planted_temporary_names(images, bdir, builder, case):
     a.snapshot(out)
     r = run_build(builder, *(["--force"] if force else []), str(out), str(a.src / "tree"))
     may_vanish = {n for n in planted if n != name}
-    verdict(r, a.problems(r, may_vanish=may_vanish, must_fail=outcome == "fail",
-                          must_succeed=outcome == "succeed"))
+    verdict(r, a.problems(r, may_vanish=may_vanish, must_fail=outcome == "fail", must_succeed=outcome == "succeed"))
 
 
 # --- case 7: the output directory's file system fills up -------------------------------
+
 
 @pytest.mark.parametrize("builder", BUILDERS)
 @pytest.mark.parametrize("kind", ["tarball", "directory"])
@@ -280,7 +330,7 @@ def test_disk_full(images, bdir, builder, kind):
     try:
         a = Arena(bdir, builder, f"full-{kind}-{builder}", outdir=full)
         os.chown(full, a.uid, a.gid)
-        big = os.urandom(4 << 20)          # incompressible, twice the file system
+        big = os.urandom(4 << 20)  # incompressible, twice the file system
         if kind == "tarball":
             source = write(a.src / "rootfs.tar", tar_bytes([D("data"), F("data/big", big)]))
         else:
@@ -289,7 +339,7 @@ def test_disk_full(images, bdir, builder, kind):
             source = str(a.src / "tree")
         a.snapshot(full / "img.sif")
         r = run_build(builder, str(full / "img.sif"), source)
-        bad = a.problems(r, must_fail=True)     # leftovers in the full directory included
+        bad = a.problems(r, must_fail=True)  # leftovers in the full directory included
     finally:
         subprocess.run(["umount", str(full)], check=True)
     if not re.search(r"no space left|disk full", r.stderr, re.IGNORECASE):

@@ -1,5 +1,6 @@
 """Named instances: instance start|run|list|stop and exec instance://NAME. Real
 namespaces and squashfuse, as the unprivileged test user."""
+
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import pytest
 
 from hpcrun_testlib import HPCRUN, WORK, as_user, hpcrun, user, user_env, user_processes, wait_gone
 
+
 @pytest.fixture(scope="module")
 def inst_image(images):
     """A squashfs whose startscript runs `sleep ARG` (and ignores SIGINT with ARG=trap)."""
@@ -18,12 +20,17 @@ def inst_image(images):
     shutil.copytree(images["sandbox"], root, symlinks=True)
     path = os.path.join(root, ".singularity.d/startscript")
     with open(path, "w") as f:
-        f.write('#!/bin/sh\nif [ "$1" = trap ]; then trap "" INT; shift; fi\n'
-                'echo "startscript:$*"; echo "to stderr" >&2\nexec sleep "${1:-1000}"\n')
+        f.write(
+            '#!/bin/sh\nif [ "$1" = trap ]; then trap "" INT; shift; fi\n'
+            'echo "startscript:$*"; echo "to stderr" >&2\nexec sleep "${1:-1000}"\n'
+        )
     os.chmod(path, 0o755)
     out = os.path.join(WORK, "instance.sqfs")
-    subprocess.run(["mksquashfs", root, out, "-noappend", "-quiet", "-all-root", "-no-progress"], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["mksquashfs", root, out, "-noappend", "-quiet", "-all-root", "-no-progress"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     os.chmod(out, 0o644)
     return out
 
@@ -101,7 +108,7 @@ def test_list_json_has_apptainers_shape(inst_image, cleanup):
     start(inst_image, "j1")
     r = hpcrun("instance", "list", "--json")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith('{\n\t"instances": [')   # Go's encoder, indented with tabs
+    assert r.stdout.startswith('{\n\t"instances": [')  # Go's encoder, indented with tabs
     data = json.loads(r.stdout)
     [entry] = data["instances"]
     assert set(entry) == {"instance", "pid", "img", "ip", "logErrPath", "logOutPath"}
@@ -124,12 +131,18 @@ def test_startscript_output_goes_to_the_log_files_list_names(inst_image, cleanup
 def test_joining_task_has_its_own_env_and_the_instances_mounts_and_uid(inst_image, utmp, cleanup):
     (utmp / "data").write_text("bound\n")
     start(inst_image, "envi", opts=["--env", "WHO=instance", "-B", f"{utmp}:/mnt"])
-    r = hpcrun("exec", "--env", "WHO=joiner", "instance://envi", "sh", "-c",
-               "echo $WHO; cat /mnt/data; id -u; tr '\\0' '\\n' < /proc/2/environ | grep ^WHO=")
+    r = hpcrun(
+        "exec",
+        "--env",
+        "WHO=joiner",
+        "instance://envi",
+        "sh",
+        "-c",
+        "echo $WHO; cat /mnt/data; id -u; tr '\\0' '\\n' < /proc/2/environ | grep ^WHO=",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["joiner", "bound", str(user().pw_uid), "WHO=instance"]
-    r = hpcrun("exec", "instance://envi", "sh", "-c", "echo ${WHO-unset} $JOINER_MARK",
-               env={"JOINER_MARK": "mine"})
+    r = hpcrun("exec", "instance://envi", "sh", "-c", "echo ${WHO-unset} $JOINER_MARK", env={"JOINER_MARK": "mine"})
     assert r.stdout.split() == ["unset", "mine"], r.stderr
 
 
@@ -163,7 +176,7 @@ def test_stop_kills_what_ignores_the_signal_after_the_timeout(inst_image):
 
 
 def test_stop_with_signal_name(inst_image):
-    start(inst_image, "sig", "trap", "1000")   # ignores SIGINT, Apptainer's default; TERM ends it
+    start(inst_image, "sig", "trap", "1000")  # ignores SIGINT, Apptainer's default; TERM ends it
     r = hpcrun("instance", "stop", "-s", "TERM", "-t", "60", "sig")
     assert r.returncode == 0, r.stderr
     assert live_processes() == []
@@ -202,9 +215,15 @@ def test_missing_image_and_stats_are_one_line(images):
 
 def test_instance_survives_the_starting_shell(inst_image, cleanup):
     # The shell's pipes close when it exits: the instance holds none of them.
-    p = subprocess.Popen(as_user(["setsid", "sh", "-c", f'"{HPCRUN}" instance start "{inst_image}" bg; echo done']),
-                         env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.PIPE,
-                         text=True, cwd="/")
+    p = subprocess.Popen(
+        as_user(["setsid", "sh", "-c", f'"{HPCRUN}" instance start "{inst_image}" bg; echo done']),
+        env=user_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
     out, err = p.communicate(timeout=60)
     assert (p.returncode, out) == (0, "done\n"), err
     r = hpcrun("exec", "instance://bg", "ps", "-o", "args")
@@ -214,7 +233,7 @@ def test_instance_survives_the_starting_shell(inst_image, cleanup):
 def test_killed_keeper_is_cleaned_up_by_list(inst_image):
     start(inst_image, "dead")
     os.kill(state("dead")["keeper"], signal.SIGKILL)
-    assert wait_gone(lambda: user_processes(), 10), user_processes()   # the instance goes with it
+    assert wait_gone(lambda: user_processes(), 10), user_processes()  # the instance goes with it
     r = hpcrun("instance", "list")
     assert r.stdout.splitlines()[1:] == [], r.stdout
     assert not os.path.exists(run_dir())
@@ -248,16 +267,17 @@ def test_pid_file(inst_image, utmp, cleanup):
 
 
 def test_spython_client_instance_start_list_stop(inst_image, utmp, cleanup):
-    pytest.importorskip("spython")   # the acceptance test of issue 9; `pip install spython`
+    pytest.importorskip("spython")  # the acceptance test of issue 9; `pip install spython`
     bindir = utmp / "bin"
     bindir.mkdir()
     real = os.path.join(os.path.dirname(HPCRUN), "singularity")
-    if os.path.exists(real):   # installed with hpcrun (issue 9's command-line part)
+    if os.path.exists(real):  # installed with hpcrun (issue 9's command-line part)
         os.symlink(real, bindir / "singularity")
-    else:   # a stand-in until then: spython first runs `singularity --version`
+    else:  # a stand-in until then: spython first runs `singularity --version`
         (bindir / "singularity").write_text(
             f'#!/bin/sh\n[ "$1" = --version ] && {{ echo "singularity version 3.11.0"; exit 0; }}\n'
-            f'exec "{HPCRUN}" "$@"\n')
+            f'exec "{HPCRUN}" "$@"\n'
+        )
         os.chmod(bindir / "singularity", 0o755)
     code = f"""
 from spython.main import Client
@@ -270,8 +290,14 @@ print("stop", inst.stop())
 print("after", Client.instances(quiet=True))
 """
     python = os.path.join(os.path.dirname(HPCRUN), "python")
-    r = subprocess.run(as_user([python, "-c", code]), env=user_env({"PATH": f"{bindir}:/usr/bin:/bin"}),
-                       capture_output=True, text=True, timeout=120, cwd="/")
+    r = subprocess.run(
+        as_user([python, "-c", code]),
+        env=user_env({"PATH": f"{bindir}:/usr/bin:/bin"}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd="/",
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[:4] == ["started spy", "listed ['spy']", "exec inside", "stop 0"], (r.stdout, r.stderr)

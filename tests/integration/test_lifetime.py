@@ -1,4 +1,5 @@
 """Signals, SIGKILL of hpcrun, and nothing left behind."""
+
 import os
 import select
 import signal

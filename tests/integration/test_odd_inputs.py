@@ -1,5 +1,6 @@
 """Odd inputs end as one line with a documented exit code (never 255 or a hang), and the
 command starts with the host's default signal dispositions."""
+
 import json
 import os
 import pwd
@@ -33,12 +34,28 @@ def chown_tree(path, name):
 
 # 1. A FIFO or a device as the image: open() would block.
 
-@pytest.mark.parametrize("argv", [("exec", "{fifo}", "true"), ("exec", "/dev/zero", "true"),
-                                  ("exec", "/dev/tty", "true"), ("inspect", "{fifo}"),
-                                  ("sif", "list", "{fifo}"), ("sif", "header", "/dev/zero"),
-                                  ("run", "{link}")],
-                         ids=["exec-fifo", "exec-dev-zero", "exec-dev-tty", "inspect-fifo", "sif-list-fifo",
-                              "sif-header-dev-zero", "run-link-to-fifo"])
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("exec", "{fifo}", "true"),
+        ("exec", "/dev/zero", "true"),
+        ("exec", "/dev/tty", "true"),
+        ("inspect", "{fifo}"),
+        ("sif", "list", "{fifo}"),
+        ("sif", "header", "/dev/zero"),
+        ("run", "{link}"),
+    ],
+    ids=[
+        "exec-fifo",
+        "exec-dev-zero",
+        "exec-dev-tty",
+        "inspect-fifo",
+        "sif-list-fifo",
+        "sif-header-dev-zero",
+        "run-link-to-fifo",
+    ],
+)
 def test_fifo_or_device_as_image(utmp, argv):
     """Refused after a stat, never opened (a device's open may act), saying what it is."""
     fifo = utmp / "fifo"
@@ -53,10 +70,17 @@ def test_fifo_or_device_as_image(utmp, argv):
 
 # 2. Bind destinations the kernel cannot name.
 
-@pytest.mark.parametrize("dst", ["/" + "a" * 300, "/aaaaaaaa" * 600,
-                                 # passes the plan's check, fails once /root is put in front
-                                 "/" + "a" * 254 + ("/" + "a" * 254) * 15 + "/" + "b" * (4094 - 255 * 16)],
-                         ids=["name-max", "path-max", "path-max-in-container"])
+
+@pytest.mark.parametrize(
+    "dst",
+    [
+        "/" + "a" * 300,
+        "/aaaaaaaa" * 600,
+        # passes the plan's check, fails once /root is put in front
+        "/" + "a" * 254 + ("/" + "a" * 254) * 15 + "/" + "b" * (4094 - 255 * 16),
+    ],
+    ids=["name-max", "path-max", "path-max-in-container"],
+)
 def test_bind_destination_too_long(images, dst):
     one_line(hpcrun("exec", "-B", f"/tmp:{dst}", images["sif"], "true"), BIND, "bind destination")
 
@@ -68,12 +92,17 @@ def test_home_destination_too_long(images):
 # 3. Huge metadata files: inspect reads at most 1 MiB of each.
 
 MIB = 1 << 20
-AS_LIMIT = 256 * MIB   # hpcrun inspect needs ~100 MB of address space; a 1 GiB read fails
+AS_LIMIT = 256 * MIB  # hpcrun inspect needs ~100 MB of address space; a 1 GiB read fails
 
 
 def limited(*args):
-    return subprocess.run(["prlimit", f"--as={AS_LIMIT}", "--", *as_user([HPCRUN, *args])],
-                          env=user_env(), capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["prlimit", f"--as={AS_LIMIT}", "--", *as_user([HPCRUN, *args])],
+        env=user_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def sparse(path, size):
@@ -110,11 +139,15 @@ def test_inspect_huge_metadata_in_a_sandbox(utmp):
 
 def test_inspect_huge_metadata_in_squashfs_and_sif(images, utmp):
     from hpcrun.images.sif import write_sif
+
     root = utmp / "sandbox"
-    huge_sandbox(root, 1 << 30)   # mksquashfs reads the holes: 1 GiB keeps the test short
+    huge_sandbox(root, 1 << 30)  # mksquashfs reads the holes: 1 GiB keeps the test short
     sqfs, sif_path = utmp / "huge.sqfs", utmp / "huge.sif"
-    subprocess.run(["mksquashfs", str(root), str(sqfs), "-noappend", "-quiet", "-no-progress", "-all-root"],
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["mksquashfs", str(root), str(sqfs), "-noappend", "-quiet", "-no-progress", "-all-root"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     write_sif(str(sif_path), str(sqfs))
     for path in (sqfs, sif_path):
         os.chmod(path, 0o644)
@@ -130,15 +163,18 @@ def add_object(path, datatype, size, slot=1):
         doffset = struct.unpack_from("<q", head, 0x60)[0]
         end = os.fstat(f.fileno()).st_size
         f.seek(doffset + slot * 585)
-        f.write(struct.pack("<i?IIIqqqqqqq128s384s", datatype, True, slot + 1, 0xF0000000, 0, end,
-                            size, size, 0, 0, 0, 0, b"", b""))
+        f.write(
+            struct.pack(
+                "<i?IIIqqqqqqq128s384s", datatype, True, slot + 1, 0xF0000000, 0, end, size, size, 0, 0, 0, 0, b"", b""
+            )
+        )
         f.truncate(end + size)
 
 
 def test_inspect_huge_sif_objects(images, utmp):
     path = str(utmp / "deffile.sif")
     shutil.copy(images["sif"], path)
-    add_object(path, 0x4001, 9 << 30)   # a definition file object of 9 GiB
+    add_object(path, 0x4001, 9 << 30)  # a definition file object of 9 GiB
     os.chmod(path, 0o644)
     r = limited("inspect", "-d", path)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -146,7 +182,7 @@ def test_inspect_huge_sif_objects(images, utmp):
     assert MIB < len(r.stdout) < MIB + 4096
     path = str(utmp / "labels.sif")
     shutil.copy(images["sif"], path)
-    add_object(path, 0x4003, 9 << 30)   # labels: useless cut short, refused
+    add_object(path, 0x4003, 9 << 30)  # labels: useless cut short, refused
     os.chmod(path, 0o644)
     one_line(limited("inspect", path), IMAGE, "SIF object 2", "larger than 1 MiB")
 
@@ -161,16 +197,17 @@ def test_inspect_huge_labels_json(utmp):
 
 # 4. SIF times out of range.
 
+
 def set_times(path, t):
     with open(path, "r+b") as f:
         f.seek(0x40)
-        f.write(struct.pack("<qq", t, t))   # header ctime, mtime
+        f.write(struct.pack("<qq", t, t))  # header ctime, mtime
         doffset = struct.unpack("<q", os.pread(f.fileno(), 8, 0x60))[0]
         f.seek(doffset + 41)
-        f.write(struct.pack("<qq", -t, -t))   # the partition's descriptor ctime, mtime
+        f.write(struct.pack("<qq", -t, -t))  # the partition's descriptor ctime, mtime
 
 
-@pytest.mark.parametrize("t", [2 ** 62, -2 ** 62, 2 ** 63 - 1])
+@pytest.mark.parametrize("t", [2**62, -(2**62), 2**63 - 1])
 def test_sif_times_out_of_range(images, utmp, t):
     path = str(utmp / "times.sif")
     shutil.copy(images["sif"], path)
@@ -190,6 +227,7 @@ def test_sif_times_out_of_range(images, utmp, t):
 
 # 5. --writable on a sandbox that is not ours.
 
+
 @pytest.mark.parametrize("owner", ["root", "second"])
 @pytest.mark.parametrize("fakeroot", [False, True])
 def test_writable_on_another_users_sandbox(images, utmp, owner, fakeroot):
@@ -202,13 +240,14 @@ def test_writable_on_another_users_sandbox(images, utmp, owner, fakeroot):
     args = ["exec", "--writable"] + (["--fakeroot"] if fakeroot else []) + [str(path), "touch", "/x"]
     one_line(hpcrun(*args), USAGE, f"--writable: {path} is not writable by you")
     assert sorted(os.listdir(path)) == before
-    chown_tree(path, user().pw_name)   # the same tree, ours: written in place
+    chown_tree(path, user().pw_name)  # the same tree, ours: written in place
     r = hpcrun(*args)
     assert r.returncode == 0, r.stderr
     assert (path / "x").exists()
 
 
 # 6. Names with newlines or ':' never add lines to /etc/passwd or /etc/group.
+
 
 def image_lines(images, name):
     with open(os.path.join(images["sandbox"], "etc", name)) as f:
@@ -219,15 +258,28 @@ def test_home_with_newline_adds_no_passwd_line(images):
     r = hpcrun("exec", "--no-home", images["sif"], "cat", "/etc/passwd", env={"HOME": "/tmp\n" + EVIL[2:]})
     assert r.returncode == 0, r.stderr
     assert "root2" not in r.stdout
-    assert r.stdout.splitlines() == image_lines(images, "passwd")   # the caller's line is dropped
+    assert r.stdout.splitlines() == image_lines(images, "passwd")  # the caller's line is dropped
 
 
 def test_user_without_passwd_entry_and_evil_user(images):
     """$USER is only used when the uid has no passwd entry (sssd down): 54321 has none."""
     with pytest.raises(KeyError):
         pwd.getpwuid(54321)
-    argv = ["setpriv", "--reuid=54321", "--regid=54321", "--clear-groups", "--inh-caps=-all", "--",
-            HPCRUN, "exec", "--no-home", images["sif"], "sh", "-c", "cat /etc/passwd; echo ==; cat /etc/group"]
+    argv = [
+        "setpriv",
+        "--reuid=54321",
+        "--regid=54321",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--",
+        HPCRUN,
+        "exec",
+        "--no-home",
+        images["sif"],
+        "sh",
+        "-c",
+        "cat /etc/passwd; echo ==; cat /etc/group",
+    ]
     env = {"PATH": "/usr/bin:/bin", "HOME": "/", "USER": EVIL, "LANG": "C.UTF-8"}
     r = subprocess.run(argv, env=env, capture_output=True, text=True, cwd="/", timeout=60)
     assert r.returncode == 0, r.stderr
@@ -239,9 +291,11 @@ def test_user_without_passwd_entry_and_evil_user(images):
 
 # 8. The command starts with default signal dispositions and an empty mask.
 
+
 def defaults(ignore=()):
     """preexec_fn: start hpcrun as a login shell would, every signal default, empty mask,
     then ignore `ignore` (as nohup does SIGHUP)."""
+
     def reset():
         for s in range(1, signal.NSIG):
             if s not in (signal.SIGKILL, signal.SIGSTOP):
@@ -252,13 +306,15 @@ def defaults(ignore=()):
         for s in ignore:
             signal.signal(s, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
     return reset
 
 
 def run_group(argv, timeout=30, **kw):
     """Run in a session of its own; on timeout kill the whole session and fail."""
-    proc = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=user_env(), **kw)
+    proc = subprocess.Popen(
+        argv, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=user_env(), **kw
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -270,15 +326,18 @@ def run_group(argv, timeout=30, **kw):
 
 @pytest.mark.parametrize("extra", [[], ["--pid"], ["--sharens"]], ids=["plain", "pid", "sharens"])
 def test_pipeline_ends_with_sigpipe(images, extra):
-    cmd = " ".join(as_user([HPCRUN, "exec", *extra, images["sif"]])) + \
-        " sh -c 'while :; do echo y; done' 2>/dev/null | head -1; echo status=${PIPESTATUS[0]}"
+    cmd = (
+        " ".join(as_user([HPCRUN, "exec", *extra, images["sif"]]))
+        + " sh -c 'while :; do echo y; done' 2>/dev/null | head -1; echo status=${PIPESTATUS[0]}"
+    )
     code, out, err = run_group(["bash", "-c", cmd], preexec_fn=defaults())
     assert (code, out) == (0, "y\nstatus=141\n"), err
 
 
 def sig_lines(out):
-    return {k: v.strip() for k, v in (ln.split(":", 1) for ln in out.splitlines()
-                                       if ln.startswith(("SigIgn", "SigBlk")))}
+    return {
+        k: v.strip() for k, v in (ln.split(":", 1) for ln in out.splitlines() if ln.startswith(("SigIgn", "SigBlk")))
+    }
 
 
 @pytest.mark.parametrize("extra", [[], ["--pid"], ["--sharens"]], ids=["plain", "pid", "sharens"])
@@ -298,6 +357,7 @@ def test_nohup_keeps_sighup_ignored(images):
 
 # 9. --unsquash: the tree and unsquashfs go with hpcrun, whatever ends it; a full disk says so.
 
+
 @pytest.fixture(scope="module")
 def big_image(images):
     """A squashfs of 300 MB of incompressible data, stored uncompressed: extracting it
@@ -309,8 +369,11 @@ def big_image(images):
         with open(os.path.join(top, "blob"), "wb") as f:
             for _ in range(300):
                 f.write(os.urandom(MIB))
-        subprocess.run(["mksquashfs", top, path, "-noD", "-noappend", "-quiet", "-no-progress", "-all-root"],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["mksquashfs", top, path, "-noD", "-noappend", "-quiet", "-no-progress", "-all-root"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         shutil.rmtree(top)
         os.chmod(path, 0o644)
     return path
@@ -344,9 +407,14 @@ def test_signal_during_unsquash_leaves_nothing(big_image, bdir, sig):
     tmp.mkdir()
     chown_tree(tmp, user().pw_name)
     try:
-        proc = subprocess.Popen(as_user([HPCRUN, "exec", "--unsquash", big_image, "true"]),
-                                env=user_env({"TMPDIR": str(tmp)}), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, preexec_fn=defaults())
+        proc = subprocess.Popen(
+            as_user([HPCRUN, "exec", "--unsquash", big_image, "true"]),
+            env=user_env({"TMPDIR": str(tmp)}),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=defaults(),
+        )
         assert wait_gone(lambda: not unsquashfs_children(proc.pid), 20), "unsquashfs never started"
         extracting = unsquashfs_children(proc.pid)
         os.kill(proc.pid, sig)
@@ -363,8 +431,18 @@ def test_unsquash_into_a_full_tmpdir(images, bdir):
     tmp = bdir / "small"
     tmp.mkdir()
     pw = user()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=1m,uid={pw.pw_uid},gid={pw.pw_gid},mode=0700",
-                    "hpcrun-odd-small", str(tmp)], check=True)
+    subprocess.run(
+        [
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            f"size=1m,uid={pw.pw_uid},gid={pw.pw_gid},mode=0700",
+            "hpcrun-odd-small",
+            str(tmp),
+        ],
+        check=True,
+    )
     try:
         r = hpcrun("-q", "exec", "--unsquash", images["sif"], "true", env={"TMPDIR": str(tmp)})
         line = one_line(r, RUNTIME, f"disk full: no space left in {tmp} to extract {images['sif']}")

@@ -1,5 +1,6 @@
 """docker:// pulls from a real registry (Debian's docker-registry) on loopback, directly
 and behind a bearer-token proxy; images pushed there with skopeo."""
+
 import base64
 import http.server
 import json
@@ -31,23 +32,35 @@ def start_registry(top, images, auth_conf="", push_args=(), port=None):
     os.makedirs(top, exist_ok=True)
     conf = os.path.join(top, "config.yml")
     with open(conf, "w") as f:
-        f.write(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {top}/data\n"
-                f"http:\n  addr: 127.0.0.1:{port}\n{auth_conf}")
+        f.write(
+            f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {top}/data\n"
+            f"http:\n  addr: 127.0.0.1:{port}\n{auth_conf}"
+        )
     proc = subprocess.Popen(["docker-registry", "serve", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(100):
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1)
                 break
-            except urllib.error.HTTPError:   # 401: up, and wants credentials
+            except urllib.error.HTTPError:  # 401: up, and wants credentials
                 break
             except OSError:
                 time.sleep(0.1)
         layout = os.path.join(WORK, "registry-layout")
         if not os.path.exists(layout):
             make_oci_layout(layout, images)
-        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", *push_args, f"oci:{layout}:v1",
-                        f"docker://127.0.0.1:{port}/test/busybox:v1"], check=True)
+        subprocess.run(
+            [
+                "skopeo",
+                "copy",
+                "--quiet",
+                "--dest-tls-verify=false",
+                *push_args,
+                f"oci:{layout}:v1",
+                f"docker://127.0.0.1:{port}/test/busybox:v1",
+            ],
+            check=True,
+        )
     except BaseException:
         proc.terminate()
         proc.wait(10)
@@ -63,7 +76,7 @@ def registry(images):
     proc.wait(10)
 
 
-USER_NAME, PASSWORD = "alice", "pw-Zq7!x:colon"   # a colon: only the first one separates user:password
+USER_NAME, PASSWORD = "alice", "pw-Zq7!x:colon"  # a colon: only the first one separates user:password
 
 
 def auth_json(host, user=USER_NAME, password=PASSWORD):
@@ -74,12 +87,13 @@ def auth_json(host, user=USER_NAME, password=PASSWORD):
 def auth_registry(images):
     """The same registry with htpasswd (HTTP Basic) auth; plain HTTP is fine on loopback."""
     import bcrypt
+
     top = os.path.join(WORK, "registry-auth")
     os.makedirs(top, exist_ok=True)
     with open(os.path.join(top, "htpasswd"), "wb") as f:
         f.write(USER_NAME.encode() + b":" + bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt()) + b"\n")
     port = free_port()
-    authfile = os.path.join(top, "push-auth.json")     # skopeo gets the password from a file, not argv
+    authfile = os.path.join(top, "push-auth.json")  # skopeo gets the password from a file, not argv
     with open(authfile, "w") as f:
         f.write(auth_json(f"127.0.0.1:{port}"))
     conf = f"auth:\n  htpasswd:\n    realm: hpcrun-test\n    path: {top}/htpasswd\n"
@@ -92,6 +106,7 @@ def auth_registry(images):
 class TokenProxy(http.server.BaseHTTPRequestHandler):
     """In front of the registry: 401 + Bearer challenge without the token; counts blob GETs.
     With `basic` set, the token endpoint wants that Authorization header (a private registry)."""
+
     upstream = token = basic = None
     blob_gets = 0
     tamper = False
@@ -177,7 +192,6 @@ def test_pull_refuses_corrupt_blob(proxy, bdir):
     assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
 
 
-
 def test_pull_refuses_cache_dir_of_another_user(registry, bdir):
     """$XDG_CACHE_HOME/hpcrun planted by another user, as a symlink to their directory or as
     their directory itself: not used (they could swap a blob after hpcrun verified it)."""
@@ -213,20 +227,28 @@ def test_pull_refuses_cache_dir_of_another_user(registry, bdir):
     assert r.returncode == 0, r.stderr
     assert len(os.listdir(mine / "blobs" / "sha256")) == 3
 
+
 def test_pull_missing_image_and_default_name(registry, bdir):
     r = hpcrun("pull", str(bdir / "x.sif"), f"docker://{registry}/test/nothere:v1", env=cache_env("miss"))
     assert r.returncode == 252 and "404" in r.stderr, r.stderr
     import subprocess as sp
     from hpcrun_testlib import as_user, HPCRUN
-    r = sp.run(as_user([HPCRUN, "pull", f"docker://{registry}/test/busybox:v1"]), cwd=str(bdir),
-               env=user_env(cache_env("name")), capture_output=True, text=True)
+
+    r = sp.run(
+        as_user([HPCRUN, "pull", f"docker://{registry}/test/busybox:v1"]),
+        cwd=str(bdir),
+        env=user_env(cache_env("name")),
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert (bdir / "busybox_v1.sif").exists()
 
 
 def test_definition_file_bootstrap_docker(registry, bdir):
-    (bdir / "d.def").write_text(f"Bootstrap: docker\nFrom: {registry}/test/busybox:v1\n\n"
-                                "%post\n    echo built > /opt/built\n")
+    (bdir / "d.def").write_text(
+        f"Bootstrap: docker\nFrom: {registry}/test/busybox:v1\n\n%post\n    echo built > /opt/built\n"
+    )
     os.chmod(bdir / "d.def", 0o644)
     out = str(bdir / "d.sif")
     r = hpcrun("build", out, str(bdir / "d.def"), env=cache_env("def"))
@@ -236,6 +258,7 @@ def test_definition_file_bootstrap_docker(registry, bdir):
 
 
 # ---- private registries: credentials from the environment, auth files, helpers, login ----
+
 
 def creds_env(name, **extra):
     """A cache of its own, and HOME-independent auth file locations pointed into WORK."""
@@ -282,8 +305,12 @@ def test_pull_private_with_auth_file(auth_registry, bdir):
     authfile.write_text(auth_json(auth_registry))
     os.chmod(authfile, 0o644)
     out = str(bdir / "file.sif")
-    r = hpcrun("pull", out, f"docker://{auth_registry}/test/busybox:v1",
-               env=creds_env("auth-file", REGISTRY_AUTH_FILE=str(authfile)))
+    r = hpcrun(
+        "pull",
+        out,
+        f"docker://{auth_registry}/test/busybox:v1",
+        env=creds_env("auth-file", REGISTRY_AUTH_FILE=str(authfile)),
+    )
     assert r.returncode == 0, r.stderr
     assert hpcrun("exec", out, "cat", "/keep/link").stdout.strip() == "kept"
 
@@ -293,15 +320,20 @@ def test_pull_private_wrong_password_fails_cleanly(auth_registry, bdir):
     for debug in ([], ["--debug"]):
         env = creds_env("auth-wrong", HPCRUN_DOCKER_USERNAME=USER_NAME, HPCRUN_DOCKER_PASSWORD="wrong-pw")
         r = hpcrun(*debug, "pull", out, f"docker://{auth_registry}/test/busybox:v1", env=env)
-        assert_clean_failure(r, bdir, "auth-wrong", out,
-                             [auth_registry, "refused the credentials", "user 'alice'"], debug=bool(debug))
+        assert_clean_failure(
+            r, bdir, "auth-wrong", out, [auth_registry, "refused the credentials", "user 'alice'"], debug=bool(debug)
+        )
     # a wrong password in the auth file: the message names the file
     authfile = os.path.join(WORK, "t", "bad-auth.json")
     with open(authfile, "w") as f:
         f.write(auth_json(auth_registry, password="wrong-pw"))
     os.chmod(authfile, 0o644)
-    r = hpcrun("pull", out, f"docker://{auth_registry}/test/busybox:v1",
-               env=creds_env("auth-wrong", REGISTRY_AUTH_FILE=authfile))
+    r = hpcrun(
+        "pull",
+        out,
+        f"docker://{auth_registry}/test/busybox:v1",
+        env=creds_env("auth-wrong", REGISTRY_AUTH_FILE=authfile),
+    )
     assert_clean_failure(r, bdir, "auth-wrong", out, [f"credentials from {authfile}"])
 
 
@@ -324,8 +356,7 @@ def test_registry_login_logout_and_credential_helper(auth_registry, bdir):
     assert r.returncode == 0 and "Login succeeded" in r.stdout, r.stderr
     config = conf_dir / "config.json"
     assert oct(config.stat().st_mode & 0o777) == "0o600" and oct(conf_dir.stat().st_mode & 0o777) == "0o700"
-    assert config.read_text().strip() == json.dumps({"auths": json.loads(auth_json(auth_registry))["auths"]},
-                                                    indent=1)
+    assert config.read_text().strip() == json.dumps({"auths": json.loads(auth_json(auth_registry))["auths"]}, indent=1)
     r = hpcrun("pull", str(bdir / "x.sif"), ref, env=env)
     assert r.returncode == 0, r.stderr
     r = hpcrun("registry", "logout", auth_registry, env=env)
@@ -335,8 +366,10 @@ def test_registry_login_logout_and_credential_helper(auth_registry, bdir):
     # a credential helper named by credHelpers: password on its stdout, never in argv
     helper = bdir / "bin" / "docker-credential-hpcrun-test"
     helper.parent.mkdir()
-    helper.write_text(f"#!/bin/sh\nread server\n[ \"$server\" = {auth_registry} ] || exit 1\n"
-                      f"echo '{{\"Username\":\"{USER_NAME}\",\"Secret\":\"{PASSWORD}\"}}'\n")
+    helper.write_text(
+        f'#!/bin/sh\nread server\n[ "$server" = {auth_registry} ] || exit 1\n'
+        f'echo \'{{"Username":"{USER_NAME}","Secret":"{PASSWORD}"}}\'\n'
+    )
     os.chmod(helper, 0o755)
     os.chmod(helper.parent, 0o755)
     with open(config, "w") as f:

@@ -1,4 +1,5 @@
 """hpcrun exec/run/shell for real: namespaces, squashfuse, overlay, binds, identity."""
+
 import os
 import random
 
@@ -49,8 +50,13 @@ def test_home_tmp_and_cwd_are_the_hosts(images):
     pw = user()
     marker = f"/tmp/hpcrun-it-marker-{os.getpid()}"
     try:
-        r = hpcrun("exec", images["sif"], "sh", "-c",
-                   f"echo inside > {marker}; test -d {pw.pw_dir} && echo home; ls -d {WORK_USER}")
+        r = hpcrun(
+            "exec",
+            images["sif"],
+            "sh",
+            "-c",
+            f"echo inside > {marker}; test -d {pw.pw_dir} && echo home; ls -d {WORK_USER}",
+        )
         assert r.returncode == 0, r.stderr
         assert r.stdout.split() == ["home", WORK_USER]
         with open(marker) as f:
@@ -82,8 +88,15 @@ def test_bind_read_only_and_comma_lists(images, utmp):
     os.chmod(utmp, 0o777)
     os.chmod(a, 0o777)
     os.chmod(b, 0o777)
-    r = hpcrun("exec", "--bind", f"{a}:/a:ro,{b}:/b", images["sif"], "sh", "-c",
-               "touch /b/ok && echo b-ok; touch /a/no 2>/dev/null || echo a-ro")
+    r = hpcrun(
+        "exec",
+        "--bind",
+        f"{a}:/a:ro,{b}:/b",
+        images["sif"],
+        "sh",
+        "-c",
+        "touch /b/ok && echo b-ok; touch /a/no 2>/dev/null || echo a-ro",
+    )
     assert r.stdout.split() == ["b-ok", "a-ro"], r.stderr
     assert (b / "ok").exists() and not (a / "no").exists()
 
@@ -100,8 +113,10 @@ def test_bind_from_environment(images, utmp):
 def test_symlinks_in_image_never_redirect_binds_to_host(images, utmp):
     os.chmod(utmp, 0o755)
     (utmp / "f").write_text("bound")
-    for dst, seen_at in (("/escape-abs/hpcrun-esc1", "/hpcrun-esc1"),
-                         ("/opt/escape-rel/hpcrun-esc2", "/tmp/hpcrun-esc2")):
+    for dst, seen_at in (
+        ("/escape-abs/hpcrun-esc1", "/hpcrun-esc1"),
+        ("/opt/escape-rel/hpcrun-esc2", "/tmp/hpcrun-esc2"),
+    ):
         # --no-mount tmp: /tmp is the image's own, so the relative link lands in the image
         r = hpcrun("exec", "--no-mount", "tmp", "-B", f"{utmp}:{dst}", images["sif"], "cat", f"{seen_at}/f")
         assert r.returncode == 0, r.stderr
@@ -127,21 +142,37 @@ def test_root_read_only_unless_writable_tmpfs(images):
     assert r.returncode != 0 and "Read-only" in r.stderr
     r = hpcrun("exec", "--writable-tmpfs", images["sif"], "sh", "-c", "touch /newfile && ls /newfile")
     assert r.returncode == 0 and r.stdout.strip() == "/newfile", r.stderr
-    assert hpcrun("exec", images["sif"], "ls", "/newfile").returncode != 0   # gone afterwards
+    assert hpcrun("exec", images["sif"], "ls", "/newfile").returncode != 0  # gone afterwards
 
 
 def test_contain_hides_home_and_tmp(images):
     pw = user()
-    r = hpcrun("exec", "--contain", images["sif"], "sh", "-c",
-               f"ls -A /tmp | wc -l; ls -A {pw.pw_dir} | wc -l; touch /tmp/x && echo tmp-writable")
+    r = hpcrun(
+        "exec",
+        "--contain",
+        images["sif"],
+        "sh",
+        "-c",
+        f"ls -A /tmp | wc -l; ls -A {pw.pw_dir} | wc -l; touch /tmp/x && echo tmp-writable",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["0", "0", "tmp-writable"]
 
 
 def test_no_home_and_no_mount(images):
     pw = user()
-    r = hpcrun("exec", "--no-home", "--no-mount", "tmp", "--pwd", "/", images["sif"], "sh", "-c",
-               f"test -e {pw.pw_dir}/. && echo home; ls -A /tmp | wc -l")
+    r = hpcrun(
+        "exec",
+        "--no-home",
+        "--no-mount",
+        "tmp",
+        "--pwd",
+        "/",
+        images["sif"],
+        "sh",
+        "-c",
+        f"test -e {pw.pw_dir}/. && echo home; ls -A /tmp | wc -l",
+    )
     assert r.stdout.split() == ["0"], (r.stdout, r.stderr)
 
 
@@ -159,8 +190,14 @@ def test_scratch_directories_from_config(images, utmp):
     os.chmod(utmp, 0o755)
     conf = utmp / "conf.yaml"
     conf.write_text(f"scratch: [{scratch}, /does/not/exist, $MYSCRATCH]\n")
-    r = hpcrun("exec", images["sif"], "sh", "-c", f"cat {scratch}/s; test -e /does/not/exist || echo absent",
-               env={"HPCRUN_CONFIG": str(conf)})
+    r = hpcrun(
+        "exec",
+        images["sif"],
+        "sh",
+        "-c",
+        f"cat {scratch}/s; test -e /does/not/exist || echo absent",
+        env={"HPCRUN_CONFIG": str(conf)},
+    )
     assert r.stdout.split() == ["scratch!", "absent"], r.stderr
 
 
@@ -168,13 +205,37 @@ def test_environment(images, utmp):
     envfile = utmp / "env"
     envfile.write_text("# comment\nFROM_FILE=file\nexport BOTH='file'\n")
     os.chmod(utmp, 0o755)
-    env = {"HOST_VAR": "host", "HPCRUN_ENV_SET_BY": "hpcrun", "APPTAINERENV_AP": "ap",
-           "SINGULARITYENV_SING": "sing", "HPCRUN_ENV_OVERRIDDEN": "user"}
-    r = hpcrun("exec", "--env", "BOTH=flag", "--env-file", str(envfile), images["sif"], "sh", "-c",
-               "echo $HOST_VAR $SET_BY $AP $SING $FROM_FILE $BOTH $IMAGE_VAR $OVERRIDDEN $PATH;"
-               " env | grep -c '^HPCRUN_ENV_' ", env=env)
-    assert r.stdout.split() == ["host", "hpcrun", "ap", "sing", "file", "flag", "from_image", "user",
-                                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "0"], r.stderr
+    env = {
+        "HOST_VAR": "host",
+        "HPCRUN_ENV_SET_BY": "hpcrun",
+        "APPTAINERENV_AP": "ap",
+        "SINGULARITYENV_SING": "sing",
+        "HPCRUN_ENV_OVERRIDDEN": "user",
+    }
+    r = hpcrun(
+        "exec",
+        "--env",
+        "BOTH=flag",
+        "--env-file",
+        str(envfile),
+        images["sif"],
+        "sh",
+        "-c",
+        "echo $HOST_VAR $SET_BY $AP $SING $FROM_FILE $BOTH $IMAGE_VAR $OVERRIDDEN $PATH; env | grep -c '^HPCRUN_ENV_' ",
+        env=env,
+    )
+    assert r.stdout.split() == [
+        "host",
+        "hpcrun",
+        "ap",
+        "sing",
+        "file",
+        "flag",
+        "from_image",
+        "user",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "0",
+    ], r.stderr
 
 
 def test_cleanenv(images):
@@ -201,8 +262,7 @@ def test_shell_reads_commands(images):
 
 
 def test_fakeroot_with_subuid_range(images):
-    r = hpcrun("exec", "--fakeroot", images["sif"], "sh", "-c",
-               "id -u; id -un; cat /proc/self/uid_map | wc -l; echo ~")
+    r = hpcrun("exec", "--fakeroot", images["sif"], "sh", "-c", "id -u; id -un; cat /proc/self/uid_map | wc -l; echo ~")
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["0", "root", "2", "/root"]
 
@@ -222,7 +282,14 @@ def test_pid_namespace_exit_status(images):
 def test_hostname_and_net(images):
     r = hpcrun("exec", "--hostname", "inside", images["sif"], "hostname")
     assert r.stdout.strip() == "inside"
-    r = hpcrun("exec", "--net", images["sif"], "sh", "-c", "tail -n +3 /proc/net/dev | cut -d: -f1; ping -c1 -W1 127.0.0.1 >/dev/null 2>&1; echo $?")
+    r = hpcrun(
+        "exec",
+        "--net",
+        images["sif"],
+        "sh",
+        "-c",
+        "tail -n +3 /proc/net/dev | cut -d: -f1; ping -c1 -W1 127.0.0.1 >/dev/null 2>&1; echo $?",
+    )
     assert r.stdout.split()[0] == "lo" and len(r.stdout.split()) == 2, r.stdout
 
 
@@ -245,10 +312,12 @@ def test_config_fuse_never_extracts(images, utmp):
 def test_apptainer_sif_from_sif_library(images):
     """one-group.sif: written by Apptainer's SIF library, arch 386, no executables."""
     from hpcrun_testlib import TESTDATA
+
     src = os.path.join(TESTDATA, "one-group.sif")
     if not os.path.exists(src):
         pytest.fail(f"test data missing: {src}")
     import shutil
+
     dst = os.path.join(WORK, "one-group.sif")
     shutil.copy(src, dst)
     os.chmod(dst, 0o644)
@@ -260,11 +329,13 @@ def test_apptainer_sif_from_sif_library(images):
 
 def test_dry_run_prints_plan(images):
     import json
+
     r = hpcrun("exec", "--dry-run", "-B", "/etc:/hostetc:ro", images["sif"], "true")
     plan = json.loads(r.stdout)
     assert plan["args"] == ["true"]
     assert {"src": "/etc", "dst": "/hostetc", "readonly": True}.items() <= [
-        m for m in plan["mounts"] if m["dst"] == "/hostetc"][0].items()
+        m for m in plan["mounts"] if m["dst"] == "/hostetc"
+    ][0].items()
 
 
 def test_version_and_check():
@@ -279,9 +350,11 @@ def test_version_and_check():
 def test_build_sif_from_directory_then_run(images, utmp):
     import subprocess
     from hpcrun_testlib import as_user, user_env
+
     here = os.path.dirname(os.path.abspath(__file__))
     import shutil
-    script = str(utmp / "make-rootfs.sh")   # the checkout may be unreadable to the test user
+
+    script = str(utmp / "make-rootfs.sh")  # the checkout may be unreadable to the test user
     shutil.copy(os.path.join(here, "..", "..", "images", "busybox", "make-rootfs.sh"), script)
     os.chmod(script, 0o755)
     os.chmod(utmp, 0o777)
@@ -290,13 +363,15 @@ def test_build_sif_from_directory_then_run(images, utmp):
     r = hpcrun("build", out, rootfs)
     assert r.returncode == 0, r.stderr
     from hpcrun.images.sif import SifFile
+
     part = SifFile(out).primary_partition()
     from hpcrun.images.sif import host_arch
+
     assert part.offset % 4096 == 0 and part.arch == host_arch()
     r = hpcrun("run", out, "echo", "args-passed")
     assert r.returncode == 0, r.stderr
     assert "Hello from the hpcrun busybox demo" in r.stdout and "args-passed" in r.stdout
-    assert hpcrun("build", out, rootfs).returncode == 2          # exists: needs --force
+    assert hpcrun("build", out, rootfs).returncode == 2  # exists: needs --force
     assert hpcrun("build", "--force", out, rootfs).returncode == 0
 
 
@@ -304,13 +379,30 @@ def test_fakeroot_without_subuid_maps_root_only(images):
     import subprocess
     from hpcrun_testlib import USER
     import pwd
+
     if os.getuid() != 0:
         pytest.skip("needs root to switch to the second test user")
     pw = pwd.getpwnam(USER + "2")
-    r = subprocess.run(["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--",
-                        os.environ.get("HPCRUN_BIN", "/opt/hpcrun-venv/bin/hpcrun"), "exec", "--fakeroot",
-                        images["sif"], "sh", "-c", "id -u; cat /proc/self/uid_map"],
-                       capture_output=True, text=True, cwd="/", env={"PATH": "/usr/bin:/bin", "HOME": pw.pw_dir})
+    r = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={pw.pw_uid}",
+            f"--regid={pw.pw_gid}",
+            "--init-groups",
+            "--",
+            os.environ.get("HPCRUN_BIN", "/opt/hpcrun-venv/bin/hpcrun"),
+            "exec",
+            "--fakeroot",
+            images["sif"],
+            "sh",
+            "-c",
+            "id -u; cat /proc/self/uid_map",
+        ],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin", "HOME": pw.pw_dir},
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["0", "0", str(pw.pw_uid), "1"]
     assert "maps only root" in r.stderr
@@ -335,11 +427,19 @@ def test_shell_on_a_terminal(images):
     import shutil
     import subprocess
     from hpcrun_testlib import HPCRUN, as_user, user_env
+
     if not shutil.which("script"):
         pytest.fail("util-linux `script` is missing")
     cmd = " ".join(as_user([HPCRUN, "shell", images["sif"]]))
-    r = subprocess.run(["script", "-qec", cmd, "/dev/null"], input="tty; exit 3\n", capture_output=True,
-                       text=True, env=user_env(), cwd=WORK_USER, timeout=60)
+    r = subprocess.run(
+        ["script", "-qec", cmd, "/dev/null"],
+        input="tty; exit 3\n",
+        capture_output=True,
+        text=True,
+        env=user_env(),
+        cwd=WORK_USER,
+        timeout=60,
+    )
     assert r.returncode == 3, r.stdout + r.stderr
     assert "/dev/pts/" in r.stdout and "hpcrun> " in r.stdout
 
@@ -347,6 +447,7 @@ def test_shell_on_a_terminal(images):
 @pytest.mark.parametrize("kind", KINDS)
 def test_inspect_reads_metadata_without_mounting(images, kind):
     import json
+
     r = hpcrun("inspect", images[kind])
     assert r.returncode == 0, r.stderr
     assert r.stdout == "maintainer: hpcrun\norg.label-schema.name: busybox-test\n"

@@ -1,6 +1,7 @@
 """Shared containers against what other users create and against their own failures:
 a squatted rendezvous, a task killed while its keeper starts, a FUSE daemon that dies.
 Real namespaces and squashfuse, as the unprivileged test user."""
+
 import os
 import pwd
 import signal
@@ -12,7 +13,7 @@ import pytest
 from hpcrun_testlib import USER, hpcrun, spawn, user, user_processes, wait_gone
 
 NS = "echo $(readlink /proc/self/ns/user) $(readlink /proc/self/ns/mnt)"
-STEP = {"SLURM_STEP_ID": "0", "SLURM_JOB_ID": "1"}   # a Slurm step: sharing is automatic
+STEP = {"SLURM_STEP_ID": "0", "SLURM_JOB_ID": "1"}  # a Slurm step: sharing is automatic
 RUNTIME = 254
 
 
@@ -25,7 +26,7 @@ def shm_dir():
 
 
 def other():
-    return pwd.getpwnam(USER + "2")   # tests/setup-host.sh makes it
+    return pwd.getpwnam(USER + "2")  # tests/setup-host.sh makes it
 
 
 def one_line(r, code, *words):
@@ -87,15 +88,14 @@ def squat(images, utmp):
         made.append((path, os.lstat(path)))
 
     yield make
-    for path, st in made:   # untouched by us: still the squatter's, as it was
+    for path, st in made:  # untouched by us: still the squatter's, as it was
         now = os.lstat(path)
         assert (now.st_ino, now.st_uid, now.st_mode) == (st.st_ino, st.st_uid, st.st_mode), path
         remove(path)
     remove(shm_dir())
 
 
-FORMS = ["foreign dir", "foreign open dir", "ours, mode 0755", "symlink to a private dir of ours",
-         "file", "fifo"]
+FORMS = ["foreign dir", "foreign open dir", "ours, mode 0755", "symlink to a private dir of ours", "file", "fifo"]
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -131,7 +131,7 @@ def test_with_every_run_dir_squatted_tasks_run_privately(images, squat):
         assert len(lines) == 1 and "not sharing this container" in lines[0], err
         assert f"not yours (owner {other().pw_uid})" in lines[0], err
         ids.append(out)
-    assert ids[0] != ids[1], ids     # two private containers
+    assert ids[0] != ids[1], ids  # two private containers
     nothing_left(tmp_dir(), shm_dir())
 
 
@@ -143,6 +143,7 @@ def test_quiet_silences_the_note(images, squat):
 
 
 # ---- failures of the keeper's own start and of its FUSE daemon ----
+
 
 def config(utmp, script, name="squashfuse-wrapper"):
     """A config naming `script` as the FUSE daemon; returns the env that selects it."""
@@ -164,31 +165,38 @@ def kill_when_the_keeper_listens(p):
             return not any(n.endswith(".sock") for n in os.listdir(tmp_dir()))
         except OSError:
             return True
+
     assert wait_gone(no_socket, 20), user_processes()
-    os.kill(p.pid, signal.SIGKILL)     # setpriv execs hpcrun: this is the task itself
+    os.kill(p.pid, signal.SIGKILL)  # setpriv execs hpcrun: this is the task itself
     p.communicate(timeout=30)
     assert p.returncode == -signal.SIGKILL
 
 
 def test_a_task_killed_while_its_keeper_starts_leaves_nothing(images, utmp):
     # The daemon takes a second to serve: the task dies while its keeper builds.
-    env = config(utmp, f"""
+    env = config(
+        utmp,
+        f"""
         #!/bin/sh
         sleep 1
         exec {squashfuse_ll()} "$@"
-    """)
+    """,
+    )
     p = spawn("exec", "--sharens", images["sif"], "sleep", "30", env=env)
     kill_when_the_keeper_listens(p)
-    nothing_left()     # the keeper served nobody for share_idle_timeout, then left
+    nothing_left()  # the keeper served nobody for share_idle_timeout, then left
 
 
 def test_a_keeper_that_failed_after_its_task_died_removes_its_files(images, utmp):
-    env = config(utmp, """
+    env = config(
+        utmp,
+        """
         #!/bin/sh
         sleep 1
         echo "squashfuse: cannot do it" >&2
         exit 1
-    """)
+    """,
+    )
     p = spawn("exec", "--sharens", images["sif"], "sleep", "30", env=env)
     kill_when_the_keeper_listens(p)
     nothing_left()
@@ -209,7 +217,7 @@ def test_a_keeper_whose_squashfuse_died_is_replaced(images):
     assert len(fuse) == 1, user_processes()
     os.kill(fuse[0], signal.SIGKILL)
     assert wait_gone(lambda: running(fuse[0]), 10)
-    for _ in range(2):   # the next tasks get a fresh, working container
+    for _ in range(2):  # the next tasks get a fresh, working container
         r = hpcrun("exec", "--sharens", images["sif"], "cat", "/.singularity.d/labels.json")
         assert r.returncode == 0, r.stderr
         assert "busybox-test" in r.stdout
@@ -230,13 +238,13 @@ def test_a_leaving_keeper_spares_its_successors_files(images):
     try:
         os.kill(fuse, signal.SIGKILL)
         b = spawn("-v", "exec", "--sharens", images["sif"], "sh", "-c", "sleep 3; echo b")
-        time.sleep(1)   # b connects and waits for its answer
+        time.sleep(1)  # b connects and waits for its answer
     finally:
         os.kill(keeper, signal.SIGCONT)
-    assert wait_gone(lambda: running(keeper), 10)        # the old keeper left...
+    assert wait_gone(lambda: running(keeper), 10)  # the old keeper left...
     d = hpcrun("-v", "exec", "--sharens", images["sif"], "echo", "d")
     assert d.returncode == 0 and d.stdout == "d\n", d.stderr
-    assert "joined shared container" in d.stderr, d.stderr   # ...sparing b's new keeper
+    assert "joined shared container" in d.stderr, d.stderr  # ...sparing b's new keeper
     out, err = b.communicate(timeout=30)
     assert b.returncode == 0 and out == "b\n", err
     assert "started shared container" in err, err
@@ -247,10 +255,13 @@ def test_a_leaving_keeper_spares_its_successors_files(images):
 
 @pytest.mark.parametrize("share", ["--no-sharens", "--sharens"])
 def test_squashfuse_killed_while_mounting(images, utmp, share):
-    env = config(utmp, """
+    env = config(
+        utmp,
+        """
         #!/bin/sh
         kill -9 $$
-    """)
+    """,
+    )
     r = hpcrun("exec", share, images["sif"], "true", env=env)
     one_line(r, RUNTIME, "squashfuse was killed (signal 9) while mounting", images["sif"])
     nothing_left()
@@ -297,4 +308,3 @@ def test_squashfuse_dying_while_the_container_is_set_up(images, utmp, share, how
     one_line(r, RUNTIME, "squashfuse", images["sif"])
     assert ("killed (signal 9)" if how == "signal" else "exited (status 3)") in r.stderr
     nothing_left()
-

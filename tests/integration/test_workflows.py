@@ -3,6 +3,7 @@ user with `apptainer`/`singularity` on PATH: Snakemake, cwltool, spython, ReFram
 clients, installed by tests/setup-host.sh) and the command lines Nextflow generates (replayed:
 Nextflow needs Java and a launcher from the internet). Every command runs inside an image
 that only these tests build: /etc/os-release says ID=hpcrun-wf and /opt/wf-marker exists."""
+
 import gzip
 import io
 import json
@@ -27,7 +28,7 @@ LABEL = "hpcrun-wf-image"
 
 def need_client(name):
     path = os.path.join(VENV_BIN, name)
-    if not os.path.exists(path):   # setup-host.sh installs them: a missing one is a broken setup
+    if not os.path.exists(path):  # setup-host.sh installs them: a missing one is a broken setup
         pytest.fail(f"{path} missing: run tests/setup-host.sh (it installs the workflow clients)")
     return path
 
@@ -61,13 +62,23 @@ def oci_layout(path, root):
     with tarfile.open(fileobj=buf, mode="w") as tar:
         tar.add(root, arcname=".", filter=lambda ti: None if ".singularity.d" in ti.name else ti)
     layer = dict(_blob(path, gzip.compress(buf.getvalue())), mediaType="application/vnd.oci.image.layer.v1.tar+gzip")
-    cfg = {"architecture": "amd64", "os": "linux",
-           "config": {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin"], "Cmd": ["/bin/sh"], "Labels": {"name": LABEL}}}
+    cfg = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin"], "Cmd": ["/bin/sh"], "Labels": {"name": LABEL}},
+    }
     config = dict(_blob(path, json.dumps(cfg).encode()), mediaType="application/vnd.oci.image.config.v1+json")
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": config, "layers": [layer]}
-    mdesc = dict(_blob(path, json.dumps(manifest).encode()), mediaType="application/vnd.oci.image.manifest.v1+json",
-                 annotations={"org.opencontainers.image.ref.name": "v1"})
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": config,
+        "layers": [layer],
+    }
+    mdesc = dict(
+        _blob(path, json.dumps(manifest).encode()),
+        mediaType="application/vnd.oci.image.manifest.v1+json",
+        annotations={"org.opencontainers.image.ref.name": "v1"},
+    )
     with open(os.path.join(path, "index.json"), "w") as f:
         json.dump({"schemaVersion": 2, "manifests": [mdesc]}, f)
     with open(os.path.join(path, "oci-layout"), "w") as f:
@@ -78,12 +89,16 @@ def oci_layout(path, root):
 def wf(images):
     """{'sandbox', 'sif', 'layout', 'path'}: the workflow image, and the PATH the clients get."""
     from hpcrun.images.sif import write_sif
+
     top = os.path.join(WORK, "wf")
     shutil.rmtree(top, ignore_errors=True)
     root, sqfs, sif, layout = (os.path.join(top, n) for n in ("rootfs", "wf.sqfs", "wf.sif", "layout"))
     wf_rootfs(root)
-    subprocess.run(["mksquashfs", root, sqfs, "-noappend", "-quiet", "-all-root", "-no-progress"],
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["mksquashfs", root, sqfs, "-noappend", "-quiet", "-all-root", "-no-progress"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     write_sif(sif, sqfs)
     oci_layout(layout, root)
     # Until hpcrun installs `apptainer` and `singularity` itself (issue 9), stand-ins:
@@ -95,8 +110,7 @@ def wf(images):
         if not os.path.exists(os.path.join(VENV_BIN, name)):
             os.symlink(HPCRUN, os.path.join(bin_dir, name))
     subprocess.run(["chmod", "-R", "a+rX", top], check=True)
-    return {"sandbox": root, "sif": sif, "layout": layout,
-            "path": f"{bin_dir}:{VENV_BIN}:/usr/local/bin:/usr/bin:/bin"}
+    return {"sandbox": root, "sif": sif, "layout": layout, "path": f"{bin_dir}:{VENV_BIN}:/usr/local/bin:/usr/bin:/bin"}
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +118,17 @@ def wf_registry(wf, images):
     """The loopback registry of test_pull with the workflow image as test/wf:v1."""
     proc, host = start_registry(os.path.join(WORK, "wf-registry"), images)
     try:
-        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{wf['layout']}:v1",
-                        f"docker://{host}/test/wf:v1"], check=True)
+        subprocess.run(
+            [
+                "skopeo",
+                "copy",
+                "--quiet",
+                "--dest-tls-verify=false",
+                f"oci:{wf['layout']}:v1",
+                f"docker://{host}/test/wf:v1",
+            ],
+            check=True,
+        )
         yield host
     finally:
         proc.terminate()
@@ -149,8 +172,9 @@ def snakefile(**images):
 
 
 def snakemake(wf, bdir):
-    return run_client(wf, [need_client("snakemake"), "--cores", "1", "--sdm", "apptainer", "--snakefile",
-                           "Snakefile"], bdir)
+    return run_client(
+        wf, [need_client("snakemake"), "--cores", "1", "--sdm", "apptainer", "--snakefile", "Snakefile"], bdir
+    )
 
 
 def test_snakemake_local_sif(wf, bdir):
@@ -194,10 +218,24 @@ def test_cwltool_docker_requirement(wf, wf_registry, bdir):
     write(bdir / "input.txt", "from-the-host-input\n")
     (bdir / "sifcache").mkdir()
     os.chmod(bdir / "sifcache", 0o777)
-    r = run_client(wf, [need_client("cwltool"), "--singularity", "--outdir", str(bdir / "out"),
-                        "--tmpdir-prefix", str(bdir / "tmp") + "/", "--tmp-outdir-prefix", str(bdir / "tmpout") + "/",
-                        "tool.cwl", "--extra", str(bdir / "input.txt")], bdir,
-                   env={"CWL_SINGULARITY_CACHE": str(bdir / "sifcache")})
+    r = run_client(
+        wf,
+        [
+            need_client("cwltool"),
+            "--singularity",
+            "--outdir",
+            str(bdir / "out"),
+            "--tmpdir-prefix",
+            str(bdir / "tmp") + "/",
+            "--tmp-outdir-prefix",
+            str(bdir / "tmpout") + "/",
+            "tool.cwl",
+            "--extra",
+            str(bdir / "input.txt"),
+        ],
+        bdir,
+        env={"CWL_SINGULARITY_CACHE": str(bdir / "sifcache")},
+    )
     assert r.returncode == 0, shown(r)
     text = (bdir / "out" / "out.txt").read_text()
     assert_ran_in_image(text)
@@ -205,6 +243,7 @@ def test_cwltool_docker_requirement(wf, wf_registry, bdir):
 
 
 # ---- spython: Singularity's Python client ----
+
 
 def spython(wf, cwd, code):
     """Run `code` with spython's Client; it prints one JSON line that is returned decoded."""
@@ -220,11 +259,15 @@ def spython(wf, cwd, code):
 
 def test_spython_version_and_execute(wf, bdir):
     need_client("spython")
-    out = spython(wf, bdir, f"""\
+    out = spython(
+        wf,
+        bdir,
+        f"""\
         v = Client.version()
-        r = Client.execute({wf['sif']!r}, ["cat", "/opt/wf-marker"], return_result=True)
+        r = Client.execute({wf["sif"]!r}, ["cat", "/opt/wf-marker"], return_result=True)
         print(json.dumps({{"version": v, "exec": r}}))
-    """)
+    """,
+    )
     # what cwltool's parser wants of `--version`; spython returns the failed result (a dict) on errors
     assert isinstance(out["version"], str) and re.match(r"(.+) version ([0-9.]+)", out["version"]), out
     assert out["exec"]["return_code"] == 0, out
@@ -240,30 +283,38 @@ def test_spython_inspect(wf, bdir):
 
 
 def test_spython_build_from_sandbox_and_docker(wf, wf_registry, bdir):
-    out = spython(wf, bdir, f"""\
-        a = Client.build(recipe={wf['sandbox']!r}, image={str(bdir / 'a.sif')!r}, sudo=False)
-        b = Client.build(recipe="docker://{wf_registry}/test/wf:v1", image={str(bdir / 'b.sif')!r}, sudo=False)
+    out = spython(
+        wf,
+        bdir,
+        f"""\
+        a = Client.build(recipe={wf["sandbox"]!r}, image={str(bdir / "a.sif")!r}, sudo=False)
+        b = Client.build(recipe="docker://{wf_registry}/test/wf:v1", image={str(bdir / "b.sif")!r}, sudo=False)
         print(json.dumps([a, b]))
-    """)
+    """,
+    )
     for name in ("a.sif", "b.sif"):
         assert (bdir / name).exists(), f"spython build made no {name}: {out}"
-        r = run_client(wf, ["apptainer", "exec", str(bdir / name), "cat", "/etc/os-release", "/opt/wf-marker"],
-                       bdir)
+        r = run_client(wf, ["apptainer", "exec", str(bdir / name), "cat", "/etc/os-release", "/opt/wf-marker"], bdir)
         assert r.returncode == 0, shown(r)
         assert_ran_in_image(r.stdout)
 
 
 def test_spython_instance(wf, bdir):
     """Instances come later in issue 9: until then this fails, saying so."""
-    out = spython(wf, bdir, f"""\
-        inst = Client.instance({wf['sif']!r}, name="wf9inst", start=True)
+    out = spython(
+        wf,
+        bdir,
+        f"""\
+        inst = Client.instance({wf["sif"]!r}, name="wf9inst", start=True)
         listed = [i.name for i in Client.instances(quiet=True) or []] if inst else []
         r = Client.execute(inst, ["cat", "/opt/wf-marker"], return_result=True) if inst else None
         stopped = inst.stop() if inst else None
         print(json.dumps({{"started": bool(inst), "listed": listed, "exec": r, "stopped": stopped}}))
-    """)
-    assert out["started"] and "wf9inst" in out["listed"], \
+    """,
+    )
+    assert out["started"] and "wf9inst" in out["listed"], (
         f"`apptainer instance start/list` does not work yet (issue 9, instances): {out}"
+    )
     assert out["exec"]["return_code"] == 0 and MARKER in "".join(out["exec"]["message"]), out
     assert out["stopped"] == 0, out
 
@@ -310,29 +361,36 @@ RFM_CHECK = """\
 def test_reframe_containerized_check(wf, bdir):
     write(bdir / "config.py", RFM_CONFIG)
     write(bdir / "check.py", RFM_CHECK.format(sif=wf["sif"], os_id=OS_ID, marker=MARKER))
-    r = run_client(wf, [need_client("reframe"), "-C", "config.py", "-c", "check.py", "-r",
-                        "--prefix", str(bdir / "rfm")], bdir,
-                   env={"RFM_REPORT_FILE": str(bdir / "report.json"), "TMPDIR": str(bdir)})   # its log file
+    r = run_client(
+        wf,
+        [need_client("reframe"), "-C", "config.py", "-c", "check.py", "-r", "--prefix", str(bdir / "rfm")],
+        bdir,
+        env={"RFM_REPORT_FILE": str(bdir / "report.json"), "TMPDIR": str(bdir)},
+    )  # its log file
     stage_out = ""
     for dirpath, _, files in os.walk(bdir / "rfm"):
         for name in files:
             if name.endswith((".out", ".err")):
                 stage_out += f"--- {name}\n" + open(os.path.join(dirpath, name)).read()
     assert r.returncode == 0, shown(r) + "\n" + stage_out[-3000:]
-    with open(bdir / "report.json") as f:   # not the summary line: ReFrame colours it on some terminals
+    with open(bdir / "report.json") as f:  # not the summary line: ReFrame colours it on some terminals
         cases = json.load(f)["runs"][0]["testcases"]
     assert [c["result"] for c in cases] == ["pass"], shown(r)
 
 
 # ---- Nextflow: the command lines it generates, replayed ----
 
+
 def nextflow_launch(img, workdir, env_exports='SINGULARITYENV_X="1" '):
     """BashWrapperBuilder + SingularityBuilder (nextflow-io/nextflow 2aad02f, see its
     BashWrapperBuilderTest): the launch line of .command.run, env vars then the run command."""
-    return ('set +u; env - PATH="$PATH" ${TMP:+SINGULARITYENV_TMP="$TMP"} ${TMPDIR:+SINGULARITYENV_TMPDIR="$TMPDIR"} '
-            '${NXF_TASK_WORKDIR:+SINGULARITYENV_NXF_TASK_WORKDIR="$NXF_TASK_WORKDIR"} ' + env_exports +
-            f'singularity exec --no-home --pid -B {workdir} {img} '
-            f'/bin/bash -c "cd \\"$NXF_TASK_WORKDIR\\"; /bin/bash -ue {workdir}/.command.sh"')
+    return (
+        'set +u; env - PATH="$PATH" ${TMP:+SINGULARITYENV_TMP="$TMP"} ${TMPDIR:+SINGULARITYENV_TMPDIR="$TMPDIR"} '
+        '${NXF_TASK_WORKDIR:+SINGULARITYENV_NXF_TASK_WORKDIR="$NXF_TASK_WORKDIR"} '
+        + env_exports
+        + f"singularity exec --no-home --pid -B {workdir} {img} "
+        f'/bin/bash -c "cd \\"$NXF_TASK_WORKDIR\\"; /bin/bash -ue {workdir}/.command.sh"'
+    )
 
 
 def test_nextflow_pull(wf, wf_registry, bdir):
@@ -341,8 +399,11 @@ def test_nextflow_pull(wf, wf_registry, bdir):
     cache.mkdir()
     os.chmod(cache, 0o777)
     img = cache / f"{wf_registry.replace(':', '-')}-test-wf-v1.img"
-    write(bdir / "pull.sh", f"cd {cache}\nsingularity pull  --name {img.name}.pulling "
-                            f"docker://{wf_registry}/test/wf:v1 > /dev/null && mv {img.name}.pulling {img.name}\n")
+    write(
+        bdir / "pull.sh",
+        f"cd {cache}\nsingularity pull  --name {img.name}.pulling "
+        f"docker://{wf_registry}/test/wf:v1 > /dev/null && mv {img.name}.pulling {img.name}\n",
+    )
     r = run_client(wf, ["bash", str(bdir / "pull.sh")], bdir)
     assert r.returncode == 0 and img.exists(), shown(r)
     r = run_client(wf, ["singularity", "exec", str(img), "cat", "/etc/os-release", "/opt/wf-marker"], bdir)
@@ -356,21 +417,29 @@ def test_nextflow_task(wf, bdir):
     workdir.mkdir(parents=True)
     for d in (bdir / "work", bdir / "work" / "ab", workdir):
         os.chmod(d, 0o777)
-    write(workdir / ".command.sh", """\
+    write(
+        workdir / ".command.sh",
+        """\
         #!/bin/bash -ue
         grep ^ID= /etc/os-release > out.txt
         cat /opt/wf-marker >> out.txt
         echo "X=$X" >> out.txt
         echo "PWD=$PWD" >> out.txt
         echo "pids=$(ls /proc | grep -c '^[0-9]')" >> out.txt
-    """, 0o755)
-    write(workdir / ".command.run", f"""\
+    """,
+        0o755,
+    )
+    write(
+        workdir / ".command.run",
+        f"""\
         #!/bin/bash
         set -e
         cd {workdir}
         export NXF_TASK_WORKDIR="$PWD"
         {nextflow_launch(wf["sif"], workdir)}
-    """, 0o755)
+    """,
+        0o755,
+    )
     r = run_client(wf, ["bash", str(workdir / ".command.run")], bdir)
     assert r.returncode == 0, shown(r)
     lines = (workdir / "out.txt").read_text().splitlines()

@@ -1,5 +1,6 @@
 """Apptainer's command line: every flag name it has is known to hpcrun (with a status),
 its environment keys and their precedence, --mount, --network, --compat, --version."""
+
 import os
 
 import pytest
@@ -13,7 +14,7 @@ DATA = os.path.join(os.path.dirname(__file__), "..", "data", "apptainer-flags.tx
 def apptainer_flags():
     with open(DATA, encoding="utf-8") as f:
         rows = [line.rstrip("\n").split("\t") for line in f if line.strip() and not line.startswith("#")]
-    assert len(rows) > 350   # the whole list, not a stub
+    assert len(rows) > 350  # the whole list, not a stub
     return rows
 
 
@@ -23,8 +24,9 @@ def hpcrun_table(cmd):
         table = options.GLOBAL
     elif cmd in options.tables():
         from hpcrun.clickapp import app
+
         known = {}
-        for p in app.commands[cmd].params:   # implemented by the click command itself
+        for p in app.commands[cmd].params:  # implemented by the click command itself
             for flag in p.opts + p.secondary_opts:
                 known[flag] = ("", ())
         for o in options.tables()[cmd]:
@@ -36,8 +38,7 @@ def hpcrun_table(cmd):
     return {flag: (o[6], o[5]) for o in table for flag in o[0]}
 
 
-@pytest.mark.parametrize("cmd", ["global", "exec", "run", "shell", "build", "pull", "inspect",
-                                 "instance start"])
+@pytest.mark.parametrize("cmd", ["global", "exec", "run", "shell", "build", "pull", "inspect", "instance start"])
 def test_every_apptainer_flag_is_known(cmd):
     rows = [r for r in apptainer_flags() if r[0] == cmd]
     assert rows, cmd
@@ -47,8 +48,8 @@ def test_every_apptainer_flag_is_known(cmd):
     for r in rows:
         status, env = known[r[1]]
         assert status.partition(":")[0] in ("", "noop", "refused"), (cmd, r[1], status)
-        assert status.partition(":")[0] == "" or status.partition(":")[2], (cmd, r[1])   # a reason
-        if r[2]:   # the short form means the same option
+        assert status.partition(":")[0] == "" or status.partition(":")[2], (cmd, r[1])  # a reason
+        if r[2]:  # the short form means the same option
             assert known[r[2]] == known[r[1]], (cmd, r[1], r[2])
         if r[3] and cmd not in ("build", "pull", "inspect") or r[3] and env:
             assert set(r[3].split(",")) - set(options.ENV_ELSEWHERE) <= set(env), (cmd, r[1], r[3], env)
@@ -60,7 +61,7 @@ def test_fast_parser_knows_the_short_forms_and_aliases():
     assert opts["pwd"] == "/w" and (image, args) == ("img", ["x"])
     opts, _, _ = options.fast_parse(["-s", "/bin/ash", "img"], "shell")
     assert opts["shell"] == "/bin/ash"
-    with pytest.raises(options.NeedClick):   # -s is --shell for shell only
+    with pytest.raises(options.NeedClick):  # -s is --shell for shell only
         options.fast_parse(["-s", "/bin/ash", "img"], "exec")
 
 
@@ -72,37 +73,46 @@ def _settle(argv, env=None, action="exec"):
 
 
 def test_env_keys_fill_unset_options():
-    opts, notes = _settle([], {"APPTAINER_CONTAINALL": "1", "APPTAINER_NO_HOME": "true",
-                               "APPTAINER_PWD": "/w", "APPTAINER_ENV_FILE": "/e", "APPTAINER_NO_MOUNT": "tmp",
-                               "APPTAINER_WRITABLE_TMPFS": "t", "APPTAINER_HOME": "/h:/home/x",
-                               "APPTAINER_FAKEROOT": "True", "APPTAINER_CLEANENV": "0"})
+    opts, notes = _settle(
+        [],
+        {
+            "APPTAINER_CONTAINALL": "1",
+            "APPTAINER_NO_HOME": "true",
+            "APPTAINER_PWD": "/w",
+            "APPTAINER_ENV_FILE": "/e",
+            "APPTAINER_NO_MOUNT": "tmp",
+            "APPTAINER_WRITABLE_TMPFS": "t",
+            "APPTAINER_HOME": "/h:/home/x",
+            "APPTAINER_FAKEROOT": "True",
+            "APPTAINER_CLEANENV": "0",
+        },
+    )
     assert opts["containall"] and opts["no_home"] and opts["writable_tmpfs"] and opts["fakeroot"]
     assert not opts["cleanenv"] and notes == []
     assert (opts["pwd"], opts["env_file"], opts["no_mount"], opts["home"]) == ("/w", ["/e"], ["tmp"], "/h:/home/x")
 
 
 def test_command_line_beats_apptainer_beats_singularity():
-    opts, notes = _settle(["--pwd", "/cli"], {"APPTAINER_PWD": "/a", "SINGULARITY_PWD": "/s",
-                                             "SINGULARITY_HOSTNAME": "sing"})
+    opts, notes = _settle(
+        ["--pwd", "/cli"], {"APPTAINER_PWD": "/a", "SINGULARITY_PWD": "/s", "SINGULARITY_HOSTNAME": "sing"}
+    )
     assert opts["pwd"] == "/cli" and opts["hostname"] == "sing"
     assert ("warning", "SINGULARITY_PWD and APPTAINER_PWD have different values, using the latter") in notes
-    assert ("info", "Environment variable SINGULARITY_HOSTNAME is set, but APPTAINER_HOSTNAME is "
-                    "preferred") in notes
+    assert ("info", "Environment variable SINGULARITY_HOSTNAME is set, but APPTAINER_HOSTNAME is preferred") in notes
     opts, _ = _settle([], {"APPTAINER_PWD": "/a", "SINGULARITY_PWD": "/s"})
     assert opts["pwd"] == "/a"
 
 
 def test_bind_from_env_is_appended_to_the_command_line():
-    opts, notes = _settle(["-B", "/c"], {"APPTAINER_BIND": "/a,/b", "APPTAINER_BINDPATH": "/p",
-                                         "SINGULARITY_BINDPATH": "/s"})
+    opts, notes = _settle(
+        ["-B", "/c"], {"APPTAINER_BIND": "/a,/b", "APPTAINER_BINDPATH": "/p", "SINGULARITY_BINDPATH": "/s"}
+    )
     # SINGULARITY_BINDPATH: APPTAINER_BINDPATH is set (and differs): the latter is used
     assert opts["bind"] == ["/c", "/a,/b", "/p"]
-    assert notes == [("warning", "SINGULARITY_BINDPATH and APPTAINER_BINDPATH have different values, "
-                                 "using the latter")]
+    assert notes == [("warning", "SINGULARITY_BINDPATH and APPTAINER_BINDPATH have different values, using the latter")]
     opts, notes = _settle([], {"SINGULARITY_BINDPATH": "/s"})
     assert opts["bind"] == ["/s"]
-    assert notes == [("info", "Environment variable SINGULARITY_BINDPATH is set, but APPTAINER_BINDPATH "
-                              "is preferred")]
+    assert notes == [("info", "Environment variable SINGULARITY_BINDPATH is set, but APPTAINER_BINDPATH is preferred")]
 
 
 @pytest.mark.parametrize("value", ["yes", "on", "2", "enable"])
@@ -119,15 +129,18 @@ def test_env_keys_only_for_their_commands():
     assert opts["shell"] == "/bin/ash"
 
 
-@pytest.mark.parametrize("argv,words", [
-    (["--keep-privs"], ["--keep-privs", "root"]),
-    (["--nv"], ["--nv", "GPU"]),
-    (["--rocm"], ["--rocm", "GPU"]),
-    (["--memory", "1G"], ["--memory", "cgroup"]),
-    (["-o", "ov.img"], ["--overlay", "overlay"]),
-    (["--network", "bridge"], ["--network bridge", "none"]),
-    (["--fakeroot", "--no-privs"], ["--no-privs"]),
-])
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["--keep-privs"], ["--keep-privs", "root"]),
+        (["--nv"], ["--nv", "GPU"]),
+        (["--rocm"], ["--rocm", "GPU"]),
+        (["--memory", "1G"], ["--memory", "cgroup"]),
+        (["-o", "ov.img"], ["--overlay", "overlay"]),
+        (["--network", "bridge"], ["--network bridge", "none"]),
+        (["--fakeroot", "--no-privs"], ["--no-privs"]),
+    ],
+)
 def test_refused_with_one_reason(argv, words):
     with pytest.raises(UsageError) as e:
         _settle(argv)
@@ -153,19 +166,30 @@ def test_network_none_is_a_net_namespace():
     assert opts["net"] is True
 
 
-@pytest.mark.parametrize("spec,want", [
-    ("type=bind,source=/a,target=/b", [("/a", "/b", False)]),
-    ("type=bind,src=/a,dst=/b,ro", [("/a", "/b", True)]),
-    ("type=bind,source=rel,destination=/b,readonly", [("/cwd/rel", "/b", True)]),
-    ('type=bind,"src=/a,b",dst=/c', [("/a,b", "/c", False)]),
-    ("type=bind,src=/a,dst=/b\ntype=bind,src=/c,dst=/d", [("/a", "/b", False), ("/c", "/d", False)]),
-])
+@pytest.mark.parametrize(
+    "spec,want",
+    [
+        ("type=bind,source=/a,target=/b", [("/a", "/b", False)]),
+        ("type=bind,src=/a,dst=/b,ro", [("/a", "/b", True)]),
+        ("type=bind,source=rel,destination=/b,readonly", [("/cwd/rel", "/b", True)]),
+        ('type=bind,"src=/a,b",dst=/c', [("/a,b", "/c", False)]),
+        ("type=bind,src=/a,dst=/b\ntype=bind,src=/c,dst=/d", [("/a", "/b", False), ("/c", "/d", False)]),
+    ],
+)
 def test_parse_mounts(spec, want):
     assert options.parse_mounts([spec], "/cwd") == want
 
 
-@pytest.mark.parametrize("spec", ["type=volume,src=/a,dst=/b", "type=bind,src=/a", "type=bind,src=/a,dst=rel",
-                                  "type=bind,src=/a,dst=/b,bind-propagation=shared", 'type=bind,"src=/a'])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "type=volume,src=/a,dst=/b",
+        "type=bind,src=/a",
+        "type=bind,src=/a,dst=rel",
+        "type=bind,src=/a,dst=/b,bind-propagation=shared",
+        'type=bind,"src=/a',
+    ],
+)
 def test_parse_mounts_bad(spec):
     with pytest.raises(UsageError):
         options.parse_mounts([spec], "/cwd")
@@ -181,9 +205,14 @@ def test_global_options(monkeypatch):
         options.global_options(["-c", "/etc/apptainer/apptainer.conf", "exec"])
 
 
-@pytest.mark.parametrize("prog,want", [("hpcrun", "hpcrun version "),
-                                       ("apptainer", f"apptainer version {options.APPTAINER_VERSION}+hpcrun."),
-                                       ("singularity", f"apptainer version {options.APPTAINER_VERSION}+hpcrun.")])
+@pytest.mark.parametrize(
+    "prog,want",
+    [
+        ("hpcrun", "hpcrun version "),
+        ("apptainer", f"apptainer version {options.APPTAINER_VERSION}+hpcrun."),
+        ("singularity", f"apptainer version {options.APPTAINER_VERSION}+hpcrun."),
+    ],
+)
 def test_version_line(monkeypatch, prog, want):
     monkeypatch.setattr(errors, "PROG", prog)
     assert cli.version_line().startswith(want)

@@ -1,5 +1,6 @@
 """hpcrun.builders.auth: where registry credentials come from, in which order, and what
 happens with broken files and credential helpers. (Talking to a registry: tests/integration.)"""
+
 import base64
 import json
 import os
@@ -58,8 +59,10 @@ def test_env_user_with_colon_is_an_error(env):
 
 
 def test_file_precedence_and_host_port_keys(env, tmp_path):
-    docker = write(tmp_path / "home/.docker/config.json", {"auths": {
-        "reg.example:5000": {"auth": b64("docker:d")}, "other.example": {"auth": b64("o:o")}}})
+    docker = write(
+        tmp_path / "home/.docker/config.json",
+        {"auths": {"reg.example:5000": {"auth": b64("docker:d")}, "other.example": {"auth": b64("o:o")}}},
+    )
     assert auth.lookup("reg.example:5000", env).source == str(docker)
     assert auth.lookup("reg.example", env) is None, "the port is part of the key"
     env["XDG_RUNTIME_DIR"] = str(tmp_path / "run")
@@ -83,14 +86,20 @@ def test_docker_config_env(env, tmp_path):
     assert auth.lookup("reg.example", env).user == "dc"
 
 
-@pytest.mark.parametrize("content, words", [
-    ("{not json", "not valid JSON"),
-    ('["a"]', "not a JSON object"),
-    (json.dumps({"auths": {"reg.example": {"auth": "%%%"}}}), "not base64 of user:password"),
-    (json.dumps({"auths": {"reg.example": {"auth": b64("nocolon")}}}), "not base64 of user:password"),
-    (json.dumps({"auths": {"reg.example": {"identitytoken": "t"}}}), "identity tokens"),
-    (json.dumps({"credsStore": "hpcrun-test-absent"}), "docker-credential-hpcrun-test-absent, which is not installed"),
-])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ("{not json", "not valid JSON"),
+        ('["a"]', "not a JSON object"),
+        (json.dumps({"auths": {"reg.example": {"auth": "%%%"}}}), "not base64 of user:password"),
+        (json.dumps({"auths": {"reg.example": {"auth": b64("nocolon")}}}), "not base64 of user:password"),
+        (json.dumps({"auths": {"reg.example": {"identitytoken": "t"}}}), "identity tokens"),
+        (
+            json.dumps({"credsStore": "hpcrun-test-absent"}),
+            "docker-credential-hpcrun-test-absent, which is not installed",
+        ),
+    ],
+)
 def test_broken_files_are_one_clear_error(env, tmp_path, content, words):
     env["REGISTRY_AUTH_FILE"] = str(write(tmp_path / "a.json", content))
     with pytest.raises(ConfigError) as e:
@@ -100,7 +109,7 @@ def test_broken_files_are_one_clear_error(env, tmp_path, content, words):
 
 def test_unreadable_file(env, tmp_path):
     p = tmp_path / "a.json"
-    p.mkdir()      # unreadable as a file, also for root (who CI runs as)
+    p.mkdir()  # unreadable as a file, also for root (who CI runs as)
     env["REGISTRY_AUTH_FILE"] = str(p)
     with pytest.raises(ConfigError, match="Is a directory"):
         auth.lookup("reg.example", env)
@@ -117,10 +126,15 @@ def helper(tmp_path, env, name, body):
 
 def test_credential_helpers(env, tmp_path):
     # the helper gets "get" as argument and the server on stdin, answers JSON
-    helper(tmp_path, env, "fake", '[ "$1" = get ] || exit 3\nread server\n'
-           'printf \'{"ServerURL":"%s","Username":"u-%s","Secret":"s"}\' "$server" "$server"\n')
+    helper(
+        tmp_path,
+        env,
+        "fake",
+        '[ "$1" = get ] || exit 3\nread server\n'
+        'printf \'{"ServerURL":"%s","Username":"u-%s","Secret":"s"}\' "$server" "$server"\n',
+    )
     helper(tmp_path, env, "empty", 'echo "credentials not found in native keychain"; exit 1\n')
-    helper(tmp_path, env, "broken", 'exit 7\n')
+    helper(tmp_path, env, "broken", "exit 7\n")
     p = tmp_path / "home/.docker/config.json"
     write(p, {"credHelpers": {"reg.example": "fake"}, "auths": {"reg.example": {"auth": b64("file:f")}}})
     c = auth.lookup("reg.example", env)
@@ -136,8 +150,7 @@ def test_credential_helpers(env, tmp_path):
 
 
 def test_save_and_forget(env, tmp_path):
-    p = write(tmp_path / "home/.docker/config.json", {"auths": {"keep.example": {"auth": b64("k:k")}},
-                                                       "psFormat": "x"})
+    p = write(tmp_path / "home/.docker/config.json", {"auths": {"keep.example": {"auth": b64("k:k")}}, "psFormat": "x"})
     assert auth.save("reg.example:5000", "me", "pw", env) == str(p)
     assert stat.S_IMODE(p.stat().st_mode) == 0o600
     data = json.loads(p.read_text())

@@ -1,4 +1,5 @@
 """hpcrun.binds: SRC[:DST[:ro|rw]] specs and comma lists."""
+
 import pytest
 
 from hpcrun import binds
@@ -91,8 +92,7 @@ def test_origin_in_message():
 
 def test_parse_comma_lists_and_multiple_args():
     out = parse(["/a,/b:/mnt/b:ro", "rel:/r", "/c:rw"], CWD)
-    assert out == [Bind("/a", "/a"), Bind("/b", "/mnt/b", True),
-                   Bind(CWD + "/rel", "/r"), Bind("/c", "/c")]
+    assert out == [Bind("/a", "/a"), Bind("/b", "/mnt/b", True), Bind(CWD + "/rel", "/r"), Bind("/c", "/c")]
     assert [b.readonly for b in out] == [False, True, False, False]
 
 

@@ -1,5 +1,6 @@
 """Definition file headers for Bootstrap: debootstrap, layer owners bookkeeping, sandbox
 directory modes (no privilege needed)."""
+
 import io
 import os
 import stat
@@ -13,10 +14,13 @@ from hpcrun.errors import UsageError
 
 
 def test_debootstrap_headers_and_build_args():
-    d = deffile.parse("Bootstrap: debootstrap\nOSVersion: bookworm\nInclude: python3 {{ X }}\n"
-                      "%arguments\nX=\n", "d.def", ["X=gcc,make"])
+    d = deffile.parse(
+        "Bootstrap: debootstrap\nOSVersion: bookworm\nInclude: python3 {{ X }}\n%arguments\nX=\n",
+        "d.def",
+        ["X=gcc,make"],
+    )
     assert d.header["osversion"] == "bookworm" and d.header["include"] == "python3 gcc,make"
-    assert "mirrorurl" not in d.header      # the builder defaults to deb.debian.org
+    assert "mirrorurl" not in d.header  # the builder defaults to deb.debian.org
     with pytest.raises(UsageError, match="OSVersion"):
         deffile.parse("Bootstrap: debootstrap\nMirrorURL: http://deb.debian.org/debian\n", "d.def")
 

@@ -1,5 +1,6 @@
 """Build plans: which steps run for each source kind, whose files are kept, what runs as
 root of the subuid mapping (pure code: no privilege, no files but the sources)."""
+
 import pytest
 
 from hpcrun.builders import source as sourcemod
@@ -15,8 +16,9 @@ def srcs(tmp_path):
     (tmp_path / "dir").mkdir()
     (tmp_path / "root.tar").write_bytes(b"x" * 100 + b"\0" * 412)
     (tmp_path / "img.sqfs").write_bytes(b"hsqs" + b"\0" * 96)
-    (tmp_path / "post.def").write_text("Bootstrap: localimage\nFrom: root.tar\n%files\na /a\n%post\ntrue\n"
-                                       "%test\ntrue\n%runscript\necho\n")
+    (tmp_path / "post.def").write_text(
+        "Bootstrap: localimage\nFrom: root.tar\n%files\na /a\n%post\ntrue\n%test\ntrue\n%runscript\necho\n"
+    )
     (tmp_path / "scratch.def").write_text("Bootstrap: scratch\n%setup\ntrue\n")
     (tmp_path / "nested.def").write_text("Bootstrap: localimage\nFrom: post.def\n")
     return tmp_path
@@ -32,8 +34,16 @@ def test_steps_per_source_kind(srcs):
     assert plan(srcs / "root.tar").steps == ["fetch", "unpack", "metadata", "squash"]
     assert plan(srcs / "img.sqfs").steps == ["unsquash", "metadata", "squash"]
     assert plan(srcs / "scratch.def").steps == ["mkroot", "metadata", "setup", "sections", "squash"]
-    assert plan(srcs / "post.def").steps == ["fetch", "unpack", "metadata", "files", "sections", "post", "test",
-                                             "squash"]
+    assert plan(srcs / "post.def").steps == [
+        "fetch",
+        "unpack",
+        "metadata",
+        "files",
+        "sections",
+        "post",
+        "test",
+        "squash",
+    ]
     assert "test" not in plan(srcs / "post.def", notest=True).steps
     assert plan(f"docker-archive:{srcs / 'root.tar'}").source.kind == "docker-archive"
     assert plan("docker://localhost:5000/a/b:1").source.to_dict()["ref"] == "docker://localhost:5000/a/b:1"
@@ -58,13 +68,19 @@ def test_sources_are_classified_by_content_and_refused_with_one_line(srcs, tmp_p
     with pytest.raises(UsageError, match="no such file"):
         sourcemod.classify(str(tmp_path / "missing"))
     import os
+
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(UsageError, match="not a regular file"):
-        sourcemod.classify(str(tmp_path / "fifo"))          # never opened: it would block
+        sourcemod.classify(str(tmp_path / "fifo"))  # never opened: it would block
 
 
 def test_dry_run_plan_is_json(srcs):
     import json
+
     d = json.loads(json.dumps(plan(srcs / "post.def", SUBID).to_dict()))
     assert d["source"]["base"]["kind"] == "tarball" and d["source"]["sections"] == [
-        "files", "post", "runscript", "test"]
+        "files",
+        "post",
+        "runscript",
+        "test",
+    ]

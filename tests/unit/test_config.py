@@ -1,4 +1,5 @@
 """hpcrun.config: precedence, validation, errors and the marshal cache."""
+
 import os
 
 import pytest
@@ -6,7 +7,6 @@ import yaml
 
 from hpcrun import config
 from hpcrun.errors import CONFIG, ConfigError
-
 
 
 @pytest.fixture
@@ -22,8 +22,7 @@ def site(tmp_path, monkeypatch):
 def env(tmp_path, site):
     home = tmp_path / "home"
     (home / ".config").mkdir(parents=True)
-    e = {"HOME": str(home), "XDG_CONFIG_HOME": str(tmp_path / "xdg"),
-         "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    e = {"HOME": str(home), "XDG_CONFIG_HOME": str(tmp_path / "xdg"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
     return e
 
 
@@ -92,10 +91,10 @@ def test_mounts_map_merges_key_by_key(env, site, tmp_path):
     write(user_file(env), "mounts:\n  tmp: false\n")
     env["HPCRUN_CONFIG"] = write(tmp_path / "o.yaml", "mounts:\n  home: true\n  proc: false\n")
     m = config.load(env)["mounts"]
-    assert m["home"] is True       # site said false, HPCRUN_CONFIG said true
-    assert m["tmp"] is False       # from the user file
+    assert m["home"] is True  # site said false, HPCRUN_CONFIG said true
+    assert m["tmp"] is False  # from the user file
     assert m["proc"] is False
-    assert m["sys"] is True and m["cwd"] is True and m["scratch"] is True   # packaged
+    assert m["sys"] is True and m["cwd"] is True and m["scratch"] is True  # packaged
     assert set(m) == set(packaged()["mounts"])
 
 
@@ -121,13 +120,16 @@ def test_unknown_nested_mount_key(env, site):
     assert str(site) in ei.value.message and "mounts.homes" in ei.value.message
 
 
-@pytest.mark.parametrize("text,what", [
-    ("scratch: /scratch\n", "list"),
-    ("fuse: [auto]\n", "str"),
-    ("mounts: [home]\n", "dict"),
-    ("cleanenv_keep: TERM\n", "list"),
-    ("tmpfs_size: 64\n", "str"),
-])
+@pytest.mark.parametrize(
+    "text,what",
+    [
+        ("scratch: /scratch\n", "list"),
+        ("fuse: [auto]\n", "str"),
+        ("mounts: [home]\n", "dict"),
+        ("cleanenv_keep: TERM\n", "list"),
+        ("tmpfs_size: 64\n", "str"),
+    ],
+)
 def test_wrong_type(env, site, text, what):
     write(site, text)
     with pytest.raises(ConfigError) as ei:
@@ -182,7 +184,7 @@ def test_missing_site_and_user_files_are_fine(env, site):
 
 
 def test_unreadable_config_is_config_error(env, site):
-    site.mkdir()      # a directory where the file should be
+    site.mkdir()  # a directory where the file should be
     with pytest.raises(ConfigError) as ei:
         config.load(env)
     assert str(site) in ei.value.message
@@ -196,6 +198,7 @@ def test_cache_written_and_used_on_second_load(env, site, monkeypatch):
 
     def boom(path):
         raise AssertionError(f"parsed {path} although the cache is valid")
+
     monkeypatch.setattr(config, "parse_file", boom)
     assert config.load(env) == first
     assert config.load(env)["tmpfs_size"] == "5m"
@@ -204,7 +207,7 @@ def test_cache_written_and_used_on_second_load(env, site, monkeypatch):
 def test_cache_invalidated_when_a_file_changes(env, site, monkeypatch):
     write(site, "tmpfs_size: 5m\n")
     assert config.load(env)["tmpfs_size"] == "5m"
-    write(site, "tmpfs_size: 123m\n")          # new content and new size
+    write(site, "tmpfs_size: 123m\n")  # new content and new size
     calls = []
     real = config.parse_file
     monkeypatch.setattr(config, "parse_file", lambda p: calls.append(p) or real(p))
@@ -212,7 +215,7 @@ def test_cache_invalidated_when_a_file_changes(env, site, monkeypatch):
     assert str(site) in calls
     calls.clear()
     assert config.load(env)["tmpfs_size"] == "123m"
-    assert calls == []                          # cached again
+    assert calls == []  # cached again
 
 
 def test_cache_invalidated_when_a_file_appears(env, site):
@@ -246,7 +249,7 @@ def test_cache_under_home_when_no_xdg_cache(env):
 def test_unwritable_cache_dir_still_loads(env, tmp_path):
     blocker = tmp_path / "cachefile"
     blocker.write_text("x")
-    env["XDG_CACHE_HOME"] = str(blocker)   # a file: the cache directory cannot be made
+    env["XDG_CACHE_HOME"] = str(blocker)  # a file: the cache directory cannot be made
     assert config.load(env)["fuse"] == "auto"
 
 
@@ -258,9 +261,14 @@ def test_errors_are_not_cached(env, site):
         config.load(env)
 
 
-@pytest.mark.parametrize("text,what", [("share: sometimes\n", "one of auto, always, never"),
-                                       ("share_idle_timeout: -1\n", ">= 0"),
-                                       ("share_idle_timeout: '5'\n", "must be a int")])
+@pytest.mark.parametrize(
+    "text,what",
+    [
+        ("share: sometimes\n", "one of auto, always, never"),
+        ("share_idle_timeout: -1\n", ">= 0"),
+        ("share_idle_timeout: '5'\n", "must be a int"),
+    ],
+)
 def test_share_keys_are_checked(env, site, text, what):
     write(site, text)
     with pytest.raises(ConfigError) as ei:
@@ -281,4 +289,4 @@ def test_alternating_hpcrun_config_files_keep_their_own_caches(env, tmp_path, mo
         env.pop("HPCRUN_CONFIG", None)
         if path:
             env["HPCRUN_CONFIG"] = path
-        assert config.load(env)["tmpfs_size"] == size   # all from their caches
+        assert config.load(env)["tmpfs_size"] == size  # all from their caches

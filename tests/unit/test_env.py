@@ -1,4 +1,5 @@
 """hpcrun.envvars: the container environment, env files and the wrapper script."""
+
 import subprocess
 
 import pytest
@@ -12,19 +13,44 @@ KEEP = {"TERM", "LANG"}
 
 
 def make(host_env, cleanenv=False, env_files=(), env_opts=None, extra=None, home="/home/u"):
-    return build(host_env, cleanenv=cleanenv, keep=KEEP, env_files=list(env_files),
-                 env_opts=env_opts or {}, home=home, default_path=DEFAULT_PATH, extra=extra or {})
+    return build(
+        host_env,
+        cleanenv=cleanenv,
+        keep=KEEP,
+        env_files=list(env_files),
+        env_opts=env_opts or {},
+        home=home,
+        default_path=DEFAULT_PATH,
+        extra=extra or {},
+    )
 
 
 def test_host_env_passes_except_own_and_path():
-    host = {"FOO": "1", "TERM": "xterm", "PATH": "/host/bin", "HOME": "/h",
-            "HPCRUN_BIND": "/x", "HPCRUN_DEBUG": "1", "APPTAINER_BIND": "/y", "APPTAINER_CACHEDIR": "/c",
-            "APPTAINERENV_BAR": "2", "SINGULARITY_BIND": "/z", "SINGULARITYENV_BAZ": "3",
-            "MY_HPCRUN_X": "kept"}
+    host = {
+        "FOO": "1",
+        "TERM": "xterm",
+        "PATH": "/host/bin",
+        "HOME": "/h",
+        "HPCRUN_BIND": "/x",
+        "HPCRUN_DEBUG": "1",
+        "APPTAINER_BIND": "/y",
+        "APPTAINER_CACHEDIR": "/c",
+        "APPTAINERENV_BAR": "2",
+        "SINGULARITY_BIND": "/z",
+        "SINGULARITYENV_BAZ": "3",
+        "MY_HPCRUN_X": "kept",
+    }
     env, forced = make(host)
     assert env["FOO"] == "1" and env["TERM"] == "xterm" and env["MY_HPCRUN_X"] == "kept"
-    for k in ("HPCRUN_BIND", "HPCRUN_DEBUG", "APPTAINER_BIND", "APPTAINER_CACHEDIR",
-              "APPTAINERENV_BAR", "SINGULARITY_BIND", "SINGULARITYENV_BAZ"):
+    for k in (
+        "HPCRUN_BIND",
+        "HPCRUN_DEBUG",
+        "APPTAINER_BIND",
+        "APPTAINER_CACHEDIR",
+        "APPTAINERENV_BAR",
+        "SINGULARITY_BIND",
+        "SINGULARITYENV_BAZ",
+    ):
         assert k not in env
     assert env["PATH"] == DEFAULT_PATH
     assert env["HOME"] == "/home/u"
@@ -45,9 +71,15 @@ def test_extra_overrides_host():
 
 
 def test_force_prefix_precedence():
-    host = {"SINGULARITYENV_V": "sing", "APPTAINERENV_V": "app", "HPCRUN_ENV_V": "hpc",
-            "SINGULARITYENV_W": "sing", "APPTAINERENV_W": "app",
-            "SINGULARITYENV_Y": "sing", "V": "host"}
+    host = {
+        "SINGULARITYENV_V": "sing",
+        "APPTAINERENV_V": "app",
+        "HPCRUN_ENV_V": "hpc",
+        "SINGULARITYENV_W": "sing",
+        "APPTAINERENV_W": "app",
+        "SINGULARITYENV_Y": "sing",
+        "V": "host",
+    }
     env, forced = make(host)
     assert env["V"] == "hpc" and forced["V"] == "hpc"
     assert env["W"] == "app"
@@ -64,8 +96,8 @@ def test_env_file_below_env_option_above_prefixes():
     host = {"HPCRUN_ENV_A": "prefix", "HPCRUN_ENV_B": "prefix", "HPCRUN_ENV_C": "prefix"}
     files = [{"A": "file1", "B": "file1"}, {"B": "file2"}]
     env, forced = make(host, env_files=files, env_opts={"A": "opt"})
-    assert env["A"] == "opt"          # --env beats the env file
-    assert env["B"] == "file2"        # later file beats earlier file and prefixes
+    assert env["A"] == "opt"  # --env beats the env file
+    assert env["B"] == "file2"  # later file beats earlier file and prefixes
     assert env["C"] == "prefix"
     assert forced == {"A": "opt", "B": "file2", "C": "prefix"}
 
@@ -85,11 +117,9 @@ def test_prepend_append_path():
 
 
 def test_cleanenv_keeps_only_keep_list_home_path_extra():
-    host = {"TERM": "xterm", "LANG": "C", "FOO": "1", "PATH": "/host", "HOME": "/h",
-            "USER": "u", "HPCRUN_BIND": "/x"}
+    host = {"TERM": "xterm", "LANG": "C", "FOO": "1", "PATH": "/host", "HOME": "/h", "USER": "u", "HPCRUN_BIND": "/x"}
     env, _ = make(host, cleanenv=True, extra={"HPCRUN_NAME": "img"})
-    assert env == {"TERM": "xterm", "LANG": "C", "PATH": DEFAULT_PATH, "HOME": "/home/u",
-                   "HPCRUN_NAME": "img"}
+    assert env == {"TERM": "xterm", "LANG": "C", "PATH": DEFAULT_PATH, "HOME": "/home/u", "HPCRUN_NAME": "img"}
 
 
 def test_cleanenv_still_applies_forced():
@@ -99,6 +129,7 @@ def test_cleanenv_still_applies_forced():
 
 
 # ---------------------------------------------------------------- env files and --env
+
 
 def test_parse_env_file():
     text = """
@@ -114,13 +145,12 @@ G=a=b=c
   H = x
 """
     with pytest.raises(UsageError):
-        parse_env_file("f", text)       # "H = x": the key has a space
+        parse_env_file("f", text)  # "H = x": the key has a space
     with pytest.raises(UsageError):
-        parse_env_file("f", text.replace("  H = x\n", ""))   # F: a shell syntax error in Apptainer
+        parse_env_file("f", text.replace("  H = x\n", ""))  # F: a shell syntax error in Apptainer
     out = parse_env_file("f", text.replace("  H = x\n", "").replace('F="unbalanced\n', ""))
     # as Apptainer's shell evaluation: `export B=two words` exports B=two (and `words`)
-    assert out == {"A": "1", "B": "two", "C": "quoted # not a comment", "D": "single",
-                   "E": "", "G": "a=b=c"}
+    assert out == {"A": "1", "B": "two", "C": "quoted # not a comment", "D": "single", "E": "", "G": "a=b=c"}
 
 
 @pytest.mark.parametrize("line", ["NOEQUALS", "1A=x", "A-B=x", "=x", "export", "a b=c"])
@@ -151,20 +181,23 @@ def test_valid_name():
 
 # ---------------------------------------------------------------- wrapper script
 
-HOSTILE = "it's $(echo PWNED) `echo PWNED` $HOME \"q\" \\ ; exit 3\nnew line"
+HOSTILE = 'it\'s $(echo PWNED) `echo PWNED` $HOME "q" \\ ; exit 3\nnew line'
 
 
 def run_wrapper(forced, *argv, env=None):
     script = wrapper_script(forced)
-    return subprocess.run(["/bin/sh", "-c", script, "sh", *argv], capture_output=True, text=True,
-                          env=env if env is not None else {"PATH": "/usr/bin:/bin", "HOME": "/h"},
-                          timeout=20)
+    return subprocess.run(
+        ["/bin/sh", "-c", script, "sh", *argv],
+        capture_output=True,
+        text=True,
+        env=env if env is not None else {"PATH": "/usr/bin:/bin", "HOME": "/h"},
+        timeout=20,
+    )
 
 
 def test_quote_roundtrip_through_shell():
     for value in ["", "plain", "it's", "'", "''", HOSTILE, "a\\'b"]:
-        r = subprocess.run(["/bin/sh", "-c", f"printf %s {quote(value)}"], capture_output=True,
-                           text=True, timeout=20)
+        r = subprocess.run(["/bin/sh", "-c", f"printf %s {quote(value)}"], capture_output=True, text=True, timeout=20)
         assert r.stdout == value
 
 
@@ -173,21 +206,26 @@ def test_wrapper_exports_values_literally():
     assert r.returncode == 0, r.stderr
     assert f"V={HOSTILE}\n" in r.stdout
     assert "W=plain\n" in r.stdout
-    assert r.stdout.count("PWNED") == 2          # only the two literal occurrences
+    assert r.stdout.count("PWNED") == 2  # only the two literal occurrences
     r2 = run_wrapper({"V": HOSTILE}, "/bin/sh", "-c", 'printf %s "$V"')
     assert r2.returncode == 0, r2.stderr
     assert r2.stdout == HOSTILE
 
 
 def test_wrapper_path_prepend_append():
-    r = run_wrapper({"PREPEND_PATH": "/p'1", "APPEND_PATH": "/a $x"}, "/bin/sh", "-c", 'printf %s "$PATH"',
-                    env={"PATH": "/usr/bin:/bin"})
+    r = run_wrapper(
+        {"PREPEND_PATH": "/p'1", "APPEND_PATH": "/a $x"},
+        "/bin/sh",
+        "-c",
+        'printf %s "$PATH"',
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout == "/p'1:/usr/bin:/bin:/a $x"
 
 
 def test_wrapper_execs_args_and_passes_status():
-    r = run_wrapper({}, "/bin/sh", "-c", "echo \"$0|$1\"; exit 7", "arg 0", "a'b")
+    r = run_wrapper({}, "/bin/sh", "-c", 'echo "$0|$1"; exit 7', "arg 0", "a'b")
     assert r.stdout == "arg 0|a'b\n"
     assert r.returncode == 7
 
@@ -207,20 +245,25 @@ def test_wrapper_sources_env_dir_first():
 
 def test_env_opts_as_apptainers_map_flag():
     assert parse_env_opts(["A=1,B=2", "C=x,y", '"D=1,2",E=3', 'F="q"']) == {
-        "A": "1", "B": "2", "C": "x,y", "D": "1,2", "E": "3", "F": "\"q"}   # pflag trims the whole argument
+        "A": "1",
+        "B": "2",
+        "C": "x,y",
+        "D": "1,2",
+        "E": "3",
+        "F": '"q',
+    }  # pflag trims the whole argument
     with pytest.raises(UsageError):
-        parse_env_opts(['"A=1,B=2'])   # an open CSV quote
+        parse_env_opts(['"A=1,B=2'])  # an open CSV quote
 
 
 def _sh(script, env, *argv):
-    return subprocess.run(["/bin/sh", "-c", script, "hpcrun", *argv], env=env, capture_output=True,
-                          text=True).stdout
+    return subprocess.run(["/bin/sh", "-c", script, "hpcrun", *argv], env=env, capture_output=True, text=True).stdout
 
 
 @pytest.mark.parametrize("no_eval", [False, True])
 def test_wrapper_evaluates_unless_no_eval(no_eval):
     forced = {"A": "$HOME/x", "B": 'q"uote', "C": "a\\$b", "PREPEND_PATH": "$HOME/bin"}
-    env = {"HOME": "/h", "PATH": "$HOME/bin:/usr/bin:/bin"}   # as build() left it: literal prefix
+    env = {"HOME": "/h", "PATH": "$HOME/bin:/usr/bin:/bin"}  # as build() left it: literal prefix
     out = _sh(envvars.wrapper_script(forced, no_eval), env, "sh", "-c", 'echo "$A|$B|$C|$PATH"')
     if no_eval:
         assert out == '$HOME/x|q"uote|a\\$b|$HOME/bin:/usr/bin:/bin\n'
@@ -231,10 +274,17 @@ def test_wrapper_evaluates_unless_no_eval(no_eval):
 
 
 def test_path_given_wins_over_prepend_and_append():
-    host_env = {"APPTAINERENV_PATH": "/only", "APPTAINERENV_PREPEND_PATH": "/pre",
-                "APPTAINERENV_APPEND_PATH": "/app"}
-    env, forced = build(host_env, cleanenv=False, keep=set(), env_files=[], env_opts={}, home="/h",
-                        default_path="/usr/bin:/bin", extra={})
+    host_env = {"APPTAINERENV_PATH": "/only", "APPTAINERENV_PREPEND_PATH": "/pre", "APPTAINERENV_APPEND_PATH": "/app"}
+    env, forced = build(
+        host_env,
+        cleanenv=False,
+        keep=set(),
+        env_files=[],
+        env_opts={},
+        home="/h",
+        default_path="/usr/bin:/bin",
+        extra={},
+    )
     assert env["PATH"] == "/only"
     out = _sh(wrapper_script(forced, True), {"PATH": env["PATH"]}, "/bin/sh", "-c", 'echo "$PATH"')
     assert out == "/only\n"

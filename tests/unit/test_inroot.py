@@ -2,6 +2,7 @@
 relative with many `..`, chains, links replacing directories) must keep each operation
 inside the root; a canary outside must stay byte-for-byte and mode-for-mode as it was.
 Run with the kernel's openat2 and with the component-walk fallback."""
+
 import io
 import os
 import stat
@@ -35,7 +36,7 @@ def tree(tmp_path, resolver):
     os.symlink(str(canary), root / "abs")
     os.symlink("../" * 12 + str(canary).lstrip("/"), root / "rel")
     os.symlink(str(canary / "file"), root / "filelink")
-    os.symlink(".", root / "p")                       # p -> . : p/p/p/... stays at the root
+    os.symlink(".", root / "p")  # p -> . : p/p/p/... stays at the root
     os.symlink("p/" * 30 + "../" * 5 + str(canary).lstrip("/"), root / "chain")
     return root, canary
 
@@ -74,17 +75,17 @@ def test_writes_through_links_stay_inside(tree, link):
     assert snapshot(canary) == before
     # what was written landed where the container would see it: inside, under the canary's path
     inside = root / str(canary).lstrip("/")
-    assert inside.is_dir() and not (inside / "new").exists()      # emptied by the last call
+    assert inside.is_dir() and not (inside / "new").exists()  # emptied by the last call
 
 
 def test_last_component_is_replaced_not_followed(tree):
     root, canary = tree
     before = snapshot(canary)
     with inroot.Root(str(root)) as r:
-        r.set_attrs("filelink", mode=0o6777, mtime=0)     # a link's target keeps its mode
+        r.set_attrs("filelink", mode=0o6777, mtime=0)  # a link's target keeps its mode
         r.write("filelink", "mine", 0o755)
         assert os.path.isfile(root / "filelink") and not os.path.islink(root / "filelink")
-        r.remove("abs")                                    # the link goes, not the canary
+        r.remove("abs")  # the link goes, not the canary
         assert not os.path.lexists(root / "abs")
     assert snapshot(canary) == before
 
@@ -93,14 +94,14 @@ def test_hard_links_join_names_inside_only(tree):
     root, canary = tree
     before = snapshot(canary)
     with inroot.Root(str(root)) as r:
-        r.hardlink("filelink", "hl")                       # links the link itself
+        r.hardlink("filelink", "hl")  # links the link itself
         assert os.path.islink(root / "hl") and os.lstat(root / "hl").st_ino == os.lstat(root / "filelink").st_ino
         with pytest.raises(FileNotFoundError):
-            r.hardlink("abs/file", "hl2")                  # abs/file is /root/<canary>/file: absent
+            r.hardlink("abs/file", "hl2")  # abs/file is /root/<canary>/file: absent
         os.close(r.mkdir("realdir", 0o755))
         with pytest.raises(OSError):
-            r.hardlink("realdir", "hl3")                   # never a directory
-        r.write("hl", "x")                                 # writing hl replaces that name only
+            r.hardlink("realdir", "hl3")  # never a directory
+        r.write("hl", "x")  # writing hl replaces that name only
         assert os.path.islink(root / "filelink")
     assert snapshot(canary) == before
 
@@ -110,9 +111,9 @@ def test_reads_resolve_inside_and_refuse_fifos_and_giants(tree):
     os.mkfifo(root / "fifo")
     (root / "big").write_bytes(b"x" * 2048)
     with inroot.Root(str(root)) as r:
-        assert r.read("filelink", 100, "t") is None        # /canary/file inside the root: absent
+        assert r.read("filelink", 100, "t") is None  # /canary/file inside the root: absent
         with pytest.raises(OSError):
-            r.open_read("fifo")                            # never blocks
+            r.open_read("fifo")  # never blocks
         with pytest.raises(ImageError, match="larger than"):
             r.read("big", 1024, "t")
         assert r.lstat("abs") is not None and stat.S_ISLNK(r.lstat("abs").st_mode)
@@ -163,11 +164,15 @@ def test_layer_dir_replaced_by_link_keeps_final_chmod_inside(tree):
     pass must not chmod the link's target."""
     root, canary = tree
     before = snapshot(canary)
-    tar = _tar([({"name": "d", "type": tarfile.DIRTYPE, "mode": 0o6777}, None),
-                ({"name": "d", "type": tarfile.SYMTYPE, "linkname": str(canary / "file")}, None),
-                ({"name": "e", "type": tarfile.DIRTYPE, "mode": 0o6777}, None),
-                ({"name": "e", "type": tarfile.SYMTYPE, "linkname": str(canary / "dir")}, None),
-                ({"name": "chain/x", "mode": 0o644}, b"payload")])
+    tar = _tar(
+        [
+            ({"name": "d", "type": tarfile.DIRTYPE, "mode": 0o6777}, None),
+            ({"name": "d", "type": tarfile.SYMTYPE, "linkname": str(canary / "file")}, None),
+            ({"name": "e", "type": tarfile.DIRTYPE, "mode": 0o6777}, None),
+            ({"name": "e", "type": tarfile.SYMTYPE, "linkname": str(canary / "dir")}, None),
+            ({"name": "chain/x", "mode": 0o644}, b"payload"),
+        ]
+    )
     with inroot.Root(str(root)) as r:
         layers.apply(tar, r, "t", [], owners=os.getuid() == 0)
     assert snapshot(canary) == before

@@ -1,4 +1,5 @@
 """Instance names, the list table and --signal values (pure code)."""
+
 import click
 import pytest
 
@@ -42,4 +43,5 @@ def test_join_of_an_instance_image_that_starts_one_is_refused():
 
 def test_per_task_options_are_options():
     from hpcrun.options import defaults
+
     assert set(PER_TASK) <= set(defaults())

@@ -1,5 +1,6 @@
 """Odd inputs, the pure parts: passwd/group lines from hostile names, bind destinations
 the kernel cannot name, SIF times out of range, the config cache key, FIFOs as images."""
+
 import os
 import shutil
 import signal
@@ -30,21 +31,30 @@ def cfg():
 def make_plan(cfg, user="u", group="users", home="/home/u", gecos="U Ser", shell="/bin/bash", **opts):
     o = options.defaults()
     o.update(opts)
-    h = Host(1000, 100, user, group, home, "/data/proj", gecos=gecos, shell=shell,
-             env={"HOME": home, "USER": user})
+    h = Host(1000, 100, user, group, home, "/data/proj", gecos=gecos, shell=shell, env={"HOME": home, "USER": user})
     return build_plan(o, "exec", "/images/app.sif", "sif", ["true"], cfg, h)
 
 
 def test_identity_lines_plain():
     assert planmod.identity_lines("u", 1000, 100, "users", "U Ser", "/home/u", "/bin/bash") == (
-        "u:x:1000:100:U Ser:/home/u:/bin/bash", "users:x:100:u")
+        "u:x:1000:100:U Ser:/home/u:/bin/bash",
+        "users:x:100:u",
+    )
 
 
 @pytest.mark.parametrize("field", ["user", "home", "shell"])
 @pytest.mark.parametrize("bad", [EVIL, "a:b", "a\rb", "a\0b"])
 def test_identity_line_dropped_for_a_bad_field(field, bad):
-    kw = {"user": "u", "uid": 1000, "gid": 100, "group": "users", "gecos": "", "home": "/h",
-          "shell": "/bin/sh", field: bad}
+    kw = {
+        "user": "u",
+        "uid": 1000,
+        "gid": 100,
+        "group": "users",
+        "gecos": "",
+        "home": "/h",
+        "shell": "/bin/sh",
+        field: bad,
+    }
     passwd, group = planmod.identity_lines(**kw)
     assert passwd is None
     assert group == ("users:x:100:" if field == "user" else "users:x:100:u")
@@ -76,13 +86,14 @@ def test_plan_uses_identity_lines(cfg):
     assert make_plan(cfg, group=EVIL).group_line is None
 
 
-@pytest.mark.parametrize("dst,word", [("/" + "a" * 256, "255"), ("/x/" + "b" * 300 + "/y", "255"),
-                                      ("/aaaaaaaa" * 512, "4095")])
+@pytest.mark.parametrize(
+    "dst,word", [("/" + "a" * 256, "255"), ("/x/" + "b" * 300 + "/y", "255"), ("/aaaaaaaa" * 512, "4095")]
+)
 def test_bind_destination_too_long(cfg, dst, word):
     with pytest.raises(BindError) as e:
         make_plan(cfg, bind=[f"/tmp:{dst}"])
     assert e.value.code == BIND and word in e.value.message and len(e.value.line()) < 300
-    fine = ("/" + "a" * 255) * 15     # 3840 bytes, names of 255: at the limits
+    fine = ("/" + "a" * 255) * 15  # 3840 bytes, names of 255: at the limits
     assert make_plan(cfg, bind=[f"/tmp:{fine}"]).mounts[-1].dst == fine
 
 
@@ -93,7 +104,7 @@ def test_home_destination_too_long(cfg):
 
 def test_bind_destination_length_in_bytes(cfg):
     with pytest.raises(BindError):
-        make_plan(cfg, bind=["/tmp:/" + "é" * 128])    # 128 characters, 256 bytes
+        make_plan(cfg, bind=["/tmp:/" + "é" * 128])  # 128 characters, 256 bytes
 
 
 def crafted_sif(tmp_path, header=None, descriptor=None):
@@ -102,17 +113,17 @@ def crafted_sif(tmp_path, header=None, descriptor=None):
     out = str(tmp_path / "t.sif")
     shutil.copy(src, out)
     with open(out, "r+b") as f:
-        if header is not None:   # ctime, mtime at 0x40, 0x48
+        if header is not None:  # ctime, mtime at 0x40, 0x48
             f.seek(0x40)
             f.write(struct.pack("<qq", header, header))
         if descriptor is not None:
             doffset = struct.unpack_from("<q", open(src, "rb").read(0x68), 0x60)[0]
-            f.seek(doffset + 41)   # ctime, mtime of the first descriptor
+            f.seek(doffset + 41)  # ctime, mtime of the first descriptor
             f.write(struct.pack("<qq", descriptor, descriptor))
     return out
 
 
-@pytest.mark.parametrize("t", [2 ** 62, -2 ** 62, 2 ** 63 - 1, -2 ** 63, 253402300800])
+@pytest.mark.parametrize("t", [2**62, -(2**62), 2**63 - 1, -(2**63), 253402300800])
 def test_sif_times_out_of_range(tmp_path, t):
     """Printed as the raw number, marked; descriptor times (not printed) break nothing."""
     f = sif.SifFile(crafted_sif(tmp_path, header=t, descriptor=t))
@@ -129,8 +140,10 @@ def test_sif_times_out_of_range(tmp_path, t):
 @pytest.fixture
 def no_hang():
     """A blocking open() of a FIFO fails the test after 5 s instead of hanging it."""
+
     def hung(*_):
         raise AssertionError("blocked: the FIFO was opened")
+
     old = signal.signal(signal.SIGALRM, hung)
     signal.alarm(5)
     yield
@@ -142,7 +155,7 @@ def no_hang():
 def test_fifo_is_refused_without_opening(tmp_path, opener, no_hang):
     fifo = str(tmp_path / "fifo")
     os.mkfifo(fifo)
-    with pytest.raises(ImageError) as e:   # a blocking open would hang here
+    with pytest.raises(ImageError) as e:  # a blocking open would hang here
         opener(fifo)
     assert e.value.code == IMAGE and "is a FIFO" in e.value.message
 
@@ -172,6 +185,7 @@ def test_swapped_to_a_fifo_after_stat(tmp_path, monkeypatch, no_hang):
             os.mkfifo(path)
             assert flags & os.O_NONBLOCK and flags & os.O_NOCTTY
         return real_open(p, flags, *a, **kw)
+
     monkeypatch.setattr(detect.os, "open", swap)
     with pytest.raises(ImageError) as e:
         detect.open_image(path)
@@ -181,17 +195,21 @@ def test_swapped_to_a_fifo_after_stat(tmp_path, monkeypatch, no_hang):
 @pytest.fixture
 def cenv(tmp_path, monkeypatch):
     monkeypatch.setattr(config, "SITE", str(tmp_path / "etc" / "hpcrun.yaml"))
-    return {"HOME": str(tmp_path / "home"), "XDG_CONFIG_HOME": str(tmp_path / "xdg"),
-            "XDG_CACHE_HOME": str(tmp_path / "cache"), "HPCRUN_CONFIG": str(tmp_path / "c.yaml")}
+    return {
+        "HOME": str(tmp_path / "home"),
+        "XDG_CONFIG_HOME": str(tmp_path / "xdg"),
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+        "HPCRUN_CONFIG": str(tmp_path / "c.yaml"),
+    }
 
 
 def _same_size_same_mtime(path, text, replace):
     st = os.stat(path)
-    if replace:   # a new file renamed over the old one: another inode
+    if replace:  # a new file renamed over the old one: another inode
         with open(path + ".new", "w") as f:
             f.write(text)
         os.replace(path + ".new", path)
-    else:         # rewritten in place
+    else:  # rewritten in place
         with open(path, "w") as f:
             f.write(text)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -208,5 +226,5 @@ def test_config_cache_sees_same_size_same_mtime_rewrite(cenv, replace):
     assert config.load(cenv)["tmpfs_size"] == "11m"
     old = _same_size_same_mtime(path, "tmpfs_size: 22m\n", replace)
     while not replace and os.stat(path).st_ctime_ns == old.st_ctime_ns:
-        os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))   # a coarse clock: the same tick
+        os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))  # a coarse clock: the same tick
     assert config.load(cenv)["tmpfs_size"] == "22m"

@@ -1,4 +1,5 @@
 """hpcrun.options.fast_parse: the click-free parser of exec/run/shell arguments."""
+
 import pytest
 
 from hpcrun import options
@@ -38,16 +39,17 @@ def test_flags_after_image_are_not_parsed():
 
 
 def test_long_flags():
-    opts, image, args = fast_parse(["--contain", "--fakeroot", "--no-home", "--writable-tmpfs",
-                                    "--pid", "--net", "--dry-run", "img", "true"])
-    assert all(opts[k] for k in ("contain", "fakeroot", "no_home", "writable_tmpfs", "pid", "net",
-                                 "dry_run"))
+    opts, image, args = fast_parse(
+        ["--contain", "--fakeroot", "--no-home", "--writable-tmpfs", "--pid", "--net", "--dry-run", "img", "true"]
+    )
+    assert all(opts[k] for k in ("contain", "fakeroot", "no_home", "writable_tmpfs", "pid", "net", "dry_run"))
     assert opts["cleanenv"] is False and opts["ipc"] is False
     assert (image, args) == ("img", ["true"])
 
 
-@pytest.mark.parametrize("argv", [["-B", "/a:/b", "img"], ["--bind", "/a:/b", "img"],
-                                  ["--bind=/a:/b", "img"], ["-B/a:/b", "img"]])
+@pytest.mark.parametrize(
+    "argv", [["-B", "/a:/b", "img"], ["--bind", "/a:/b", "img"], ["--bind=/a:/b", "img"], ["-B/a:/b", "img"]]
+)
 def test_value_forms(argv):
     opts, image, args = fast_parse(argv)
     assert opts["bind"] == ["/a:/b"]
@@ -78,8 +80,9 @@ def test_value_option_last_one_wins():
 
 
 def test_repeatable_multi_keeps_order():
-    opts, _, _ = fast_parse(["-B", "/1", "--bind=/2", "-B/3", "--bind", "/4,/5",
-                             "--no-mount", "home", "--no-mount=tmp", "img"])
+    opts, _, _ = fast_parse(
+        ["-B", "/1", "--bind=/2", "-B/3", "--bind", "/4,/5", "--no-mount", "home", "--no-mount=tmp", "img"]
+    )
     assert opts["bind"] == ["/1", "/2", "/3", "/4,/5"]
     assert opts["no_mount"] == ["home", "tmp"]
 
@@ -112,14 +115,21 @@ def test_single_dash_is_an_image_name():
     assert (image, args) == ("-", ["x"])
 
 
-@pytest.mark.parametrize("argv", [
-    ["--help", "img"], ["-h", "img"], ["--unknown", "img"], ["-x", "img"], ["-cx", "img"],
-    ["--contain=yes", "img"],          # a flag given a value
-    ["--bind"],                         # value missing at the end
-    ["-B"],
-    ["-eB"],                            # value option last in a group, nothing after it
-    ["-cBe", "img"],                    # value option not last in a group
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help", "img"],
+        ["-h", "img"],
+        ["--unknown", "img"],
+        ["-x", "img"],
+        ["-cx", "img"],
+        ["--contain=yes", "img"],  # a flag given a value
+        ["--bind"],  # value missing at the end
+        ["-B"],
+        ["-eB"],  # value option last in a group, nothing after it
+        ["-cBe", "img"],  # value option not last in a group
+    ],
+)
 def test_needclick(argv):
     with pytest.raises(NeedClick):
         fast_parse(argv)

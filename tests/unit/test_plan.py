@@ -1,4 +1,5 @@
 """hpcrun.plan.build_plan: pure planning from options + config + host facts."""
+
 import json
 import os
 
@@ -20,11 +21,21 @@ def cfg():
 
 
 def host(cwd="/data/proj", env=None, existing=(), **kw):
-    env = {"HOME": "/home/u", "USER": "u", "LANG": "C.UTF-8", "TERM": "xterm",
-           "SECRET": "s", **(env or {})}
+    env = {"HOME": "/home/u", "USER": "u", "LANG": "C.UTF-8", "TERM": "xterm", "SECRET": "s", **(env or {})}
     exists = set(existing)
-    return Host(1000, 100, "u", "users", "/home/u", cwd, gecos="U Ser", shell="/bin/bash",
-                env=env, existing=lambda p: p in exists, **kw)
+    return Host(
+        1000,
+        100,
+        "u",
+        "users",
+        "/home/u",
+        cwd,
+        gecos="U Ser",
+        shell="/bin/bash",
+        env=env,
+        existing=lambda p: p in exists,
+        **kw,
+    )
 
 
 def plan(cfg, h=None, action="exec", image="/images/app.sif", args=("true",), env_files=(), **opts):
@@ -46,16 +57,24 @@ def names(p):
 def test_default_mounts(cfg):
     p = plan(cfg)
     m = by_dst(p)
-    for name, path in [("proc", "/proc"), ("sys", "/sys"), ("dev", "/dev"), ("hosts", "/etc/hosts"),
-                       ("localtime", "/etc/localtime"), ("resolv", "/etc/resolv.conf"),
-                       ("tmp", "/tmp"), ("tmp", "/var/tmp")]:
+    for name, path in [
+        ("proc", "/proc"),
+        ("sys", "/sys"),
+        ("dev", "/dev"),
+        ("hosts", "/etc/hosts"),
+        ("localtime", "/etc/localtime"),
+        ("resolv", "/etc/resolv.conf"),
+        ("tmp", "/tmp"),
+        ("tmp", "/var/tmp"),
+    ]:
         assert m[path].name == name and m[path].kind == "bind" and m[path].src == path
         assert m[path].optional is True
     assert m["/dev"].nodev is False and m["/proc"].nodev is True
     assert m["/home/u"].name == "home" and m["/home/u"].src == "/home/u" and m["/home/u"].kind == "bind"
     assert m["/data/proj"].name == "cwd" and m["/data/proj"].if_missing is True
-    assert sorted(names(p)) == sorted(["proc", "sys", "dev", "hosts", "localtime", "resolv",
-                                       "tmp", "tmp", "home", "cwd"])
+    assert sorted(names(p)) == sorted(
+        ["proc", "sys", "dev", "hosts", "localtime", "resolv", "tmp", "tmp", "home", "cwd"]
+    )
     assert all(not x.readonly for x in p.mounts)
 
 
@@ -202,8 +221,7 @@ def test_pwd_option_disables_cwd_bind(cfg):
 
 
 def test_scratch(cfg):
-    h = host(env={"TMPDIR": "/local/job1", "SCRATCH": "/gpfs/u"},
-             existing={"/scratch", "/local/job1", "/gpfs/u"})
+    h = host(env={"TMPDIR": "/local/job1", "SCRATCH": "/gpfs/u"}, existing={"/scratch", "/local/job1", "/gpfs/u"})
     p = plan(cfg, h)
     scratch = [m for m in p.mounts if m.name == "scratch"]
     assert [m.src for m in scratch] == ["/scratch", "/gpfs/u", "/local/job1"]
@@ -244,8 +262,7 @@ def test_fakeroot_with_subids(cfg):
     p = plan(cfg, h, fakeroot=True)
     assert (p.uid, p.gid, p.user, p.group, p.home) == (0, 0, "root", "root", "/root")
     assert p.env["HOME"] == "/root" and p.env["USER"] == "root" and p.env["LOGNAME"] == "root"
-    assert p.idmap == {"mode": "subid", "uid": 1000, "gid": 100,
-                       "subuid": (100000, 65536), "subgid": (200000, 65536)}
+    assert p.idmap == {"mode": "subid", "uid": 1000, "gid": 100, "subuid": (100000, 65536), "subgid": (200000, 65536)}
     home = by_dst(p)["/root"]
     assert (home.kind, home.src) == ("bind", "/home/u")
     assert p.cwd == "/root/proj"
@@ -261,17 +278,22 @@ def test_fakeroot_without_subids(cfg, subuid, subgid):
 
 def test_user_binds_from_options_and_env(cfg):
     h = host(env={"HPCRUN_BIND": "/e1:/mnt/e1:ro", "APPTAINER_BIND": "/e2,rel:/r"})
-    binds = ["/o1", "/o2:/mnt/o2:ro"]   # APPTAINER_BIND is appended by options.apply_env
+    binds = ["/o1", "/o2:/mnt/o2:ro"]  # APPTAINER_BIND is appended by options.apply_env
     options.apply_env(options.OPTIONS, "exec", {"bind": binds}, h.env, None)
     p = plan(cfg, h, bind=binds)
     user = [(m.src, m.dst, m.readonly) for m in p.mounts if m.name == "user"]
-    assert user == [("/o1", "/o1", False), ("/o2", "/mnt/o2", True), ("/e2", "/e2", False),
-                    ("/data/proj/rel", "/r", False), ("/e1", "/mnt/e1", True)]
+    assert user == [
+        ("/o1", "/o1", False),
+        ("/o2", "/mnt/o2", True),
+        ("/e2", "/e2", False),
+        ("/data/proj/rel", "/r", False),
+        ("/e1", "/mnt/e1", True),
+    ]
     assert all(m.kind == "bind" and not m.optional for m in p.mounts if m.name == "user")
     # the bind variables themselves are not passed into the container; Apptainer's
     # APPTAINER_BIND there lists the destinations (for nested containers)
     assert "HPCRUN_BIND" not in p.env
-    assert p.env["APPTAINER_BIND"] == p.env["SINGULARITY_BIND"] == "/o1,/mnt/o2,/e2,/r,/mnt/e1"   # bind order
+    assert p.env["APPTAINER_BIND"] == p.env["SINGULARITY_BIND"] == "/o1,/mnt/o2,/e2,/r,/mnt/e1"  # bind order
 
 
 def test_bad_user_bind(cfg):
@@ -286,8 +308,7 @@ def test_pid_and_namespaces(cfg):
     assert p.namespaces == {"pid": True, "ipc": False, "uts": False, "net": False}
     assert p.new_proc is True
     assert plan(cfg, pid=True, no_mount=["proc"]).new_proc is False
-    assert plan(cfg, ipc=True, net=True, uts=True).namespaces == {
-        "pid": False, "ipc": True, "uts": True, "net": True}
+    assert plan(cfg, ipc=True, net=True, uts=True).namespaces == {"pid": False, "ipc": True, "uts": True, "net": True}
 
 
 def test_hostname_implies_uts(cfg):
@@ -296,8 +317,16 @@ def test_hostname_implies_uts(cfg):
 
 
 def test_env_options_and_files(cfg):
-    p = build_plan({**options.defaults(), "env": ["A=1", "B=2"]}, "exec", "/i/x", "squashfs", ["t"],
-                   cfg, host(env={"HPCRUN_ENV_A": "0", "C": "host"}), [{"B": "file", "D": "file"}])
+    p = build_plan(
+        {**options.defaults(), "env": ["A=1", "B=2"]},
+        "exec",
+        "/i/x",
+        "squashfs",
+        ["t"],
+        cfg,
+        host(env={"HPCRUN_ENV_A": "0", "C": "host"}),
+        [{"B": "file", "D": "file"}],
+    )
     assert p.env["A"] == "1" and p.env["B"] == "2" and p.env["D"] == "file" and p.env["C"] == "host"
     assert p.forced == {"A": "1", "B": "2", "D": "file"}
 
@@ -321,26 +350,34 @@ def test_image_name_from_directory(cfg):
 
 # --- node-level sharing ---------------------------------------------------------------
 
+
 def test_sharing_is_automatic_in_slurm_steps_only(cfg):
     assert not plan(cfg).share
     assert plan(cfg, host(env={"SLURM_STEP_ID": "0"})).share
-    assert not plan(cfg, host(env={"SLURM_JOB_ID": "7"})).share    # a batch script, not a step
+    assert not plan(cfg, host(env={"SLURM_JOB_ID": "7"})).share  # a batch script, not a step
     assert not plan(cfg, host(env={"SLURM_STEP_ID": "0"}), no_sharens=True).share
     assert plan(cfg, sharens=True).share
-    assert not plan(cfg, sharens=True, unsquash=True).share         # an extracted tree is per process
+    assert not plan(cfg, sharens=True, unsquash=True).share  # an extracted tree is per process
     assert plan({**cfg, "share": "always"}).share
     assert not plan({**cfg, "share": "never"}, host(env={"SLURM_STEP_ID": "0"})).share
 
 
 def test_share_key_ignores_what_each_task_may_differ_in(cfg):
     from hpcrun.plan import share_key
+
     ident = (1, 2, 3, 4, 0)
     a = plan(cfg, host(env={"SLURM_PROCID": "0"}), args=("a",), env=["X=1"], sharens=True)
     b = plan(cfg, host(env={"SLURM_PROCID": "1"}), action="run", args=("b", "c"), pid=True)
     assert share_key(a, ident) == share_key(b, ident)
-    assert share_key(a, ident) != share_key(a, (1, 2, 3, 5, 0))          # image replaced
-    for other in (plan(cfg, bind=["/data:/mnt"]), plan(cfg, fakeroot=True), plan(cfg, writable_tmpfs=True),
-                  plan(cfg, net=True), plan(cfg, no_mount=["tmp"]), plan(cfg, host(cwd="/other"))):
+    assert share_key(a, ident) != share_key(a, (1, 2, 3, 5, 0))  # image replaced
+    for other in (
+        plan(cfg, bind=["/data:/mnt"]),
+        plan(cfg, fakeroot=True),
+        plan(cfg, writable_tmpfs=True),
+        plan(cfg, net=True),
+        plan(cfg, no_mount=["tmp"]),
+        plan(cfg, host(cwd="/other")),
+    ):
         assert share_key(other, ident) != share_key(a, ident)
 
 
@@ -353,8 +390,14 @@ def test_pmix_steps_share_one_container(cfg):
     """Two steps of a job differ in PMIX_SERVER_TMPDIR; its parent is bound, so their
     containers are the same."""
     from hpcrun.plan import share_key
-    steps = [host(env={"SLURM_STEP_ID": str(i), "PMIX_SERVER_TMPDIR": f"/spool/pmix.7.{i}",
-                       "PMIX_SYSTEM_TMPDIR": "/tmp"}, existing={"/spool", "/tmp"}) for i in (0, 1)]
+
+    steps = [
+        host(
+            env={"SLURM_STEP_ID": str(i), "PMIX_SERVER_TMPDIR": f"/spool/pmix.7.{i}", "PMIX_SYSTEM_TMPDIR": "/tmp"},
+            existing={"/spool", "/tmp"},
+        )
+        for i in (0, 1)
+    ]
     a, b = (plan(cfg, h) for h in steps)
     assert "/spool" in [m.src for m in a.mounts]
     assert share_key(a, (1,)) == share_key(b, (1,))
@@ -362,10 +405,10 @@ def test_pmix_steps_share_one_container(cfg):
 
 def test_container_variables_and_no_eval(cfg):
     o = options.defaults()
-    o["no_eval"] = True   # cli9's option; the plan reads it with opts.get
+    o["no_eval"] = True  # cli9's option; the plan reads it with opts.get
     p = build_plan(o, "shell", "rel/app.sif", "sif", [], cfg, host(env={"PWD": "/x", "OLDPWD": "/y"}))
     assert p.no_eval and p.env["APPTAINER_NO_EVAL"] == p.env["SINGULARITY_NO_EVAL"] == "1"
     assert p.env["APPTAINER_CONTAINER"] == "/data/proj/rel/app.sif" and p.env["SINGULARITY_NAME"] == "app.sif"
     assert p.env["APPTAINER_COMMAND"] == "shell" and p.env["PWD"] == p.cwd and "OLDPWD" not in p.env
-    q = plan(cfg)   # without the option (before cli9's merge) values are evaluated
+    q = plan(cfg)  # without the option (before cli9's merge) values are evaluated
     assert not q.no_eval and "APPTAINER_NO_EVAL" not in q.env and "APPTAINER_BIND" not in q.env

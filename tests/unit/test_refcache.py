@@ -1,4 +1,5 @@
 """Pure parts of image references: refused schemes, Singularity 2.x launch lines."""
+
 import pytest
 
 from hpcrun.errors import UsageError
@@ -15,7 +16,7 @@ def test_refused_schemes(ref):
 
 def test_a_file_with_scheme_like_name_is_a_file(tmp_path):
     (tmp_path / "a:").mkdir()
-    path = str(tmp_path / "a:") + "//img"   # '<dir>/a://img'
+    path = str(tmp_path / "a:") + "//img"  # '<dir>/a://img'
     open(path, "wb").close()
     assert refcache.resolve(path) == path
 
@@ -24,6 +25,6 @@ def test_launch_offset():
     line = b"#!/usr/bin/env run-singularity\n"
     assert launch_offset(line + b"hsqs" + bytes(92)) == len(line)
     assert launch_offset(b"#!/bin/sh run-singularity\nhsqs") == 26
-    assert launch_offset(line + b"junk") == 0           # no squashfs right after the line
-    assert launch_offset(b"# run-singularity\nhsqs") == 0   # not a #! line
+    assert launch_offset(line + b"junk") == 0  # no squashfs right after the line
+    assert launch_offset(b"# run-singularity\nhsqs") == 0  # not a #! line
     assert launch_offset(b"hsqs") == 0

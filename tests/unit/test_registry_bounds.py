@@ -2,6 +2,7 @@
 blobs stop at their declared size, manifests and token answers at fixed caps, cached blobs
 are hashed again when used, and only loopback addresses get plain HTTP. A local HTTP server
 on 127.0.0.1 serves crafted answers and counts the bytes it managed to send."""
+
 import hashlib
 import http.server
 import json
@@ -19,7 +20,7 @@ from hpcrun.builders.registry import Registry, _loopback, pull
 from hpcrun.errors import IMAGE, RUNTIME, ImageError
 
 SERVE_CHUNK = 64 << 10
-HPCRUN_CHUNK = 1 << 20   # what hpcrun asks for per read: it may overshoot the declared size by this
+HPCRUN_CHUNK = 1 << 20  # what hpcrun asks for per read: it may overshoot the declared size by this
 
 
 def digest(data):
@@ -29,6 +30,7 @@ def digest(data):
 class Handler(http.server.BaseHTTPRequestHandler):
     """routes: path -> (status, headers, body); body is bytes or (byte count, filler byte), the latter
     generated as it is sent. Records, per path, the GETs and the bytes the kernel took."""
+
     routes, gets, sent, finished = {}, {}, {}, threading.Condition()
 
     def do_GET(self):
@@ -48,10 +50,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         n = 0
         try:
             while n < total:
-                chunk = body[n:n + SERVE_CHUNK] if isinstance(body, bytes) else body[1] * min(SERVE_CHUNK, total - n)
+                chunk = body[n : n + SERVE_CHUNK] if isinstance(body, bytes) else body[1] * min(SERVE_CHUNK, total - n)
                 self.wfile.write(chunk)
                 n += len(chunk)
-        except OSError:   # the client hung up: what we wanted
+        except OSError:  # the client hung up: what we wanted
             pass
         with Handler.finished:
             Handler.sent[self.path] = Handler.sent.get(self.path, 0) + n
@@ -86,10 +88,17 @@ class Server:
         """A tagged manifest r:v1 with one config and one layer; -> (layer, config) descriptors."""
         lay = self.blob(layer)
         conf = config_desc or dict(self.blob(config), mediaType="application/vnd.oci.image.config.v1+json")
-        manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                    "config": conf, "layers": [lay]}
-        self.serve("/v2/r/manifests/v1", json.dumps(manifest).encode(),
-                   **{"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": conf,
+            "layers": [lay],
+        }
+        self.serve(
+            "/v2/r/manifests/v1",
+            json.dumps(manifest).encode(),
+            **{"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
+        )
         return lay, conf
 
 
@@ -118,6 +127,7 @@ def leftovers(cache):
 
 # ---- 1. blobs: no further than the declared size, and not shorter ----
 
+
 def test_blob_larger_than_declared_stops_early(server, cache):
     declared = 10 << 10
     served = 300 << 20
@@ -132,10 +142,13 @@ def test_blob_larger_than_declared_stops_early(server, cache):
     assert leftovers(cache) == [], "the partial file must be removed"
 
 
-@pytest.mark.parametrize("served, declared, words", [
-    (20 << 10, 10 << 10, "is larger than its declared size 10240"),
-    (5000, 10 << 10, "is smaller than its declared size 10240"),
-])
+@pytest.mark.parametrize(
+    "served, declared, words",
+    [
+        (20 << 10, 10 << 10, "is larger than its declared size 10240"),
+        (5000, 10 << 10, "is smaller than its declared size 10240"),
+    ],
+)
 def test_blob_with_right_digest_but_wrong_size_is_refused(server, cache, served, declared, words):
     data = os.urandom(served)
     desc = dict(server.blob(data), size=declared)
@@ -173,12 +186,28 @@ def test_disk_full_removes_the_partial_file_and_says_so(server, tmp_path):
         "    print('no error')\n"
         "except HpcrunError as e:\n"
         "    print(e.code, e.message)\n"
-        "print(sorted(os.listdir(os.path.join(cache, 'blobs', 'sha256'))))\n")
+        "print(sorted(os.listdir(os.path.join(cache, 'blobs', 'sha256'))))\n"
+    )
     tree = os.path.dirname(os.path.dirname(registry.__file__))
-    r = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-                        'mount -t tmpfs -o size=64k tmpfs "$1" && exec "$2" -c "$3"', "sh",
-                        str(cache.parent), sys.executable, script],
-                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=tree), timeout=60)
+    r = subprocess.run(
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "sh",
+            "-c",
+            'mount -t tmpfs -o size=64k tmpfs "$1" && exec "$2" -c "$3"',
+            "sh",
+            str(cache.parent),
+            sys.executable,
+            script,
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=tree),
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     top = os.path.join(cache, "blobs", "sha256")
     assert r.stdout.splitlines() == [f"{RUNTIME} disk full: cannot write {top}", "[]"], r.stdout + r.stderr
@@ -186,11 +215,12 @@ def test_disk_full_removes_the_partial_file_and_says_so(server, tmp_path):
 
 # ---- 2. manifests, indexes, configs, token answers: fixed caps ----
 
+
 def test_manifest_is_read_up_to_4_mib_only(server, cache):
-    server.serve("/v2/r/manifests/v1", b" " * ((4 << 20) - 2) + b"{}")   # at the cap: fine
+    server.serve("/v2/r/manifests/v1", b" " * ((4 << 20) - 2) + b"{}")  # at the cap: fine
     assert Registry(server.host, "r").manifest("v1") == ({}, "")
     path = "/v2/r/manifests/v2"
-    server.serve(path, (64 << 20, b" "))      # valid JSON would follow; it never gets there
+    server.serve(path, (64 << 20, b" "))  # valid JSON would follow; it never gets there
     with pytest.raises(ImageError) as e:
         Registry(server.host, "r").manifest("v2")
     assert e.value.message == "manifest v2 is larger than 4 MiB"
@@ -208,15 +238,16 @@ def test_huge_image_config_is_refused(server, cache):
 
 
 def token_server(server, body):
-    server.serve("/v2/", b"", status=401,
-                 **{"WWW-Authenticate": f'Bearer realm="http://{server.host}/token",service="t"'})
+    server.serve(
+        "/v2/", b"", status=401, **{"WWW-Authenticate": f'Bearer realm="http://{server.host}/token",service="t"'}
+    )
     server.serve("/token?service=t", body)
     return Registry(server.host, None, creds=None)
 
 
 def test_token_answer_is_read_up_to_1_mib_only(server, cache):
-    reg = token_server(server, b" " * ((1 << 20) - 16) + b'{"token": "tok"}')   # at the cap: used
-    with pytest.raises(ImageError, match="requires authentication"):   # /v2/ keeps answering 401
+    reg = token_server(server, b" " * ((1 << 20) - 16) + b'{"token": "tok"}')  # at the cap: used
+    with pytest.raises(ImageError, match="requires authentication"):  # /v2/ keeps answering 401
         reg.check()
     assert reg.authorization == "Bearer tok"
     reg = token_server(server, (8 << 20, b" "))
@@ -243,18 +274,24 @@ def with_config(server, config):
 ARCH = registry.GOARCH.get(os.uname().machine, os.uname().machine)
 
 
-@pytest.mark.parametrize("make, words", [
-    (lambda s: b"[]", "manifest v1 is not a JSON object"),
-    (lambda s: b'"text"', "manifest v1 is not a JSON object"),
-    (lambda s: index("not a descriptor"), "no image for linux/"),
-    (lambda s: index({"digest": "../../../x", "platform": {"os": "linux", "architecture": ARCH}}), "malformed digest"),
-    (lambda s: index({"digest": "latest", "platform": {"os": "linux", "architecture": ARCH}}), "malformed digest"),
-    (lambda s: index({"digest": "sha256:" + "a" * 64, "platform": "linux"}), "no image for linux/"),
-    (lambda s: with_layers(s, "abc"), "layers are not a list"),
-    (lambda s: with_layers(s, ["abc"]), "unknown layer media type None"),
-    (lambda s: with_config(s, b"\xff\xfe not JSON"), "image config is not a JSON object"),
-    (lambda s: with_config(s, b"[1, 2]"), "image config is not a JSON object"),
-])
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda s: b"[]", "manifest v1 is not a JSON object"),
+        (lambda s: b'"text"', "manifest v1 is not a JSON object"),
+        (lambda s: index("not a descriptor"), "no image for linux/"),
+        (
+            lambda s: index({"digest": "../../../x", "platform": {"os": "linux", "architecture": ARCH}}),
+            "malformed digest",
+        ),
+        (lambda s: index({"digest": "latest", "platform": {"os": "linux", "architecture": ARCH}}), "malformed digest"),
+        (lambda s: index({"digest": "sha256:" + "a" * 64, "platform": "linux"}), "no image for linux/"),
+        (lambda s: with_layers(s, "abc"), "layers are not a list"),
+        (lambda s: with_layers(s, ["abc"]), "unknown layer media type None"),
+        (lambda s: with_config(s, b"\xff\xfe not JSON"), "image config is not a JSON object"),
+        (lambda s: with_config(s, b"[1, 2]"), "image config is not a JSON object"),
+    ],
+)
 def test_malformed_manifest_or_config_fails_with_one_line(server, cache, make, words):
     """Hostile JSON of the wrong shape is an ImageError, not an internal error (or a fetch by tag)."""
     server.serve("/v2/r/manifests/v1", make(server))
@@ -264,6 +301,7 @@ def test_malformed_manifest_or_config_fails_with_one_line(server, cache, make, w
 
 
 # ---- 3. cached blobs are verified when used ----
+
 
 def tamper_flip(path, victim):
     data = bytearray(open(path, "rb").read())
@@ -315,10 +353,12 @@ def test_tampered_cache_entry_is_fetched_again(server, cache, tmp_path, capsys, 
 
 # ---- 5. the cache's files: no writing through planted symlinks ----
 
+
 def test_planted_symlinks_are_not_written_through(server, cache, tmp_path, monkeypatch):
     """A symlink at the blob's path (to a file with other bytes) and one named like the next
     temporary file: the blob ends up a regular file of its own, both targets unchanged."""
     import tempfile
+
     data = b"the real blob"
     desc = server.blob(data)
     top = blob_dir(cache)
@@ -344,10 +384,30 @@ def test_blob_path_that_is_a_directory_fails_cleanly(server, cache):
 
 # ---- 4. loopback means a loopback address ----
 
-LOOPBACK = ["localhost", "localhost:5000", "LOCALHOST:5000", "127.0.0.1", "127.0.0.1:5000", "127.8.9.10:80",
-            "[::1]:5000", "[::1]", "::1", "[::ffff:127.0.0.1]:5000"]
-NOT_LOOPBACK = ["127.evil.example", "127.evil.example:5000", "127.0.0.1.nip.io:5000", "localhost.evil.example",
-                "evil.example:5000", "[::2]:5000", "0.0.0.0:5000", "10.0.0.1", "[::1", ""]
+LOOPBACK = [
+    "localhost",
+    "localhost:5000",
+    "LOCALHOST:5000",
+    "127.0.0.1",
+    "127.0.0.1:5000",
+    "127.8.9.10:80",
+    "[::1]:5000",
+    "[::1]",
+    "::1",
+    "[::ffff:127.0.0.1]:5000",
+]
+NOT_LOOPBACK = [
+    "127.evil.example",
+    "127.evil.example:5000",
+    "127.0.0.1.nip.io:5000",
+    "localhost.evil.example",
+    "evil.example:5000",
+    "[::2]:5000",
+    "0.0.0.0:5000",
+    "10.0.0.1",
+    "[::1",
+    "",
+]
 
 
 def test_loopback_is_a_loopback_address_or_localhost():
@@ -361,6 +421,7 @@ def test_token_realm_gets_credentials_over_http_only_on_loopback(server):
     """Credentials go to a token service over HTTPS, or over HTTP to a loopback address only;
     a realm that is not an http(s) URL of a plain host is refused outright."""
     from hpcrun.builders.auth import Credentials
+
     port = server.host.rsplit(":", 1)[1]
     creds = Credentials("alice", "s3cret", "test")
     seen = {}
@@ -370,14 +431,17 @@ def test_token_realm_gets_credentials_over_http_only_on_loopback(server):
             if self.path.startswith("/token"):
                 seen["auth"] = self.headers.get("Authorization")
             super().do_GET()
+
     server.httpd.RequestHandlerClass = Token
     server.serve("/token?service=t", b'{"token": "tok"}')
-    cases = {f"http://127.evil.example:{port}/token": "is not HTTPS",
-             "http://127.0.0.1@evil.example/token": "not an http(s) URL",
-             f"http://127.0.0.1:{port}@evil.example/token": "not an http(s) URL",
-             "file:///etc/passwd": "not an http(s) URL",
-             f"http://{server.host}/token": "refused the credentials",      # sent, then /v2/ says 401
-             f"http://localhost:{port}/token": "refused the credentials"}
+    cases = {
+        f"http://127.evil.example:{port}/token": "is not HTTPS",
+        "http://127.0.0.1@evil.example/token": "not an http(s) URL",
+        f"http://127.0.0.1:{port}@evil.example/token": "not an http(s) URL",
+        "file:///etc/passwd": "not an http(s) URL",
+        f"http://{server.host}/token": "refused the credentials",  # sent, then /v2/ says 401
+        f"http://localhost:{port}/token": "refused the credentials",
+    }
     for realm, words in cases.items():
         server.serve("/v2/", b"", status=401, **{"WWW-Authenticate": f'Bearer realm="{realm}",service="t"'})
         reg = Registry(server.host, None, creds=creds)
@@ -398,6 +462,6 @@ def test_cache_list_and_clean_survive_planted_links(tmp_path, monkeypatch):
     (canary / "keep").write_text("keep")
     os.symlink(str(tmp_path / "missing"), top / ("b" * 64))
     os.symlink(str(canary), top / ("c" * 64))
-    assert registry.cache_entries() == [("a" * 64, 4)]       # a dangling link crashed `cache list`
+    assert registry.cache_entries() == [("a" * 64, 4)]  # a dangling link crashed `cache list`
     assert registry.cache_clean() == 1
     assert not top.exists() and (canary / "keep").read_text() == "keep"

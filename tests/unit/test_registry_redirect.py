@@ -1,6 +1,7 @@
 """The registry client keeps its Authorization header on same-origin redirects and drops it
 on redirects elsewhere (a blob CDN must not see registry credentials). Two local HTTP
 servers: one redirects, both record the Authorization header they got."""
+
 import http.server
 import threading
 
@@ -16,7 +17,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         port = self.server.server_address[1]
-        if self.path.startswith("/v2/r/blobs/"):   # the registry: redirect per the digest's first char
+        if self.path.startswith("/v2/r/blobs/"):  # the registry: redirect per the digest's first char
             target = f"http://127.0.0.1:{port}" if "sha256:a" in self.path else f"http://127.0.0.1:{Handler.other}"
             self.send_response(307)
             self.send_header("Location", f"{target}/cdn/{self.path.rsplit('/', 1)[-1]}")

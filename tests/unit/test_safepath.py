@@ -1,4 +1,5 @@
 """hpcrun.runtime.safepath against hostile symlink trees: nothing may resolve outside the root."""
+
 import os
 import uuid
 
@@ -48,6 +49,7 @@ def read(fd):
 
 # ---------------------------------------------------------------- open_in_root
 
+
 def test_plain_paths(root, fds):
     assert resolve(root, "/etc/passwd", fds) == str(root / "etc" / "passwd")
     assert resolve(root, "usr/bin/tool", fds) == str(root / "usr" / "bin" / "tool")
@@ -60,7 +62,7 @@ def test_returns_o_path_fd_that_is_not_inheritable(root, fds):
     fd = open_in_root(str(root), "/etc/passwd")
     fds.append(fd)
     assert not os.get_inheritable(fd)
-    assert read(fd) == "inside\n"          # through /proc/self/fd, as a mount target would be
+    assert read(fd) == "inside\n"  # through /proc/self/fd, as a mount target would be
 
 
 @pytest.mark.parametrize("target", ["/", "/etc", "/etc/", "//etc/../etc"])
@@ -82,7 +84,7 @@ def test_etc_symlink_to_host_etc(root, fds):
     os.symlink("/private/etc", root / "etc")
     assert resolve(root, "/etc/passwd", fds) == str(root / "private" / "etc" / "passwd")
     os.unlink(root / "etc")
-    os.symlink("/etc", root / "etc")       # a loop onto itself, never the host's /etc
+    os.symlink("/etc", root / "etc")  # a loop onto itself, never the host's /etc
     with pytest.raises(BindError):
         open_in_root(str(root), "/etc/passwd")
 
@@ -114,8 +116,9 @@ def test_symlink_chain(root, fds):
     assert resolve(root, "l0/passwd", fds) == str(root / "etc" / "passwd")
 
 
-@pytest.mark.parametrize("links", [[("x", "x")], [("x", "y"), ("y", "x")], [("x", "/x")],
-                                   [("x", "../x/sub")], [("x", "y/z"), ("y", "/x")]])
+@pytest.mark.parametrize(
+    "links", [[("x", "x")], [("x", "y"), ("y", "x")], [("x", "/x")], [("x", "../x/sub")], [("x", "y/z"), ("y", "/x")]]
+)
 def test_symlink_loops(root, links):
     for name, target in links:
         os.symlink(target, root / name)
@@ -173,6 +176,7 @@ def host_name():
     leaked = os.path.lexists(escaped)
     if leaked:
         import shutil
+
         shutil.rmtree(escaped, ignore_errors=True)
         if os.path.lexists(escaped):
             os.unlink(escaped)
@@ -203,6 +207,7 @@ def test_create_through_dotdot_symlink_stays_inside(root, fds, tmp_path):
 
 
 # ---------------------------------------------------------------- canonical
+
 
 def test_canonical_existing(root):
     assert canonical(str(root), "/etc/passwd") == (["etc", "passwd"], True)
@@ -253,6 +258,7 @@ def test_canonical_dotdot_out_of_missing_tail(root):
 
 # ---------------------------------------------------------------- make_in_upper
 
+
 def test_make_in_upper_dirs_and_file(tmp_path):
     upper = tmp_path / "upper"
     upper.mkdir()
@@ -271,7 +277,7 @@ def test_make_in_upper_is_idempotent_and_keeps_content(tmp_path):
     make_in_upper(str(upper), ["etc", "passwd"], "file")
     make_in_upper(str(upper), ["etc"], "dir")
     assert (upper / "etc" / "passwd").read_text() == "data\n"
-    make_in_upper(str(upper), [], "dir")    # the root itself: nothing to do
+    make_in_upper(str(upper), [], "dir")  # the root itself: nothing to do
 
 
 def test_make_in_upper_never_follows_symlinks(tmp_path):

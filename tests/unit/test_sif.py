@@ -1,5 +1,6 @@
 """hpcrun.images.sif and hpcrun.images.detect against real Apptainer SIF files,
 squashfs images built with mksquashfs, and synthetic SIF files written with struct."""
+
 import os
 import random
 import re
@@ -37,6 +38,7 @@ def opened():
         img = open_image(str(path))
         images.append(img)
         return img
+
     yield _open
     for img in images:
         img.close()
@@ -64,9 +66,17 @@ def read_list(name):
             if len(cols) == 5 and cols[0].isdigit():
                 start, end = (int(x) for x in cols[3].split("-"))
                 m = re.fullmatch(r"(\S+) \((.*)\)", cols[4])
-                rows.append({"id": int(cols[0]), "group": int(cols[1]),
-                             "link": 0 if cols[2] == "NONE" else int(cols[2]),
-                             "start": start, "end": end, "type": m.group(1), "detail": m.group(2)})
+                rows.append(
+                    {
+                        "id": int(cols[0]),
+                        "group": int(cols[1]),
+                        "link": 0 if cols[2] == "NONE" else int(cols[2]),
+                        "start": start,
+                        "end": end,
+                        "type": m.group(1),
+                        "detail": m.group(2),
+                    }
+                )
     assert rows, f"no rows parsed from {name}.list"
     return rows
 
@@ -82,8 +92,7 @@ def describe(d):
     raise AssertionError(f"unexpected datatype {d.datatype:#x}")
 
 
-@pytest.mark.parametrize("name", ["one-group.sif", "two-groups-signed-legacy-all.sif",
-                                  "one-object-sbom.sif"])
+@pytest.mark.parametrize("name", ["one-group.sif", "two-groups-signed-legacy-all.sif", "one-object-sbom.sif"])
 def test_descriptors_match_siftool_list(name):
     rows = read_list(name)
     sf = sif.SifFile(os.path.join(TESTDATA, name))
@@ -114,7 +123,7 @@ def test_header_matches_siftool_header():
     assert f"{round(sf.dsize / 1024)} KiB" == fields["Descriptors Size"]
     assert sf.data_offset == int(fields["Data Offset"]) == 32176
     assert f"{round(sf.data_size / 1024)} KiB" == fields["Data Size"]
-    assert sf.launch == b""          # the library's test images carry no launch script
+    assert sf.launch == b""  # the library's test images carry no launch script
     assert sf.file_size == os.path.getsize(ONE_GROUP)
 
 
@@ -142,7 +151,7 @@ def test_one_group_runs_on_amd64_with_warning(opened):
     assert not os.get_inheritable(img.fd)
     img.close()
     assert img.fd is None
-    img.close()   # twice is harmless
+    img.close()  # twice is harmless
 
 
 def test_one_group_not_runnable_on_arm64(monkeypatch):
@@ -173,6 +182,7 @@ def test_sbom_only_has_no_partition():
 
 
 # ---------------------------------------------------------------- truncated / bogus files
+
 
 def truncated_copy(tmp_path, src, length):
     out = tmp_path / f"cut-{length}.sif"
@@ -237,6 +247,7 @@ def test_sandbox_path_made_absolute(tmp_path, monkeypatch, opened):
 
 # ---------------------------------------------------------------- squashfs from mksquashfs
 
+
 @pytest.fixture
 def squashfs(tmp_path):
     if shutil.which("mksquashfs") is None:
@@ -246,8 +257,9 @@ def squashfs(tmp_path):
     (src / "etc" / "hello.txt").write_text("hello\n")
     (src / "bin").mkdir()
     out = tmp_path / "image.sqfs"
-    subprocess.run(["mksquashfs", str(src), str(out), "-noappend", "-quiet", "-no-progress"],
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["mksquashfs", str(src), str(out), "-noappend", "-quiet", "-no-progress"], check=True, stdout=subprocess.DEVNULL
+    )
     return out
 
 
@@ -302,10 +314,11 @@ def test_squashfs_truncated_file(squashfs, tmp_path):
     rnd = random.Random(5)
     (src / "blob").write_bytes(bytes(rnd.getrandbits(8) for _ in range(200_000)))
     big = tmp_path / "big.sqfs"
-    subprocess.run(["mksquashfs", str(src), str(big), "-noappend", "-quiet", "-no-progress"],
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["mksquashfs", str(src), str(big), "-noappend", "-quiet", "-no-progress"], check=True, stdout=subprocess.DEVNULL
+    )
     data = big.read_bytes()
-    big.write_bytes(data[:len(data) // 2])
+    big.write_bytes(data[: len(data) // 2])
     assert "truncated" in image_error(big).message
 
 
@@ -335,19 +348,47 @@ def build_sif(path, objects, arch=b"02"):
         else:
             extra = b""
         size = obj.get("size", len(data))
-        descs.append(sif.DESCRIPTOR.pack(obj["datatype"], True, i + 1, 0xF0000000 | 1, 0, off, size,
-                                         off - end + size, 0, 0, 0, 0, obj.get("name", b""), extra))
+        descs.append(
+            sif.DESCRIPTOR.pack(
+                obj["datatype"],
+                True,
+                i + 1,
+                0xF0000000 | 1,
+                0,
+                off,
+                size,
+                off - end + size,
+                0,
+                0,
+                0,
+                0,
+                obj.get("name", b""),
+                extra,
+            )
+        )
         blobs.append((off, data))
         end = off + len(data)
-    header = sif.HEADER.pack(LAUNCH, sif.MAGIC, b"01\0", arch + b"\0", b"\0" * 16, 0, 0,
-                             total - len(objects), total, doffset, total * sif.DESCRIPTOR.size,
-                             data_offset, end - data_offset)
+    header = sif.HEADER.pack(
+        LAUNCH,
+        sif.MAGIC,
+        b"01\0",
+        arch + b"\0",
+        b"\0" * 16,
+        0,
+        0,
+        total - len(objects),
+        total,
+        doffset,
+        total * sif.DESCRIPTOR.size,
+        data_offset,
+        end - data_offset,
+    )
     buf = bytearray(max(end, data_offset))
     buf[:128] = header
     for i, d in enumerate(descs):
-        buf[doffset + i * 585:doffset + (i + 1) * 585] = d
+        buf[doffset + i * 585 : doffset + (i + 1) * 585] = d
     for off, data in blobs:
-        buf[off:off + len(data)] = data
+        buf[off : off + len(data)] = data
     path.write_bytes(bytes(buf))
     return path
 
@@ -358,15 +399,14 @@ def partition(data, fstype=1, parttype=sif.PRIMSYS, arch=b"02", **kw):
 
 def test_synthetic_sif_with_real_squashfs(tmp_path, squashfs, opened):
     data = squashfs.read_bytes()
-    p = build_sif(tmp_path / "ok.sif", [dict(datatype=0x4001, data=b"Bootstrap: scratch\n"),
-                                        partition(data)])
+    p = build_sif(tmp_path / "ok.sif", [dict(datatype=0x4001, data=b"Bootstrap: scratch\n"), partition(data)])
     sf = sif.SifFile(str(p))
     assert [d.datatype for d in sf.descriptors] == [0x4001, sif.PARTITION]
     img = opened(p)
     assert img.kind == "sif"
     assert img.offset % 4096 == 0 and img.offset >= 32176
     assert img.size == len(data)
-    assert img.warning is None           # amd64 image on an amd64 host
+    assert img.warning is None  # amd64 image on an amd64 host
 
 
 def test_synthetic_sif_unknown_arch_runs_without_warning(tmp_path, squashfs, opened):
@@ -422,7 +462,7 @@ def test_synthetic_sif_partition_smaller_than_squashfs(tmp_path, squashfs):
 def test_synthetic_sif_skips_unused_slots(tmp_path, squashfs, opened):
     p = build_sif(tmp_path / "gap.sif", [dict(datatype=0x4001, data=b"x"), partition(squashfs.read_bytes())])
     raw = bytearray(p.read_bytes())
-    raw[4096 + 4] = 0          # slot 0 unused: a gap before the partition's slot
+    raw[4096 + 4] = 0  # slot 0 unused: a gap before the partition's slot
     p.write_bytes(bytes(raw))
     sf = sif.SifFile(str(p))
     assert [d.id for d in sf.descriptors] == [2]
@@ -446,6 +486,6 @@ def test_sif_bad_version(tmp_path):
 def test_sif_descriptor_table_outside_file(tmp_path):
     p = build_sif(tmp_path / "dt.sif", [partition(b"hsqs")])
     raw = bytearray(p.read_bytes())
-    struct.pack_into("<q", raw, 0x58, 100000)      # descriptors total: far past the end
+    struct.pack_into("<q", raw, 0x58, 100000)  # descriptors total: far past the end
     p.write_bytes(bytes(raw))
     assert "descriptor table" in image_error(p).message

@@ -1,4 +1,5 @@
 """`hpcrun sif list|header` print exactly what Apptainer's siftool prints."""
+
 import os
 
 import pytest
@@ -39,6 +40,7 @@ def test_cli_list_and_json(capsys):
     assert capsys.readouterr().out == expected("two-groups-signed-legacy-all", "list")
     assert main(["sif", "list", "--json", path]) == 0
     import json
+
     rows = json.loads(capsys.readouterr().out)
     assert [r["type"] for r in rows][-1] == "Signature (SHA-384)" and rows[3]["link"] == 1
 
@@ -54,6 +56,7 @@ def test_written_sif_round_trip(tmp_path):
     """A SIF hpcrun writes: 48 descriptors at 4096, partition 4096-aligned, squashfs
     listable by `unsquashfs -o OFFSET -l`, and `sif list` describes it."""
     import subprocess
+
     src = tmp_path / "tree"
     src.mkdir()
     (src / "hello.txt").write_text("hi")
@@ -65,8 +68,10 @@ def test_written_sif_round_trip(tmp_path):
     assert (f.doffset, f.dtotal, f.dfree, f.data_offset) == (4096, 48, 47, 32176)
     part = f.primary_partition()
     assert part.offset == 32768 and part.size == os.path.getsize(sq)
-    listing = subprocess.run(["unsquashfs", "-o", str(part.offset), "-l", out], capture_output=True,
-                             text=True, check=True).stdout
+    listing = subprocess.run(
+        ["unsquashfs", "-o", str(part.offset), "-l", out], capture_output=True, text=True, check=True
+    ).stdout
     assert "squashfs-root/hello.txt" in listing
     assert siftool.list_text(f).splitlines()[3] == (
-        f"1    |1       |NONE    |{'32768-%d' % (32768 + part.size):<26}|FS (Squashfs/*System/amd64)")
+        f"1    |1       |NONE    |{'32768-%d' % (32768 + part.size):<26}|FS (Squashfs/*System/amd64)"
+    )
