@@ -36,6 +36,27 @@ _CREDS = (
     "refused:give registry credentials as APPTAINER_DOCKER_USERNAME/APPTAINER_DOCKER_PASSWORD "
     "or with hpcrun registry login"
 )
+
+
+def _credential_options(authfile_help):
+    """The registry credential flags that exec/run/shell and build/pull share."""
+    refused = "Refused: see hpcrun registry login."
+    return [
+        _o("--docker-login", "docker_login", help_=refused, status=_CREDS),
+        _o("--docker-username", "docker_username", "value", "NAME", refused, status=_CREDS),
+        _o("--docker-password", "docker_password", "value", "PASSWORD", refused, status=_CREDS),
+        _o(
+            "--docker-host",
+            "docker_host",
+            "value",
+            "HOST",
+            "Refused: no Docker daemon.",
+            status="refused:hpcrun talks to no Docker daemon",
+        ),
+        _o("--authfile", "authfile", "value", "FILE", authfile_help, "AUTH_FILE"),
+    ]
+
+
 # Apptainer EnvKeys that are not read as options here: the registry code reads the
 # credentials itself (APPTAINER_DOCKER_USERNAME/PASSWORD), and a refused option must not
 # stop every start because a site exports APPTAINER_DOCKER_HOST or _LOGIN.
@@ -393,32 +414,7 @@ OPTIONS = [
         env="IGNORE_USERNS",
         status="refused:hpcrun always needs unprivileged user namespaces",
     ),
-    _o("--docker-login", "docker_login", help_="Refused: see hpcrun registry login.", status=_CREDS),
-    _o("--docker-username", "docker_username", "value", "NAME", "Refused: see hpcrun registry login.", status=_CREDS),
-    _o(
-        "--docker-password",
-        "docker_password",
-        "value",
-        "PASSWORD",
-        "Refused: see hpcrun registry login.",
-        status=_CREDS,
-    ),
-    _o(
-        "--docker-host",
-        "docker_host",
-        "value",
-        "HOST",
-        "Refused: no Docker daemon.",
-        status="refused:hpcrun talks to no Docker daemon",
-    ),
-    _o(
-        "--authfile",
-        "authfile",
-        "value",
-        "FILE",
-        "Registry credentials for docker:// images (as $REGISTRY_AUTH_FILE).",
-        "AUTH_FILE",
-    ),
+    *_credential_options("Registry credentials for docker:// images (as $REGISTRY_AUTH_FILE)."),
     _o("--passphrase", "passphrase", help_="Refused: no encrypted images.", status=_CRYPT),
     _o("--pem-path", "pem_path", "value", "FILE", "Refused: no encrypted images.", status=_CRYPT),
     _o(
@@ -765,39 +761,7 @@ def _make_tables():
     )
     _REGISTRY = [
         _HTTPS,
-        _o("--docker-login", "docker_login", help_="Refused: see hpcrun registry login.", status=_CREDS),
-        _o(
-            "--docker-username",
-            "docker_username",
-            "value",
-            "NAME",
-            "Refused: see hpcrun registry login.",
-            status=_CREDS,
-        ),
-        _o(
-            "--docker-password",
-            "docker_password",
-            "value",
-            "PASSWORD",
-            "Refused: see hpcrun registry login.",
-            status=_CREDS,
-        ),
-        _o(
-            "--docker-host",
-            "docker_host",
-            "value",
-            "HOST",
-            "Refused: no Docker daemon.",
-            status="refused:hpcrun talks to no Docker daemon",
-        ),
-        _o(
-            "--authfile",
-            "authfile",
-            "value",
-            "FILE",
-            "Registry credentials file (as $REGISTRY_AUTH_FILE).",
-            "AUTH_FILE",
-        ),
+        *_credential_options("Registry credentials file (as $REGISTRY_AUTH_FILE)."),
         _o("--library", "library", "value", "URL", "Refused: no library://.", "LIBRARY", _LIBRARY),
         _o(
             "--no-cleanup",
