@@ -235,13 +235,7 @@ def _start_init(plan, instance, procfd, keep):
     os.close(w)
     # through the host's /proc: the container's may already be the new one
     keep.append(("pid", os.open("self/ns/pid_for_children", os.O_RDONLY | os.O_CLOEXEC, dir_fd=procfd)))
-    answer = b""
-    while True:
-        chunk = os.read(r, 4096)
-        if not chunk:
-            break
-        answer += chunk
-    os.close(r)
+    answer = _read_all(r)
     if answer != b"ok":
         _kill_init(pid)
         raise RuntimeSetupError(f"the instance's init failed: {answer.decode(errors='replace') or 'it died'}")
@@ -477,13 +471,7 @@ def _start_keeper(plan, image, daemon, rundir, dirfd, cid, key, lock, verbose, i
             os._exit(code)
     os.close(w)
     os.waitpid(pid, 0)
-    answer = b""
-    while True:
-        chunk = os.read(r, 4096)
-        if not chunk:
-            break
-        answer += chunk
-    os.close(r)
+    answer = _read_all(r)
     if answer.startswith(b"ok"):
         return
     code, _, line = answer.decode(errors="replace").partition(" ")
@@ -732,3 +720,12 @@ def _leave(listener, files):
             if conn is not None:
                 _refuse(conn)
     files.remove()
+
+
+def _read_all(fd):
+    """Everything until EOF (the writer closed its end or died); closes fd."""
+    data = b""
+    while chunk := os.read(fd, 4096):
+        data += chunk
+    os.close(fd)
+    return data

@@ -111,7 +111,7 @@ def crafted_sif(tmp_path, header=None, descriptor=None):
     """A copy of one-group.sif with header fields or its first used descriptor's times set."""
     src = os.path.join(DATA, "one-group.sif")
     out = str(tmp_path / "t.sif")
-    shutil.copy(src, out)
+    shutil.copyfile(src, out)  # not its mode: shared/ is read-only
     with open(out, "r+b") as f:
         if header is not None:  # ctime, mtime at 0x40, 0x48
             f.seek(0x40)
