@@ -90,6 +90,34 @@ def container_command(name, summary, needs_args):
 container_command("exec", "Run COMMAND (ARGS) in IMAGE (a SIF, squashfs or sandbox directory).", True)
 container_command("run", "Run IMAGE's runscript (/.singularity.d/runscript) with ARGS, else /bin/sh.", False)
 container_command("shell", "Start an interactive shell (/bin/bash, else /bin/sh) in IMAGE.", False)
+container_command("test", "Run IMAGE's test script (/.singularity.d/test) with ARGS.", False)
+
+
+@app.command("run-help")
+@click.argument("image")
+def run_help(image):
+    """Show IMAGE's help text (%help of its definition file)."""
+    from hpcrun.images import inspect as insp
+
+    text = insp.metadata(image)["helpfile"]
+    click.echo(text if text else "No help sections were defined for this image", nl=not text)
+    return 0
+
+
+@app.command("help")
+@click.argument("command", nargs=-1)
+@click.pass_context
+def help_(ctx, command):
+    """Show the help of COMMAND (e.g. `help exec`, `help instance start`)."""
+    group, parent = app, ctx.parent
+    for name in command:
+        cmd = group.get_command(parent, name) if isinstance(group, click.Group) else None
+        if cmd is None:
+            raise click.UsageError(f"no such command: {' '.join(command)}")
+        parent = click.Context(cmd, info_name=name, parent=parent)
+        group = cmd
+    click.echo((parent if command else ctx.parent).get_help())
+    return 0
 
 
 def apptainer_flags(cmd):
@@ -246,11 +274,10 @@ def inspect(image, all_, as_json, **which):
 
         image = refcache.resolve(image, quiet=True)
     meta = insp.metadata(image)
+    # as Apptainer: labels with the others when asked for, alone when nothing else is; --all is JSON
     which = INSPECT_KEYS if all_ else [k for k in INSPECT_KEYS if which[k]] or ["labels"]
-    if as_json:
-        import json
-
-        click.echo(json.dumps({"data": {"attributes": {k: meta[k] for k in which}}, "type": "container"}, indent=2))
+    if as_json or all_:
+        click.echo(insp.render_json(meta, which))
     else:
         click.echo(insp.render(meta, which), nl=False)
     return 0

@@ -18,7 +18,7 @@ Options are also read from APPTAINER_<KEY> and SINGULARITY_<KEY> (`apply_env`).
 # superset), so clients that pick flags by version find them all.
 APPTAINER_VERSION = "1.3.6"
 
-ACTIONS = ("exec", "run", "shell")
+ACTIONS = ("exec", "run", "shell", "test")
 _ALL = ACTIONS + ("instance start",)
 
 

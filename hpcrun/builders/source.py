@@ -52,7 +52,9 @@ def classify(source, build_args=(), nested=False):
         return Source("registry", ref=source)
     for prefix, kind in ARCHIVES.items():
         if source.startswith(prefix):
-            path, tag = _split_tag(source[len(prefix) :]) if kind != "docker-archive" else (source[15:], None)
+            rest = source[len(prefix) :]
+            rest = rest[2:] if rest.startswith("//") else rest  # docker-archive://FILE (cwltool's form)
+            path, tag = _split_tag(rest) if kind != "docker-archive" else (rest, None)
             return Source(kind, _existing(path), tag)
     path = _existing(source)
     st = os.stat(path)

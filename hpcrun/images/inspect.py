@@ -136,25 +136,23 @@ class _Sandbox:
 
 
 def metadata(path):
-    """{labels: dict, environment: str, runscript, deffile, helpfile, startscript, test}."""
+    """{labels: dict, environment: {path: text}, runscript, deffile, helpfile, startscript, test}."""
     image = open_image(path)
     try:
         reader = _Sandbox(image) if image.kind == "sandbox" else _Squash(image)
         try:
             out = {key: reader.read(f"{META}/{name}") for key, name in FILES.items()}
-            env, total = [], 0
+            env, total = {}, 0
             for name in reader.listdir(f"{META}/env"):
-                if name.endswith(".sh"):
+                if is_env_file(name):
                     if total > LIMIT:  # many files: the limit holds for all of them together
-                        env.append(
-                            f"[hpcrun: more files in {META}/env, not shown: inspect shows {LIMIT >> 20} MiB of them]\n"
-                        )
+                        env[f"{META}/env/"] = f"[hpcrun: more files, not shown: inspect shows {LIMIT >> 20} MiB]\n"
                         break
                     text = reader.read(f"{META}/env/{name}")
                     if text:
-                        env.append(f"=== /.singularity.d/env/{name} ===\n{text}")
+                        env[f"{META}/env/{name}"] = text
                         total += len(text)
-            out["environment"] = "\n".join(env) or None
+            out["environment"] = env
             labels = reader.read(f"{META}/labels.json", strict=True)
         finally:
             reader.close()
@@ -181,12 +179,33 @@ def metadata(path):
         image.close()
 
 
+def is_env_file(name):
+    """The environment files Apptainer's inspect shows: the image config's and %environment's."""
+    return name.endswith(".sh") and (name.startswith("10-docker") or name.startswith("9") and "-environment" in name)
+
+
 def render(meta, which):
     parts = []
     for key in which:
         value = meta.get(key)
         if key == "labels":
             parts.append("".join(f"{k}: {v}\n" for k, v in sorted(value.items())))
+        elif key == "environment":
+            parts.append("\n".join(f"=== {path} ===\n{text}" for path, text in value.items()))
         elif value:
             parts.append(value if value.endswith("\n") else value + "\n")
     return "".join(parts)
+
+
+# Apptainer's JSON field order (pkg/inspect/metadata.go); empty fields are left out.
+JSON_ORDER = ("environment", "labels", "runscript", "test", "helpfile", "deffile", "startscript")
+
+
+def render_json(meta, which):
+    """`inspect --json` as Apptainer prints it: {"data": {"attributes": {...}}, "type": "container"}."""
+    import json
+
+    attrs = {k: meta[k] for k in JSON_ORDER if k in which and meta.get(k)}
+    if "labels" in attrs:
+        attrs["labels"] = {k: attrs["labels"][k] for k in sorted(attrs["labels"])}
+    return json.dumps({"data": {"attributes": attrs}, "type": "container"}, indent="\t")

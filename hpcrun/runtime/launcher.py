@@ -294,12 +294,18 @@ def _loopback_up():
 
 
 def resolve_argv(plan, exists, access):
-    """The argv to exec inside the container, for exec/run/shell."""
+    """The argv to exec inside the container, for exec/run/shell/test."""
     if plan.action == "exec":
         argv = list(plan.args)
     elif plan.action == "run":
         script = "/.singularity.d/runscript"
         argv = ([script] if exists(script) and access(script, os.X_OK) else ["/bin/sh"]) + plan.args
+    elif plan.action == "test":  # as Apptainer: no test script is no failure
+        script = "/.singularity.d/test"
+        if exists(script) and access(script, os.X_OK):
+            argv = [script] + plan.args
+        else:
+            argv = ["/bin/sh", "-c", 'echo "No test script found in container, exiting" >&2']
     else:
         sh = "/bin/bash" if exists("/bin/bash") else "/bin/sh"
         argv = [sh] + (["--norc"] if sh.endswith("bash") else []) + plan.args

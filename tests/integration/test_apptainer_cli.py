@@ -1,8 +1,12 @@
 """hpcrun as `apptainer`/`singularity`: names, --version as the workflow clients parse it,
 Apptainer's options and environment keys, for real (test user, namespaces, squashfuse)."""
 
+import hashlib
+import io
+import json
 import os
 import subprocess
+import tarfile
 
 import pytest
 
@@ -303,3 +307,63 @@ def test_scratch_is_an_empty_directory_in_memory(images):
     assert r.returncode == 0 and r.stdout.split() == ["ok", "ok", "ok"], r.stderr
     r = app("apptainer", "exec", images["sif"], "ls", "/scratch1", env={"APPTAINER_SCRATCH": "/scratch1"})
     assert r.returncode == 0, r.stderr
+
+
+def test_test_run_help_and_help_commands(images, bdir):
+    """`test IMAGE` runs %test (its status is the command's), `run-help` shows %help, `help CMD`
+    the command's help: as Apptainer's."""
+    (bdir / "t.def").write_text(
+        f"Bootstrap: localimage\nFrom: {images['sif']}\n%help\nUse it well.\n"
+        '%test\necho "tested $*"\n[ "$1" != fail ]\n'
+    )
+    out = str(bdir / "t.sif")
+    r = app("apptainer", "build", "--notest", out, str(bdir / "t.def"))
+    assert r.returncode == 0, r.stderr
+    r = app("apptainer", "test", out, "a", "b")
+    assert (r.returncode, r.stdout) == (0, "tested a b\n"), r.stderr
+    assert app("apptainer", "test", out, "fail").returncode == 1
+    r = app("apptainer", "test", images["sif"])  # no %test: nothing to fail
+    assert r.returncode == 0 and "No test script found" in r.stderr, r.stderr
+    assert app("apptainer", "run-help", out).stdout == "Use it well.\n"
+    assert app("apptainer", "run-help", images["sif"]).stdout == "No help sections were defined for this image\n"
+    r = app("apptainer", "help", "exec")
+    assert r.returncode == 0 and r.stdout.startswith("Usage: apptainer exec"), r.stdout
+    r = app("apptainer", "help", "instance", "stop")
+    assert r.returncode == 0 and "Usage: apptainer instance stop" in r.stdout, r.stdout
+    assert app("apptainer", "help", "nosuch").returncode == 2
+
+
+def test_inspect_json_has_apptainers_shape(images):
+    r = app("apptainer", "inspect", "--all", images["sif"])  # --all: JSON, as Apptainer's
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["type"] == "container" and r.stdout.startswith('{\n\t"data"')
+    attrs = doc["data"]["attributes"]
+    assert list(attrs) == ["environment", "labels", "runscript"]  # Apptainer's order, empty ones left out
+    assert attrs["environment"] == {
+        "/.singularity.d/env/90-environment.sh": "export IMAGE_VAR=from_image\nexport OVERRIDDEN=image\n"
+    }
+    r = app("apptainer", "inspect", "-e", images["sif"])
+    assert r.stdout.startswith("=== /.singularity.d/env/90-environment.sh ===\nexport IMAGE_VAR"), r.stdout
+
+
+def test_build_from_docker_archive_url_form(images, bdir):
+    """cwltool builds `docker-archive://FILE`, relative paths included."""
+    layer = bdir / "layer.tar"
+    subprocess.run(["tar", "-C", images["sandbox"], "-cf", str(layer), "."], check=True)
+    digest = hashlib.sha256(layer.read_bytes()).hexdigest()
+    config = json.dumps({"rootfs": {"type": "layers", "diff_ids": [f"sha256:{digest}"]}, "config": {}}).encode()
+    archive = bdir / "img.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name, data in (
+            ("layer.tar", layer.read_bytes()),
+            ("c.json", config),
+            ("manifest.json", json.dumps([{"Config": "c.json", "Layers": ["layer.tar"]}]).encode()),
+        ):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data))
+    os.chmod(archive, 0o644)
+    r = app("apptainer", "build", str(bdir / "a.sif"), "docker-archive://img.tar", cwd=str(bdir))
+    assert r.returncode == 0, r.stderr
+    assert app("apptainer", "exec", str(bdir / "a.sif"), "cat", "/etc/group").stdout.startswith("root:x:0:")

@@ -28,7 +28,7 @@ def plan(src, idmap=None, **kw):
     return build_plan("/out/x.sif", sourcemod.classify(str(src)), idmap, **kw)
 
 
-def test_steps_per_source_kind(srcs):
+def test_steps_per_source_kind(srcs, monkeypatch):
     assert plan(srcs / "dir").steps == ["squash"]
     assert plan(srcs / "dir", sandbox=True).steps == ["copy", "metadata", "sandbox"]
     assert plan(srcs / "root.tar").steps == ["fetch", "unpack", "metadata", "squash"]
@@ -46,6 +46,10 @@ def test_steps_per_source_kind(srcs):
     ]
     assert "test" not in plan(srcs / "post.def", notest=True).steps
     assert plan(f"docker-archive:{srcs / 'root.tar'}").source.kind == "docker-archive"
+    # cwltool's form, absolute and relative
+    assert plan(f"docker-archive://{srcs / 'root.tar'}").source.path == str(srcs / "root.tar")
+    monkeypatch.chdir(srcs)
+    assert plan("docker-archive://root.tar").source.path == str(srcs / "root.tar")
     assert plan("docker://localhost:5000/a/b:1").source.to_dict()["ref"] == "docker://localhost:5000/a/b:1"
 
 
