@@ -287,7 +287,7 @@ def test_build_from_definition_file(images, bdir):
     listing = subprocess.run(["unsquashfs", "-o", "32768", "-lln", out], capture_output=True, text=True).stdout
     owned = [ln for ln in listing.splitlines() if ln.endswith("squashfs-root/opt/owned")]
     assert len(owned) == 1 and " 5/6 " in owned[0], owned
-    r = hpcrun("inspect", "--all", out)
+    r = hpcrun("inspect", "-l", "-H", "-d", out)  # (--all is JSON, as in Apptainer)
     assert "Author: hpcrun-tests" in r.stdout and "This is the help." in r.stdout and "%post" in r.stdout
     assert not [n for n in os.listdir(bdir) if n.startswith(".hpcrun-build-")]
 

@@ -116,7 +116,7 @@ def huge_sandbox(root, size):
     with open(meta / "runscript", "w") as f:
         f.write("#!/bin/sh\necho big\n")
     sparse(meta / "runscript", size)
-    sparse(meta / "env" / "90-big.sh", size)
+    sparse(meta / "env" / "90-environment.sh", size)  # a file inspect shows, as Apptainer
     (meta / "labels.json").write_text('{"a": "b"}')
     subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
 
