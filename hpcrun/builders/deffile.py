@@ -6,7 +6,9 @@ with Debian's mmdebstrap). Sections: %setup (on the host, $APPTAINER_ROOTFS name
 as root of the subuid mapping when the build unpacked with one, like %files),
 %files, %post (inside the image as root: --fakeroot, through the caller's subuid range
 when there is one), %environment, %runscript, %startscript, %labels, %help, %test,
-%arguments (defaults for {{ NAME }}, overridden by --build-arg NAME=VALUE)."""
+%arguments (defaults for {{ NAME }}, overridden by --build-arg NAME=VALUE; one that no
+{{ NAME }} uses fails the build). %post/%setup/%test take Apptainer's `-c SHELL` and
+$APPTAINER_ENVIRONMENT/$APPTAINER_LABELS; labels() writes Apptainer's build labels."""
 
 import json
 import os
