@@ -34,6 +34,7 @@ def build(
     sandbox=False,
     fakeroot=False,
     dry_run=False,
+    warn_unused_build_args=False,
 ):
     """sandbox: OUT is a directory (Apptainer's --sandbox), all of it yours so `rm -rf`
     removes it. fakeroot: require a subuid range (else a ConfigError); without it the range
@@ -42,9 +43,9 @@ def build(
 
     if compress not in COMPRESSORS:
         raise UsageError(f"--compress {compress}: unknown", f"use one of {', '.join(COMPRESSORS)}")
-    plan = build_plan(
-        os.path.abspath(out), classify(source, build_args), _idmap(fakeroot), sandbox, notest, compress, reproducible
-    )
+    classified = classify(source, build_args)
+    _unused_build_args(classified, build_args, warn_unused_build_args, quiet)
+    plan = build_plan(os.path.abspath(out), classified, _idmap(fakeroot), sandbox, notest, compress, reproducible)
     if dry_run:
         import json
 
@@ -60,6 +61,21 @@ def build(
         for step in plan.steps:
             STEPS[step](plan, state)
     return 0
+
+
+def _unused_build_args(source, build_args, warn, quiet):
+    """A --build-arg that no {{ NAME }} uses fails the build, as Apptainer's does, unless
+    --warn-unused-build-args."""
+    given = [a.partition("=")[0] for a in build_args]
+    used = source.definition.used if source.kind == "definition" else set()
+    unused = sorted(set(given) - used, key=given.index)
+    if not unused:
+        return
+    what = f"unused build args: {', '.join(unused)}"
+    if not warn:
+        raise UsageError(what, "remove them, or pass --warn-unused-build-args")
+    if not quiet:
+        sys.stderr.write(f"hpcrun: warning: {what}\n")
 
 
 def _idmap(fakeroot):
@@ -256,7 +272,11 @@ def step_metadata(plan, st):
 def step_setup(plan, st):
     from hpcrun.builders import deffile
 
-    _as_owner(plan, lambda: deffile.setup(plan.source.definition, st.work.rootfs, plan.defdir()))
+    script = os.path.join(st.work.path, "setup.script")
+    with open(script, "w") as f:
+        f.write(plan.source.definition.sections["setup"] + "\n")
+    os.chmod(script, 0o755)  # readable by root of the mapping too
+    _as_owner(plan, lambda: deffile.setup(plan.source.definition, st.work.rootfs, plan.defdir(), script))
 
 
 def step_files(plan, st):
@@ -274,21 +294,48 @@ def step_sections(plan, st):
 
 
 def step_post(plan, st):
+    """%post from /.post.script in the tree (Apptainer's place), with an empty
+    $APPTAINER_ENVIRONMENT file there for it to append to (a base image's is kept)."""
     from hpcrun.builders import deffile
 
+    d = plan.source.definition
     if plan.root_only_post and not st.quiet:
         sys.stderr.write(
             "hpcrun: note: no /etc/subuid range: %post runs as root mapped to you only; chown to other ids will fail\n"
         )
+
+    def prepare(root):
+        root.write(deffile.POST_SCRIPT, d.sections["post"] + "\n", 0o755)
+        if root.lstat(deffile.ENV_FILE.lstrip("/")) is None:
+            root.write(deffile.ENV_FILE.lstrip("/"), "", 0o644)
+
+    _in_tree(plan, st, "cannot write the %post script", prepare)
     st.say("running %post")
-    deffile.run_in_image("%post", st.work.rootfs, plan.source.definition.sections["post"], writable=True)
+    env = deffile.section_env("/")
+    try:
+        argv = deffile.section_argv(d, "post", "/" + deffile.POST_SCRIPT)
+        deffile.run_in_image("%post", st.work.rootfs, argv, writable=True, env=env)
+    finally:
+        _in_tree(plan, st, "cannot remove the %post script", lambda root: root.remove(deffile.POST_SCRIPT))
+
+
+def step_labels(plan, st):
+    from hpcrun.builders import deffile
+
+    d = plan.source.definition
+    _in_tree(plan, st, "cannot write the image labels", lambda root: deffile.labels(d, root, plan.reproducible))
 
 
 def step_test(plan, st):
+    """%test as `hpcrun test` runs it: /.singularity.d/test, through /bin/sh -e unless it
+    names its own interpreter (a `#!` line or `%test -c SHELL`)."""
     from hpcrun.builders import deffile
 
+    d = plan.source.definition
+    first, _ = deffile.shebang(d, "test")
+    argv = ["/bin/sh", "-e", "/.singularity.d/test"] if first == "#!/bin/sh" else ["/.singularity.d/test"]
     st.say("running %test")
-    deffile.run_in_image("%test", st.work.rootfs, plan.source.definition.sections["test"], writable=False)
+    deffile.run_in_image("%test", st.work.rootfs, argv, writable=False)
 
 
 def step_squash(plan, st):

@@ -211,6 +211,7 @@ def build(
     dry_run,
     build_arg_file,
     authfile,
+    warn_unused_build_args=False,
 ):
     """Build OUT (.sif, else squashfs; a directory with --sandbox) from SOURCE: a directory,
     a rootfs tarball, docker-archive:FILE, oci:DIR[:tag], oci-archive:FILE[:tag],
@@ -221,7 +222,20 @@ def build(
 
     build_args = _arg_files(build_arg_file) + list(build_args)
     _authfile(authfile)
-    return run_build(out, source, force, quiet, build_args, notest, compress, reproducible, sandbox, fakeroot, dry_run)
+    return run_build(
+        out,
+        source,
+        force,
+        quiet,
+        build_args,
+        notest,
+        compress,
+        reproducible,
+        sandbox,
+        fakeroot,
+        dry_run,
+        warn_unused_build_args,
+    )
 
 
 def _arg_files(paths):

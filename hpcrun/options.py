@@ -814,8 +814,7 @@ def _make_tables():
             _o(
                 "--warn-unused-build-args",
                 "warn_unused_build_args",
-                help_="No-op.",
-                status="noop:hpcrun does not check for unused build arguments",
+                help_="Warn, not fail, when a --build-arg names no {{ NAME }} in the definition.",
             ),
             _o(
                 "--tmpdir",

@@ -51,7 +51,7 @@ def build_plan(out, source, idmap, sandbox=False, notest=False, compress="gzip",
         if source.kind == "definition":
             sections = source.definition.sections
             steps += [s for s in ("setup", "files") if sections.get(s)] + ["sections"]
-            steps += ["post"] if sections.get("post") else []
+            steps += (["post"] if sections.get("post") else []) + ["labels"]
             steps += ["test"] if sections.get("test") and not notest else []
         steps.append("sandbox" if sandbox else "squash")
     return BuildPlan(

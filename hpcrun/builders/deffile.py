@@ -6,7 +6,9 @@ with Debian's mmdebstrap). Sections: %setup (on the host, $APPTAINER_ROOTFS name
 as root of the subuid mapping when the build unpacked with one, like %files),
 %files, %post (inside the image as root: --fakeroot, through the caller's subuid range
 when there is one), %environment, %runscript, %startscript, %labels, %help, %test,
-%arguments (defaults for {{ NAME }}, overridden by --build-arg NAME=VALUE)."""
+%arguments (defaults for {{ NAME }}, overridden by --build-arg NAME=VALUE; one that no
+{{ NAME }} uses fails the build). %post/%setup/%test take Apptainer's `-c SHELL` and
+$APPTAINER_ENVIRONMENT/$APPTAINER_LABELS; labels() writes Apptainer's build labels."""
 
 import json
 import os
@@ -23,16 +25,20 @@ LATER = {"library", "shub", "yum", "zypper", "busybox", "arch"}
 
 
 class Definition:
-    def __init__(self, header, sections, text):
+    """header: lower-case keys. sections: name -> body. args: name -> what follows %name
+    on its line (`%post -c /bin/bash`). used: the {{ NAME }}s the text uses."""
+
+    def __init__(self, header, sections, text, args=None, used=()):
         self.header, self.sections, self.text = header, sections, text
+        self.args, self.used = args or {}, set(used)
 
 
 def parse(text, path, build_args=()):
-    args = {}
-    header, sections, current = {}, {}, None
+    args, used = {}, set()
+    header, sections, current, section_args = {}, {}, None, {}
     lines = text.splitlines()
     for n, line in enumerate(lines, 1):
-        m = re.match(r"^%(\w+)", line)
+        m = re.match(r"^%(\w+)(.*)$", line)
         if m:
             name = m.group(1).lower()
             if name not in SECTIONS:
@@ -42,6 +48,7 @@ def parse(text, path, build_args=()):
                 )
             current = name
             sections.setdefault(name, [])
+            section_args[name] = m.group(2).split("#")[0].strip()
             continue
         if current is None:
             if not line.strip() or line.lstrip().startswith("#"):
@@ -65,6 +72,7 @@ def parse(text, path, build_args=()):
 
     def subst(s):
         def one(m):
+            used.add(m.group(1))
             if m.group(1) not in args:
                 raise UsageError(f"{path}: {{{{ {m.group(1)} }}}} has no value", "give --build-arg NAME=VALUE")
             return args[m.group(1)]
@@ -87,7 +95,8 @@ def parse(text, path, build_args=()):
         raise UsageError(f"{path}: Bootstrap: debootstrap needs an 'OSVersion:' header", "e.g. OSVersion: bookworm")
     if agent not in ("scratch", "debootstrap") and not header.get("from"):
         raise UsageError(f"{path}: Bootstrap: {agent} needs a 'From:' header")
-    return Definition(header, sections, subst(text))
+    section_args = {k: subst(v) for k, v in section_args.items()}
+    return Definition(header, sections, subst(text), section_args, used)
 
 
 def source_of(d, defdir):
@@ -138,12 +147,13 @@ SECTION_FILES = (
 )
 
 
-def setup(d, rootfs, defdir):
-    """%setup: the definition's own script, on the host, with $APPTAINER_ROOTFS (as
-    Apptainer runs it: only build definition files you trust)."""
+def setup(d, rootfs, defdir, script):
+    """%setup: the definition's own script (written at script, outside the tree), on the
+    host, with $APPTAINER_ROOTFS (as Apptainer runs it: only build definition files you
+    trust)."""
     if d.sections.get("setup"):
-        env = dict(os.environ, APPTAINER_ROOTFS=rootfs, SINGULARITY_ROOTFS=rootfs)
-        _script("%setup", ["/bin/sh", "-e", "-c", d.sections["setup"]], env, defdir)
+        env = dict(os.environ, **section_env(rootfs, host=True))
+        _script("%setup", section_argv(d, "setup", script), env, defdir)
 
 
 def files(d, root, defdir):
@@ -166,35 +176,138 @@ def files(d, root, defdir):
             raise inroot.failure(e, f"%files: cannot copy {parts[0]} to {dst}") from None
 
 
+def shebang(d, section):
+    """(first line, body) of a script section, as Apptainer writes it: a `#!` first line
+    of the body is kept, else #!/bin/sh; `%runscript ARGS` adds ARGS to it, and
+    `-c SHELL` makes SHELL the interpreter."""
+    body, line = d.sections[section], "#!/bin/sh"
+    if body.strip().startswith("#!"):
+        first, _, body = body.strip().partition("\n")
+        line = first.strip()
+    args = d.args.get(section, "")
+    if args.startswith("-c ") and args[3:].strip():
+        line = "#!" + args[3:].strip()
+    elif args:
+        line += " " + args
+    return line, body
+
+
 def metadata(d, root):
-    """%environment, %runscript, %startscript, %help, %test, %labels and the definition
-    itself into /.singularity.d, through inroot."""
+    """%environment, %runscript, %startscript, %help, %test and the definition itself
+    into /.singularity.d, through inroot (labels come after %post: see labels())."""
     for section, name, mode in SECTION_FILES:
         if section in d.sections:
-            body = d.sections[section]
-            text = body + "\n" if section == "help" else "#!/bin/sh\n" + body + "\n"
+            if section in ("help", "environment"):
+                body = d.sections[section]
+                text = body + "\n" if section == "help" else "#!/bin/sh\n" + body + "\n"
+            else:
+                first, body = shebang(d, section)
+                text = f"{first}\n\n{body}\n"
             root.write(f".singularity.d/{name}", text, mode)
+    root.write(".singularity.d/Singularity", d.text if d.text.endswith("\n") else d.text + "\n")
+
+
+LABELS_FILE = ".build.labels"  # where %post appends `KEY VALUE` lines ($APPTAINER_LABELS)
+GO_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
+
+
+def labels(d, root, reproducible=False):
+    """labels.json as Apptainer's assembler writes it: the base image's labels, then the
+    lines %post appended to $APPTAINER_LABELS, then the build labels (replacing the
+    base's), then %labels."""
     labels = {}
     try:
         old = root.read(".singularity.d/labels.json", 1 << 20, "the base image")
         labels = json.loads(old) if old else {}
     except (ValueError, OSError):
         pass
-    labels = labels if isinstance(labels, dict) else {}
-    for line in d.sections.get("labels", "").splitlines():
+    labels = {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
+    st = root.lstat(LABELS_FILE)
+    if st is not None:
+        import stat
+
+        text = root.read(LABELS_FILE, 1 << 20, "$APPTAINER_LABELS") if stat.S_ISREG(st.st_mode) else b""
+        root.remove(LABELS_FILE)
+        labels.update(_label_lines(text.decode(errors="replace")))
+    labels.update(build_labels(d, reproducible))
+    labels.update(_label_lines(d.sections.get("labels", "")))
+    root.write(".singularity.d/labels.json", json.dumps(labels, indent="\t", sort_keys=True))
+
+
+def _label_lines(text):
+    out = {}
+    for line in text.splitlines():
         key, _, value = line.strip().partition(" ")
-        if key:
-            labels[key] = value.strip()
-    root.write(".singularity.d/labels.json", json.dumps(labels, indent=2, sort_keys=True))
-    root.write(".singularity.d/Singularity", d.text if d.text.endswith("\n") else d.text + "\n")
+        if key and not key.startswith("#"):
+            out[key] = value.strip()
+    return out
 
 
-def run_in_image(section, rootfs, script, writable):
+def build_labels(d, reproducible=False):
+    """Apptainer's addBuildLabels: schema version, build date (SOURCE_DATE_EPOCH, or the
+    epoch for --reproducible, else now), help, the header, the architecture."""
+    import time
+
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "")
+    when = time.gmtime(int(epoch)) if epoch.isdigit() else time.gmtime(0) if reproducible else time.localtime()
+    zone = "UTC" if epoch.isdigit() or reproducible else time.strftime("%Z", when)
+    out = {
+        "org.label-schema.schema-version": "1.0",
+        "org.opencontainers.image.created": time.strftime("%Y-%m-%dT%H:%M:%S", when) + _offset(when, zone),
+        # Go's time format as Apptainer builds it: no zero padding
+        "org.label-schema.build-date": f"{time.strftime('%A', when)}_{when.tm_mday}_{time.strftime('%B', when)}_"
+        f"{when.tm_year}_{when.tm_hour}:{when.tm_min}:{when.tm_sec}_{zone}",
+    }
+    if d.sections.get("help"):
+        out["org.label-schema.usage"] = "/.singularity.d/runscript.help"
+        out["org.label-schema.usage.apptainer.runscript.help"] = "/.singularity.d/runscript.help"
+    for key, value in d.header.items():
+        out["org.label-schema.usage.singularity.deffile." + key] = value
+    arch = GO_ARCH.get(os.uname().machine, os.uname().machine)
+    out["org.opencontainers.image.architecture"] = out["org.label-schema.build-arch"] = arch
+    return out
+
+
+def _offset(when, zone):
+    if zone == "UTC" or not when.tm_gmtoff:
+        return "Z"
+    m = abs(when.tm_gmtoff) // 60
+    return f"{'+' if when.tm_gmtoff > 0 else '-'}{m // 60:02d}:{m % 60:02d}"
+
+
+ENV_FILE = "/.singularity.d/env/91-environment.sh"  # what %post appends exports to
+POST_SCRIPT = ".post.script"  # where %post's script lies in the tree while it runs
+
+
+def section_env(rootfs, host=False):
+    """$APPTAINER_ENVIRONMENT, $APPTAINER_LABELS, $APPTAINER_ROOTFS and their SINGULARITY_
+    twins, as Apptainer gives %setup (host=True: the same container paths) and %post."""
+    out = {"ENVIRONMENT": ENV_FILE, "ROOTFS": rootfs}
+    if not host:
+        out["LABELS"] = "/" + LABELS_FILE
+    return {p + k: v for k, v in out.items() for p in ("APPTAINER_", "SINGULARITY_")}
+
+
+def section_argv(d, section, script):
+    """Apptainer's getSectionScriptArgs: /bin/sh -e [ARGS] SCRIPT, and `-c SHELL [ARGS]`
+    becomes -c 'SHELL [ARGS] SCRIPT'."""
+    params = d.args.get(section, "").split()
+    if "-c" in params:
+        i = params.index("-c")
+        if i + 1 >= len(params):
+            raise UsageError(f"%{section} -c: no shell named", f"e.g. %{section} -c /bin/bash")
+        return ["/bin/sh", "-e"] + params[:i] + ["-c", " ".join(params[i + 1 :] + [script])]
+    return ["/bin/sh", "-e"] + params + [script]
+
+
+def run_in_image(section, rootfs, argv, writable, env=None):
     """Run a section's script as root inside the tree with hpcrun itself (a child process:
     the runtime takes over the process it runs in). %post writes the tree in place."""
     args = [sys.executable, "-m", "hpcrun", "exec", "--contain", "--pwd", "/", "--fakeroot", "--quiet"]
     args += ["--writable"] if writable else []
-    args += [rootfs, "/bin/sh", "-e", "-c", script]
+    for k, v in (env or {}).items():
+        args += ["--env", f"{k}={v}"]
+    args += [rootfs] + argv
     _script(section, args, dict(os.environ), "/")
 
 

@@ -33,7 +33,7 @@ def test_steps_per_source_kind(srcs, monkeypatch):
     assert plan(srcs / "dir", sandbox=True).steps == ["copy", "metadata", "sandbox"]
     assert plan(srcs / "root.tar").steps == ["fetch", "unpack", "metadata", "squash"]
     assert plan(srcs / "img.sqfs").steps == ["unsquash", "metadata", "squash"]
-    assert plan(srcs / "scratch.def").steps == ["mkroot", "metadata", "setup", "sections", "squash"]
+    assert plan(srcs / "scratch.def").steps == ["mkroot", "metadata", "setup", "sections", "labels", "squash"]
     assert plan(srcs / "post.def").steps == [
         "fetch",
         "unpack",
@@ -41,6 +41,7 @@ def test_steps_per_source_kind(srcs, monkeypatch):
         "files",
         "sections",
         "post",
+        "labels",
         "test",
         "squash",
     ]
