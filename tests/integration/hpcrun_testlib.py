@@ -37,10 +37,11 @@ def user_env(extra=None):
     return env
 
 
-def as_user(argv):
-    if os.getuid() != 0:
+def as_user(argv, pw=None):
+    """argv run as the test user (or as pw, another user: root only) through setpriv."""
+    if pw is None and os.getuid() != 0:
         return list(argv)
-    pw = user()
+    pw = pw or user()
     return ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--inh-caps=-all", "--"] + list(
         argv
     )
@@ -85,6 +86,15 @@ def user_processes():
         except OSError:
             pass
     return out
+
+
+def running(pid):
+    """pid exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def wait_gone(pred, timeout=10):

@@ -10,7 +10,7 @@ import tarfile
 
 import pytest
 
-from hpcrun_testlib import HPCRUN, USER, hpcrun, user_env
+from hpcrun_testlib import HPCRUN, USER, as_user, hpcrun, user_env
 from test_build import make_oci_layout
 
 USER2 = USER + "2"  # tests/setup-host.sh gives this one no /etc/subuid range
@@ -20,16 +20,7 @@ def hpcrun2(*args, cwd):
     """hpcrun as the second test user (no subordinate ids)."""
     pw = pwd.getpwnam(USER2)
     return subprocess.run(
-        [
-            "setpriv",
-            f"--reuid={pw.pw_uid}",
-            f"--regid={pw.pw_gid}",
-            "--init-groups",
-            "--inh-caps=-all",
-            "--",
-            HPCRUN,
-            *args,
-        ],
+        as_user([HPCRUN, *args], pw),
         capture_output=True,
         text=True,
         cwd=cwd,

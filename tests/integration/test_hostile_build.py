@@ -16,7 +16,7 @@ import pytest
 
 import hostile
 from hostile import D, F, H, L, chain, docker_archive, oci_archive, tar_bytes, up, write
-from hpcrun_testlib import HPCRUN, USER, WORK, hpcrun, user
+from hpcrun_testlib import HPCRUN, USER, WORK, as_user, hpcrun, user
 
 CODES = (2, 251, 252, 253, 254)  # documented failures of hpcrun itself (255 is a bug)
 BUILDERS = ("root", "user")
@@ -42,18 +42,7 @@ def owner(builder):
 def plant(pw, target, path):
     """ln -s target path, as the user pw (another user who can write OUT's directory)."""
     subprocess.run(
-        [
-            "setpriv",
-            f"--reuid={pw.pw_uid}",
-            f"--regid={pw.pw_gid}",
-            "--init-groups",
-            "--inh-caps=-all",
-            "--",
-            "ln",
-            "-s",
-            target,
-            str(path),
-        ],
+        as_user(["ln", "-s", target, str(path)], pw),
         check=True,
     )
 

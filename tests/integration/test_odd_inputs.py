@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from hpcrun_testlib import HPCRUN, WORK, as_user, hpcrun, user, user_env, user_processes, wait_gone
+from hpcrun_testlib import HPCRUN, WORK, as_user, hpcrun, user, user_env, user_processes, wait_gone, running
 
 USAGE, IMAGE, BIND, RUNTIME = 2, 252, 253, 254
 EVIL = "x\nroot2:x:0:0::/:/bin/sh"
@@ -391,14 +391,6 @@ def unsquashfs_children(pid):
             if int(fields[1]) == pid and fields[0] != "Z":
                 found.append(p)
     return found
-
-
-def running(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["KILL", "TERM", "INT"])

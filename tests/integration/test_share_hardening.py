@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from hpcrun_testlib import USER, hpcrun, spawn, user, user_processes, wait_gone
+from hpcrun_testlib import USER, hpcrun, spawn, user, user_processes, wait_gone, running
 
 NS = "echo $(readlink /proc/self/ns/user) $(readlink /proc/self/ns/mnt)"
 STEP = {"SLURM_STEP_ID": "0", "SLURM_JOB_ID": "1"}  # a Slurm step: sharing is automatic
@@ -200,14 +200,6 @@ def test_a_keeper_that_failed_after_its_task_died_removes_its_files(images, utmp
     p = spawn("exec", "--sharens", images["sif"], "sleep", "30", env=env)
     kill_when_the_keeper_listens(p)
     nothing_left()
-
-
-def running(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_a_keeper_whose_squashfuse_died_is_replaced(images):
