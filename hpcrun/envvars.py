@@ -9,9 +9,15 @@ inside the container, so everything above them is "forced": re-exported after th
 from hpcrun.errors import UsageError
 
 OWN_PREFIXES = ("HPCRUN_", "APPTAINER_", "APPTAINERENV_", "SINGULARITY_", "SINGULARITYENV_")
+EVAL_CHARS = ("$", "`", "\\")  # what the container's shell would change in a value
 FORCE_PREFIXES = ("SINGULARITYENV_", "APPTAINERENV_", "HPCRUN_ENV_")  # rising precedence
 ENV_DIR = "/.singularity.d/env"
-HOST_ONLY = ("PATH", "PWD", "OLDPWD")  # PWD is the container's (plan), OLDPWD means nothing there
+# PWD is the container's (plan), OLDPWD means nothing there; the host's LD_LIBRARY_PATH
+# (module loads) would break the image's programs: Apptainer omits it too.
+HOST_ONLY = ("PATH", "PWD", "OLDPWD", "LD_LIBRARY_PATH")
+# Apptainer's alwaysOmitKeys that APPTAINERENV_X may not set (create.go): the container's
+# own; PATH is settable, through Apptainer's SING_USER_DEFINED_PATH.
+NOT_OVERRIDABLE = ("HOME", "APPTAINER_SHELL", "APPTAINER_APPNAME", "SINGULARITY_SHELL", "SINGULARITY_APPNAME")
 PATH_KEYS = ("PREPEND_PATH", "APPEND_PATH")
 READONLY = ("EUID", "GID", "HOME", "IFS", "OPTIND", "PWD", "UID")  # Apptainer drops these from env files
 
@@ -147,9 +153,11 @@ def parse_env_opts(values):
     return out
 
 
-def build(host_env, *, cleanenv, keep, env_files, env_opts, home, default_path, extra):
+def build(host_env, *, cleanenv, keep, env_files, env_opts, home, default_path, extra, no_eval=False):
     """Return (env, forced): env is what the container starts with, forced is re-applied
-    after the image's own environment scripts."""
+    after the image's own environment scripts. A forced value the container's shell will
+    evaluate is not in env: the image's scripts must see what was there before it (a
+    `PATH=$PATH:/x` extends the image's PATH, as in Apptainer)."""
     if cleanenv:
         env = {k: v for k, v in host_env.items() if k in keep}
     else:
@@ -160,16 +168,18 @@ def build(host_env, *, cleanenv, keep, env_files, env_opts, home, default_path, 
     forced = {}
     for prefix in FORCE_PREFIXES:
         for k, v in host_env.items():
-            if k.startswith(prefix) and valid_name(k[len(prefix) :]):
-                forced[k[len(prefix) :]] = v
+            name = k[len(prefix) :]
+            if k.startswith(prefix) and valid_name(name) and name not in NOT_OVERRIDABLE:
+                forced[name] = v
     for fe in env_files:
         forced.update(fe)
     forced.update(env_opts)
-    env.update({k: v for k, v in forced.items() if k not in PATH_KEYS})
+    now = {k: v for k, v in forced.items() if no_eval or not any(c in v for c in EVAL_CHARS)}
+    env.update({k: v for k, v in now.items() if k not in PATH_KEYS})
     if "PATH" not in forced:  # a PATH given wins over both, as in Apptainer's 99-runtimevars.sh
-        if "PREPEND_PATH" in forced:
+        if "PREPEND_PATH" in now:
             env["PATH"] = forced["PREPEND_PATH"] + ":" + env["PATH"]
-        if "APPEND_PATH" in forced:
+        if "APPEND_PATH" in now:
             env["PATH"] = env["PATH"] + ":" + forced["APPEND_PATH"]
     return env, forced
 
@@ -184,22 +194,22 @@ def dquote(value):
     return '"' + value.replace('"', '\\"') + '"'
 
 
-EVAL_CHARS = ("$", "`", "\\")
-
-
 def needs_eval(forced, no_eval):
     """Would the container's shell change a forced value (so the wrapper must run)?"""
     return not no_eval and any(c in v for v in forced.values() for c in EVAL_CHARS)
 
 
-def wrapper_script(forced, no_eval=True):
+def wrapper_script(forced, no_eval=True, ids=None):
     """Shell text that sources the image's env scripts, then re-applies forced values
     (evaluated by the shell unless no_eval). The PATH it starts with already has
     PREPEND/APPEND_PATH (for images without a wrapper): they are taken off first, so
     that they are applied once, after the image's scripts, as Apptainer's
-    99-runtimevars.sh does."""
+    99-runtimevars.sh does. ids: (uid, gid) for $UID, $EUID and $GID in evaluated values,
+    as Apptainer's embedded shell defines them (bash has them already; not exported)."""
     q = quote if no_eval else dquote
     lines = []
+    if ids and not no_eval:
+        lines.append(': "${UID:=%d}" "${EUID:=%d}" "${GID:=%d}"' % (ids[0], ids[0], ids[1]))
     if "PREPEND_PATH" in forced:
         lines.append(f"PATH=${{PATH#{quote(forced['PREPEND_PATH'] + ':')}}}")
     if "APPEND_PATH" in forced:

@@ -288,6 +288,7 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
         home=home,
         default_path=cfg["default_path"],
         extra=extra,
+        no_eval=bool(opts.get("no_eval")),
     )
 
     if fakeroot:

@@ -314,7 +314,8 @@ def resolve_argv(plan, exists, access):
     except OSError:
         has_env = False
     if has_env or envvars.needs_eval(plan.forced, plan.no_eval) and exists("/bin/sh"):
-        argv = ["/bin/sh", "-c", envvars.wrapper_script(plan.forced, plan.no_eval), "hpcrun"] + argv
+        script = envvars.wrapper_script(plan.forced, plan.no_eval, (plan.uid, plan.gid))
+        argv = ["/bin/sh", "-c", script, "hpcrun"] + argv
     return argv
 
 

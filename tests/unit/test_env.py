@@ -102,9 +102,25 @@ def test_env_file_below_env_option_above_prefixes():
     assert forced == {"A": "opt", "B": "file2", "C": "prefix"}
 
 
-def test_forced_can_set_home_and_path():
-    env, _ = make({"APPTAINERENV_PATH": "/only", "HPCRUN_ENV_HOME": "/h2"})
-    assert env["PATH"] == "/only" and env["HOME"] == "/h2"
+def test_forced_can_set_path_not_home():
+    # Apptainer's alwaysOmitKeys (internal/pkg/util/env/create.go): HOME, *_SHELL, *_APPNAME
+    # are not permitted through the prefixes; PATH is
+    env, forced = make({"APPTAINERENV_PATH": "/only", "HPCRUN_ENV_HOME": "/h2", "APPTAINERENV_APPTAINER_APPNAME": "x"})
+    assert env["PATH"] == "/only" and env["HOME"] != "/h2"
+    assert "HOME" not in forced and "APPTAINER_APPNAME" not in forced
+
+
+def test_host_ld_library_path_is_not_passed():
+    env, _ = make({"LD_LIBRARY_PATH": "/host/lib", "APPTAINERENV_X": "1"})
+    assert "LD_LIBRARY_PATH" not in env
+    env, _ = make({"LD_LIBRARY_PATH": "/host/lib", "APPTAINERENV_LD_LIBRARY_PATH": "/mine"})
+    assert env["LD_LIBRARY_PATH"] == "/mine"
+
+
+def test_values_to_evaluate_wait_for_the_image_scripts():
+    env, forced = make({"APPTAINERENV_PATH": "$PATH:/foo", "APPTAINERENV_A": "$(id -u)", "APPTAINERENV_B": "b"})
+    assert env["PATH"] == DEFAULT_PATH and "A" not in env and env["B"] == "b"
+    assert forced["PATH"] == "$PATH:/foo"
 
 
 def test_prepend_append_path():
@@ -288,3 +304,12 @@ def test_path_given_wins_over_prepend_and_append():
     assert env["PATH"] == "/only"
     out = _sh(wrapper_script(forced, True), {"PATH": env["PATH"]}, "/bin/sh", "-c", 'echo "$PATH"')
     assert out == "/only\n"
+
+
+def test_uid_euid_gid_defined_for_evaluation():
+    # env.go apptainerEnvEval "env var": APPTAINERENV_WHO=$UID gives the caller's uid, as
+    # Apptainer's embedded shell defines UID, EUID and GID; dash and ash don't
+    script = envvars.wrapper_script({"WHO": "$UID/$EUID/$GID"}, False, (1234, 99))
+    assert _sh(script, {"PATH": "/usr/bin:/bin"}, "sh", "-c", 'echo "$WHO"') == "1234/1234/99\n"
+    script = envvars.wrapper_script({"WHO": "$UID"}, True, (1234, 99))
+    assert _sh(script, {"PATH": "/usr/bin:/bin"}, "sh", "-c", 'echo "$WHO"') == "$UID\n"
