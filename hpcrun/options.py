@@ -200,9 +200,8 @@ OPTIONS = [
     _o(
         "--no-init",
         "no_init",
-        help_="No-op: hpcrun starts no shim init process.",
+        help_="With a PID namespace, the command itself is PID 1 (it may then ignore signals).",
         env="NOSHIMINIT",
-        status="noop:hpcrun starts no shim init process, also with --pid",
     ),
     _o(
         "--no-privs",

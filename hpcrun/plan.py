@@ -343,6 +343,7 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
         unsquash=unsquash,
         tmpfs_size=cfg["tmpfs_size"],
         new_proc=pid and "proc" not in skip,
+        no_init=bool(pid and opts.get("no_init")),
         share=share,
         share_idle=cfg["share_idle_timeout"],
     )
@@ -351,7 +352,19 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
 # What a task may differ in and still join another's container: its command, its
 # environment, its working directory and its own PID namespace. Everything else
 # shapes the container and must be equal.
-PER_TASK = ("action", "args", "env", "forced", "no_eval", "cwd", "pwd_given", "new_proc", "share", "share_idle")
+PER_TASK = (
+    "action",
+    "args",
+    "env",
+    "forced",
+    "no_eval",
+    "cwd",
+    "pwd_given",
+    "new_proc",
+    "no_init",
+    "share",
+    "share_idle",
+)
 
 
 def share_key(plan, image_id):

@@ -439,6 +439,11 @@ def _guardian(plan, program, argv, waited, parent):
         os._exit(1)
     if plan.namespaces["pid"] and plan.new_proc:
         sc.mount("proc", "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+    if plan.no_init:  # --no-init: the command is PID 1; when it exits
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)  # the kernel kills the namespace
+        _default_signals()
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        _exec(program, argv, plan.env)
     sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
     me = os.getpid()
     pid = os.fork()

@@ -51,12 +51,19 @@ def test_sigkill_of_hpcrun_takes_command_and_fuse_daemon(images):
     assert wait_gone(lambda: user_processes(), 10), user_processes()
 
 
-def test_sigkill_in_pid_namespace(images):
-    proc = spawn("exec", "--pid", images["sif"], "sh", "-c", "sleep 300 & echo ready; wait")
+@pytest.mark.parametrize("init", [[], ["--no-init"]], ids=["guardian", "command-is-pid-1"])
+def test_sigkill_in_pid_namespace(images, init):
+    proc = spawn("exec", "--pid", *init, images["sif"], "sh", "-c", "sleep 300 & echo ready; wait")
     wait_ready(proc)
     proc.kill()
     proc.wait()
     assert wait_gone(lambda: user_processes(), 10), user_processes()
+
+
+def test_no_init_background_children_end_with_pid_1(images):
+    r = hpcrun("exec", "--pid", "--no-init", images["sif"], "sh", "-c", "sleep 300 & echo $$")
+    assert r.stdout.strip() == "1" and r.returncode == 0, r.stderr
+    assert wait_gone(lambda: [c for _, c in user_processes() if c == "sleep"], 10)
 
 
 def test_sigkill_during_unsquash_removes_sandbox(images):
