@@ -688,7 +688,8 @@ def settle(cmd, opts, env, note):
 
 def parse_mounts(specs, cwd):
     """--mount values (Docker style, one CSV record per line, as Apptainer's
-    ParseMountString) -> [(src, dst, readonly)]."""
+    ParseMountString) -> [(src, dst, readonly, nested)]; nested: the destination is
+    passed on in $APPTAINER_BIND (the `nonested` key keeps it out)."""
     import csv
     import os
 
@@ -702,7 +703,7 @@ def parse_mounts(specs, cwd):
             raise UsageError(f"--mount {spec!r}: {e}", "use type=bind,src=SRC,dst=DST[,ro]") from None
         for rec in records:
             src = dst = None
-            ro = False
+            ro, nested = False, True
             for field in rec:
                 key, _, val = field.partition("=")
                 if key == "type":
@@ -714,10 +715,21 @@ def parse_mounts(specs, cwd):
                     dst = val
                 elif key in ("ro", "readonly"):
                     ro = val.lower() not in ("false", "0")
+                elif key == "nonested":
+                    nested = False
+                elif key in ("image-src", "id"):
+                    raise UsageError(
+                        f"--mount {spec!r}: {key} (a directory of an image file) is not supported",
+                        "bind a host directory, or extract the image first",
+                    )
+                elif key == "bind-propagation":
+                    raise UsageError(
+                        f"--mount {spec!r}: bind-propagation is not supported for single mounts", "remove it"
+                    )
                 else:
                     raise UsageError(
                         f"--mount {spec!r}: unknown key {key!r}",
-                        "use type, src/source, dst/target/destination, ro/readonly",
+                        "use type, src/source, dst/target/destination, ro/readonly, nonested",
                     )
             if not src or not dst:
                 raise UsageError(
@@ -728,7 +740,7 @@ def parse_mounts(specs, cwd):
                     f"--mount {spec!r}: destination {dst!r} is relative",
                     "bind destinations are absolute paths inside the container",
                 )
-            out.append((os.path.normpath(os.path.join(cwd, src)), os.path.normpath(dst), ro))
+            out.append((os.path.normpath(os.path.join(cwd, src)), os.path.normpath(dst), ro, nested))
     return out
 
 

@@ -258,8 +258,11 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
     user_binds = bindspec.parse(binds, host.cwd)
     for b in user_binds:
         mounts.append(Mount("user", "bind", b.src, b.dst, readonly=b.readonly))
-    for src, dst, ro in options.parse_mounts(opts["mount"], host.cwd) if opts.get("mount") else ():
+    nested = [b.dst for b in user_binds]  # $APPTAINER_BIND, for containers started inside
+    for src, dst, ro, passed in options.parse_mounts(opts["mount"], host.cwd) if opts.get("mount") else ():
         mounts.append(Mount("user", "bind", src, dst, readonly=ro))
+        if passed:
+            nested.append(dst)
 
     for d in (d.strip() for item in opts.get("scratch", ()) for d in item.split(",")):  # -S/--scratch
         if d and not d.startswith("/"):
@@ -270,9 +273,7 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
     for m in mounts:
         check_destination(m)
 
-    extra = container_vars(
-        action, os.path.join(host.cwd, image_path), [b.dst for b in user_binds], cwd, bool(opts.get("no_eval"))
-    )
+    extra = container_vars(action, os.path.join(host.cwd, image_path), nested, cwd, bool(opts.get("no_eval")))
     if action == "shell":
         extra["PS1"] = "hpcrun> "
     if fakeroot:

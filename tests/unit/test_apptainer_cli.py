@@ -169,11 +169,12 @@ def test_network_none_is_a_net_namespace():
 @pytest.mark.parametrize(
     "spec,want",
     [
-        ("type=bind,source=/a,target=/b", [("/a", "/b", False)]),
-        ("type=bind,src=/a,dst=/b,ro", [("/a", "/b", True)]),
-        ("type=bind,source=rel,destination=/b,readonly", [("/cwd/rel", "/b", True)]),
-        ('type=bind,"src=/a,b",dst=/c', [("/a,b", "/c", False)]),
-        ("type=bind,src=/a,dst=/b\ntype=bind,src=/c,dst=/d", [("/a", "/b", False), ("/c", "/d", False)]),
+        ("type=bind,source=/a,target=/b", [("/a", "/b", False, True)]),
+        ("type=bind,src=/a,dst=/b,ro", [("/a", "/b", True, True)]),
+        ("type=bind,source=rel,destination=/b,readonly", [("/cwd/rel", "/b", True, True)]),
+        ('type=bind,"src=/a,b",dst=/c', [("/a,b", "/c", False, True)]),
+        ("type=bind,src=/a,dst=/b\ntype=bind,src=/c,dst=/d", [("/a", "/b", False, True), ("/c", "/d", False, True)]),
+        ("type=bind,src=/a,dst=/b,nonested", [("/a", "/b", False, False)]),  # mount_test.go
     ],
 )
 def test_parse_mounts(spec, want):
@@ -187,6 +188,7 @@ def test_parse_mounts(spec, want):
         "type=bind,src=/a",
         "type=bind,src=/a,dst=rel",
         "type=bind,src=/a,dst=/b,bind-propagation=shared",
+        "type=bind,src=/a,dst=/b,image-src=/x",
         'type=bind,"src=/a',
     ],
 )
