@@ -197,14 +197,28 @@ def metadata(d, root):
     into /.singularity.d, through inroot (labels come after %post: see labels())."""
     for section, name, mode in SECTION_FILES:
         if section in d.sections:
-            if section in ("help", "environment"):
-                body = d.sections[section]
-                text = body + "\n" if section == "help" else "#!/bin/sh\n" + body + "\n"
+            if section == "help":
+                text = d.sections[section] + "\n"
+            elif section == "environment":
+                text = _environment(root, d.sections[section])
             else:
                 first, body = shebang(d, section)
                 text = f"{first}\n\n{body}\n"
             root.write(f".singularity.d/{name}", text, mode)
     root.write(".singularity.d/Singularity", d.text if d.text.endswith("\n") else d.text + "\n")
+
+
+def _environment(root, body):
+    """%environment as Apptainer's insertEnvScript writes it: appended to the base image's
+    90-environment.sh (its variables stay), else a new script."""
+    import stat
+
+    path = ".singularity.d/env/90-environment.sh"
+    st = root.lstat(path)
+    if st is not None and stat.S_ISREG(st.st_mode):
+        old = root.read(path, 1 << 20, "the base image's 90-environment.sh").decode(errors="replace")
+        return old + "\n" + body + "\n"
+    return "#!/bin/sh\n\n" + body + "\n"
 
 
 LABELS_FILE = ".build.labels"  # where %post appends `KEY VALUE` lines ($APPTAINER_LABELS)

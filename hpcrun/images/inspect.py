@@ -206,6 +206,11 @@ def render_json(meta, which):
     import json
 
     attrs = {k: meta[k] for k in JSON_ORDER if k in which and meta.get(k)}
+    for k in ("runscript", "test", "helpfile", "deffile", "startscript"):  # as its setAttribute does
+        if k in attrs:
+            attrs[k] = attrs[k].rstrip("\n")
+    if "environment" in attrs:
+        attrs["environment"] = {path: text.rstrip("\n") for path, text in attrs["environment"].items()}
     if "labels" in attrs:
         attrs["labels"] = {k: attrs["labels"][k] for k in sorted(attrs["labels"])}
     return json.dumps({"data": {"attributes": attrs}, "type": "container"}, indent="\t")
