@@ -222,7 +222,7 @@ def step_fetch(plan, st):
     if src.kind == "registry":
         from hpcrun.builders import registry
 
-        st.layers, st.config = registry.pull(src.ref, st.quiet)
+        st.layers, st.config = registry.pull(src.ref, st.quiet, scratch=st.work.path)
     elif src.kind == "docker-archive":
         st.layers, st.config = oci.from_docker_archive(src.path, st.work.path)
     elif src.kind == "oci-archive":

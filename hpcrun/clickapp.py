@@ -212,6 +212,7 @@ def build(
     build_arg_file,
     authfile,
     warn_unused_build_args=False,
+    disable_cache=False,
 ):
     """Build OUT (.sif, else squashfs; a directory with --sandbox) from SOURCE: a directory,
     a rootfs tarball, docker-archive:FILE, oci:DIR[:tag], oci-archive:FILE[:tag],
@@ -222,6 +223,7 @@ def build(
 
     build_args = _arg_files(build_arg_file) + list(build_args)
     _authfile(authfile)
+    _disable_cache(disable_cache)
     return run_build(
         out,
         source,
@@ -254,6 +256,14 @@ def _arg_files(paths):
             ) from None
         out += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     return out
+
+
+def _disable_cache(on):
+    """--disable-cache: the registry code reads $APPTAINER_DISABLE_CACHE."""
+    if on:
+        import os
+
+        os.environ["APPTAINER_DISABLE_CACHE"] = "1"
 
 
 def _authfile(path):
@@ -328,7 +338,7 @@ _sif_command("header", "Print the global header of a SIF file (as `siftool heade
 @app.command()
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @click.argument("args", nargs=-1, required=True, metavar="[OUT] REF")
-def pull(args, force, quiet, name, dir, reproducible, authfile):
+def pull(args, force, quiet, name, dir, reproducible, authfile, disable_cache=False):
     """Pull REF (docker://HOST/REPO:TAG) into OUT (--name, else REPO_TAG.sif; in --dir).
 
     Private registries: credentials come from HPCRUN_DOCKER_USERNAME and
@@ -350,6 +360,7 @@ def pull(args, force, quiet, name, dir, reproducible, authfile):
     if dir:
         out = os.path.join(dir, out)
     _authfile(authfile)
+    _disable_cache(disable_cache)
     return run_build(out, ref, force, quiet, reproducible=reproducible)
 
 

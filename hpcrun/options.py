@@ -784,9 +784,8 @@ def _make_tables():
         _o(
             "--disable-cache",
             "disable_cache",
-            help_="No-op: the layer cache is always used.",
+            help_="Do not use the registry cache (blobs are fetched into the build's private directory).",
             env="DISABLE_CACHE",
-            status=_NOCACHE,
         ),
         _o("-F --force", "force", help_="Overwrite OUT if it exists.", env="FORCE"),
         _o(

@@ -68,6 +68,24 @@ def cache_dir(env=os.environ):
     return os.path.join(base, "hpcrun")
 
 
+def cache_for(scratch, env=os.environ):
+    """The blob cache a pull uses: the user's, unless the cache is disabled
+    (APPTAINER_DISABLE_CACHE, --disable-cache) or cannot be written (a read-only home, as
+    on grids): then `scratch/cache`, in the build's private work directory, gone with it.
+    Apptainer behaves the same (e2e/cmdenvvars: DisableCache, ReadOnlyCacheDir)."""
+    disabled = (env.get("APPTAINER_DISABLE_CACHE") or env.get("SINGULARITY_DISABLE_CACHE") or "").strip().lower()
+    top = cache_dir(env)
+    if scratch is None or disabled not in ("1", "t", "true", "yes", "y"):
+        try:
+            os.makedirs(top, mode=0o700, exist_ok=True)
+            if os.access(top, os.W_OK | os.X_OK) or scratch is None:
+                return top
+        except OSError:
+            if scratch is None:
+                return top  # the caller's own error says what is wrong with it
+    return os.path.join(scratch, "cache")
+
+
 def parse_ref(ref):
     """docker://[host[:port]/]repo[:tag][@digest] -> (host, repo, reference)."""
     for scheme in ("docker://", "oras://"):
@@ -399,11 +417,12 @@ def _pick(index, ref):
     raise ImageError(f"{ref}: no image for linux/{arch}")
 
 
-def pull(ref, quiet=True):
-    """-> (layer paths in the cache, image config)."""
+def pull(ref, quiet=True, scratch=None):
+    """-> (layer paths in the cache, image config). scratch: a private directory to
+    cache in when the user's cache is disabled or read-only (cache_for)."""
     host, repo, reference = parse_ref(ref)
     reg = Registry(host, repo, quiet)
-    cache = cache_dir()
+    cache = cache_for(scratch)
     manifest, mtype = reg.manifest(reference)
     for _ in range(3):
         if mtype in INDEX_TYPES or "manifests" in manifest:
