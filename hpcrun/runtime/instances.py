@@ -43,11 +43,14 @@ class Instance:
         self.logs, self.log_paths = (), ("", "")
 
     def open_logs(self, env, quiet):
-        """Open NAME.out and NAME.err (appended to) in $XDG_STATE_HOME/hpcrun/instances/HOST,
-        as Apptainer keeps ~/.apptainer/instances/logs/HOST/USER/NAME.*; without them
-        (a read-only home) the output is lost, with a warning."""
-        base = env.get("XDG_STATE_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".local", "state")
-        d = os.path.join(base, "hpcrun", "instances", os.uname().nodename)
+        """Open NAME.out and NAME.err (appended to) where Apptainer keeps them, so that
+        tools reading them find them: $APPTAINER_CONFIGDIR (~/.apptainer)/instances/logs/
+        HOST/USER/; without them (a read-only home) the output is lost, with a warning."""
+        import pwd
+
+        top = env.get("APPTAINER_CONFIGDIR") or env.get("SINGULARITY_CONFIGDIR")
+        top = top or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".apptainer")
+        d = os.path.join(top, "instances", "logs", os.uname().nodename, pwd.getpwuid(os.getuid()).pw_name)
         paths = (os.path.join(d, self.name + ".out"), os.path.join(d, self.name + ".err"))
         fds = []
         try:
@@ -222,6 +225,8 @@ def launch(plan, image, daemon, reason, opts, timer):
     """start.py's branch for instances: start one, or join one."""
     inst = opts["instance"]
     name = inst["name"]
+    for prefix in ("APPTAINER_", "SINGULARITY_"):  # the instance's processes and its joiners'
+        plan.env[prefix + "INSTANCE"] = name
     if inst["mode"] == "join":
         plan.namespaces = dict(plan.namespaces, pid=False)  # we enter the instance's
         plan.new_proc = False
@@ -235,8 +240,6 @@ def launch(plan, image, daemon, reason, opts, timer):
         raise RuntimeSetupError(
             f"instance {name}: cannot mount the image with FUSE ({reason})", "instances need FUSE: run `hpcrun check`"
         )
-    for prefix in ("APPTAINER_", "SINGULARITY_"):
-        plan.env[prefix + "INSTANCE"] = name
     saved = {k: v for k, v in opts.items() if k != "instance"}
     instance = Instance(name, inst["mode"], plan.args, saved, os.path.abspath(image.path))
     instance.open_logs(os.environ, opts["quiet"])
