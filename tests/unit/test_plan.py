@@ -156,6 +156,14 @@ def test_contain_with_home_option_binds_it(cfg):
     assert (m.kind, m.src) == ("bind", "/scratch/u/h")
 
 
+def test_cleanenv_keeps_term_and_proxies_as_apptainer(cfg):
+    # internal/pkg/util/env/create.go alwaysPassKeys: TERM and the proxy variables
+    h = host(env={"https_proxy": "http://proxy:3128", "NO_PROXY": "localhost"})
+    p = plan(cfg, h, cleanenv=True)
+    assert p.env["https_proxy"] == "http://proxy:3128" and p.env["NO_PROXY"] == "localhost"
+    assert "SECRET" not in p.env
+
+
 def test_containall(cfg):
     p = plan(cfg, containall=True)
     assert p.namespaces["pid"] and p.namespaces["ipc"]
