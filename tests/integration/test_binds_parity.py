@@ -66,3 +66,94 @@ def test_home_under_a_symlinked_directory(images, utmp):
     assert r.stdout.split() == ["home", "file", home]
     assert (real / "u" / "g").read_text() == "written\n"
 
+
+# 2. --writable on a sandbox never changes the sandbox's tree.
+
+
+def _listing(top):
+    """Every entry under top with what a change would touch (not atime)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in sorted(dirnames + filenames):
+            st = os.lstat(os.path.join(dirpath, name))
+            out.append(
+                (os.path.relpath(os.path.join(dirpath, name), top), st.st_mode, st.st_uid, st.st_size, st.st_mtime_ns)
+            )
+    st = os.lstat(top)
+    return sorted(out) + [(".", st.st_mode, st.st_uid, st.st_size, st.st_mtime_ns)]
+
+
+def _own_sandbox(images, utmp, whole=True):
+    """A copy of the test sandbox for the test user: all of it, or (whole=False) only the
+    top directory, its inner directories left to root (a sandbox built by root, chowned)."""
+    import subprocess
+
+    sb = utmp / "sb"
+    subprocess.run(["cp", "-a", images["sandbox"], str(sb)], check=True)
+    pw = user()
+    if whole:
+        subprocess.run(["chown", "-R", f"{pw.pw_uid}:{pw.pw_gid}", str(sb)], check=True)
+    else:
+        os.chown(sb, pw.pw_uid, pw.pw_gid)
+    return sb
+
+
+def test_writable_sandbox_not_modified_by_default_mounts(images, utmp):
+    """actionBinds runs --writable on the user's sandbox: the home (/home/USER, missing in
+    the image) is shown on a staged tmpfs base, as Apptainer without overlay does, and
+    nothing is created in the sandbox."""
+    sb = _own_sandbox(images, utmp)
+    before = _listing(sb)
+    r = hpcrun("exec", "--writable", str(sb), "sh", "-c", "echo ~; test -d ~ && echo home-ok")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [user().pw_dir, "home-ok"]
+    assert _listing(sb) == before
+
+
+def test_writable_sandbox_bind_to_missing_destination_refused(images, utmp):
+    """actionBinds SimpleDirWritableKO / SimpleFileWritableKO: a user bind whose
+    destination is missing in a --writable sandbox is refused (Apptainer: "destination
+    ... doesn't exist in container"); the sandbox is left as it was."""
+    sb = _own_sandbox(images, utmp)
+    canary = utmp / "canary"
+    canary.mkdir()
+    (canary / "file").write_text("c")
+    before = _listing(sb)
+    for spec in (f"{canary}:/canary", f"{canary / 'file'}:/canary/file"):
+        r = hpcrun("exec", "--writable", "-B", spec, str(sb), "true")
+        assert r.returncode == BIND_ERROR, r.stderr
+        assert len(r.stderr.splitlines()) == 1 and "/canary" in r.stderr and "does not exist" in r.stderr, r.stderr
+        assert _listing(sb) == before
+
+
+def test_writable_sandbox_bind_to_existing_destination(images, utmp):
+    """actionBinds SimpleDirWritableOK / SimpleFileWritableOK: a destination that exists
+    (here through the host's /tmp, bound by default) is bound as usual."""
+    sb = _own_sandbox(images, utmp)
+    canary = utmp / "canary"
+    canary.mkdir()
+    (canary / "file").write_text("c")
+    before = _listing(sb)
+    for spec, path in (
+        (str(canary), f"{canary}/file"),
+        (str(canary / "file"), f"{canary}/file"),
+        (f"{canary}:/opt", "/opt/file"),
+    ):
+        r = hpcrun("exec", "--writable", "-B", spec, str(sb), "cat", path)
+        assert r.returncode == 0, (spec, r.stderr)
+        assert r.stdout == "c"
+    assert _listing(sb) == before
+
+
+def test_writable_sandbox_with_root_owned_inner_directories(images, utmp):
+    """A sandbox built by root and chowned at its top only: --writable still runs (the
+    home is staged, /etc/passwd bound from memory), and changes nothing in it."""
+    sb = _own_sandbox(images, utmp, whole=False)
+    before = _listing(sb)
+    r = hpcrun("exec", "--writable", str(sb), "sh", "-c", "id -un; test -d ~ && echo home-ok")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [user().pw_name, "home-ok"]
+    assert _listing(sb) == before
+    r = hpcrun("exec", "--writable", "-B", f"{utmp}:/new/dir", str(sb), "true")
+    assert r.returncode == BIND_ERROR and len(r.stderr.splitlines()) == 1, r.stderr
+    assert _listing(sb) == before
