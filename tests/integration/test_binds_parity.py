@@ -157,3 +157,20 @@ def test_writable_sandbox_with_root_owned_inner_directories(images, utmp):
     r = hpcrun("exec", "--writable", "-B", f"{utmp}:/new/dir", str(sb), "true")
     assert r.returncode == BIND_ERROR and len(r.stderr.splitlines()) == 1, r.stderr
     assert _listing(sb) == before
+
+
+# 3. Escaped commas and colons in bind specs.
+
+
+def test_bind_file_with_comma_and_colon(images, utmp):
+    """actionBinds BindFileWithCommaOK / BindFileWithColonOK, by -B and by APPTAINER_BIND."""
+    (utmp / "file,comma").write_text("comma")
+    (utmp / "file:colon").write_text("colon")
+    comma = str(utmp / "file,comma").replace(",", "\\,")
+    colon = str(utmp / "file:colon").replace(":", "\\:")
+    r = hpcrun("exec", "-B", f"{comma}:/c1,{colon}:/c2", images["sif"], "cat", "/c1", "/c2")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "commacolon"
+    r = hpcrun("exec", images["sif"], "cat", "/c1", "/c2", env={"APPTAINER_BIND": f"{comma}:/c1,{colon}:/c2"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "commacolon"
