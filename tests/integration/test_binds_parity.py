@@ -174,3 +174,73 @@ def test_bind_file_with_comma_and_colon(images, utmp):
     r = hpcrun("exec", images["sif"], "cat", "/c1", "/c2", env={"APPTAINER_BIND": f"{comma}:/c1,{colon}:/c2"})
     assert r.returncode == 0, r.stderr
     assert r.stdout == "commacolon"
+
+
+# 4. Destinations inside other mounts.
+
+
+def _canary(utmp):
+    canary = utmp / "canary"
+    canary.mkdir()
+    (canary / "file").write_text("canary")
+    return canary
+
+
+def test_bind_inside_scratch_directory(images, utmp):
+    """actionBinds ScratchTmpfsBind: `--scratch /scratch --bind DIR:/scratch/dir`; the
+    mount point is made in the scratch tmpfs (ours), mounted before the user's binds."""
+    canary = _canary(utmp)
+    r = hpcrun(
+        "exec", "--scratch", "/scratch", "-B", f"{canary}:/scratch/dir", images["sif"], "cat", "/scratch/dir/file"
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "canary"
+
+
+def test_bind_inside_contained_home(images, utmp):
+    """--contain gives a home in memory: a bind inside it gets its mount point there."""
+    canary = _canary(utmp)
+    home = user().pw_dir
+    r = hpcrun("exec", "--contain", "-B", f"{canary}:{home}/canary", images["sif"], "cat", f"{home}/canary/file")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "canary"
+
+
+def test_nested_binds_shallowest_first_and_never_written_on_host(images, utmp):
+    """Apptainer mounts user binds shallowest destination first: -B A:/mnt/sub -B B:/mnt
+    shows A at /mnt/sub even when given in that order. A destination missing inside a
+    host bind (actionBinds NestedBindDir, CustomHomeBind) is where hpcrun differs:
+    Apptainer creates it in the bind's source on the host, hpcrun refuses in one line
+    and never writes there."""
+    canary = _canary(utmp)
+    outer = utmp / "outer"
+    (outer / "sub").mkdir(parents=True)
+    (outer / "sub" / "file").write_text("outer")
+    r = hpcrun("exec", "-B", f"{canary}:/mnt/sub", "-B", f"{outer}:/mnt", images["sif"], "cat", "/mnt/sub/file")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "canary"
+    home = utmp / "home"
+    home.mkdir()
+    for args in (
+        ["-B", f"{canary}:/canary", "-B", f"{canary}:/canary/dir2"],
+        ["--home", f"{home}:/home/e2e", "-B", f"{canary}:/home/e2e/canaryRO"],
+    ):
+        r = hpcrun("exec", *args, images["sif"], "true")
+        assert r.returncode == BIND_ERROR, r.stderr
+        assert len(r.stderr.splitlines()) == 1 and "does not exist" in r.stderr, r.stderr
+    assert sorted(os.listdir(canary)) == ["file"] and os.listdir(home) == []
+
+
+# 5. The working directory is not bound over the home.
+
+
+def test_custom_home_run_from_home_shows_source(images, utmp):
+    """--home SRC:$HOME run from $HOME: the container's $HOME is SRC, not the real home
+    bound again as the working directory (Apptainer skips a cwd already mounted)."""
+    src = utmp / "customhome"
+    src.mkdir()
+    (src / "mark").write_text("custom\n")
+    home = user().pw_dir
+    r = hpcrun("exec", "--home", f"{src}:{home}", images["sif"], "sh", "-c", "cat mark; pwd", cwd=home)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["custom", home]
