@@ -118,8 +118,8 @@ def _resolve_sources(plan):
 
 
 def _check_writable(path, idmap):
-    """--writable writes mount points and files into the sandbox itself: refuse, before
-    anything is mounted, one we cannot write. Where both owner ids are mapped into our
+    """--writable makes the sandbox itself the writable root: refuse, before anything is
+    mounted, one we cannot write. Where both owner ids are mapped into our
     user namespace, its root capabilities let setup write even without a write bit."""
     if os.access(path, os.W_OK):
         return

@@ -270,7 +270,7 @@ def _open_point(m, ours, sandbox_dev):
         if dev not in ours:
             raise BindError(
                 f"bind destination {m.dst} does not exist in the container",
-                "a destination inside another bind must exist in that bind's source (hpcrun never writes there)",
+                "a destination inside another bind must exist in that bind's source: hpcrun never writes there",
             )
         safepath.make_in_upper(safepath.fd_path(parent, PROC), comps[k:], _kind(m))
     finally:

@@ -111,16 +111,20 @@ def test_writable_sandbox_not_modified_by_default_mounts(images, utmp):
 
 
 def test_writable_sandbox_bind_to_missing_destination_refused(images, utmp):
-    """actionBinds SimpleDirWritableKO / SimpleFileWritableKO: a user bind whose
-    destination is missing in a --writable sandbox is refused (Apptainer: "destination
-    ... doesn't exist in container"); the sandbox is left as it was."""
+    """actionBinds SimpleDirWritableKO / SimpleFileWritableKO / CustomHomeBindWritableKO:
+    a bind whose destination is missing in a --writable sandbox is refused (Apptainer:
+    "destination ... doesn't exist in container"); the sandbox is left as it was."""
     sb = _own_sandbox(images, utmp)
     canary = utmp / "canary"
     canary.mkdir()
     (canary / "file").write_text("c")
     before = _listing(sb)
-    for spec in (f"{canary}:/canary", f"{canary / 'file'}:/canary/file"):
-        r = hpcrun("exec", "--writable", "-B", spec, str(sb), "true")
+    for args in (
+        ["-B", f"{canary}:/canary"],
+        ["-B", f"{canary / 'file'}:/canary/file"],
+        ["--home", f"{canary}:/canary"],
+    ):
+        r = hpcrun("exec", "--writable", *args, str(sb), "true")
         assert r.returncode == BIND_ERROR, r.stderr
         assert len(r.stderr.splitlines()) == 1 and "/canary" in r.stderr and "does not exist" in r.stderr, r.stderr
         assert _listing(sb) == before
