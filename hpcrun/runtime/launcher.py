@@ -191,10 +191,9 @@ def _container(plan, lower, timer, verbose):
             f"lowerdir={escaped},upperdir={RW}/upper,workdir={RW}/work",
             what="cannot mount the overlay root (kernel without unprivileged overlayfs? run `hpcrun check`)",
         )
-    root_dev = os.stat(ROOT).st_dev
-    ours = set() if plan.in_place else {root_dev}  # where missing mount points may be made
+    ours = set() if plan.in_place else {os.stat(ROOT).st_dev}  # where missing mount points may be made
     for m in ready:
-        _apply(m, verbose, ours, root_dev if plan.in_place else None)
+        _apply(m, verbose, ours, plan.in_place)
     if not plan.writable:
         sc.mount(None, ROOT, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV)
     timer("mounts")
@@ -243,7 +242,7 @@ def _in_sandbox(m, lower, comps):
     return [m] if m.name in ("user", "scratchdir", "home") else []
 
 
-def _open_point(m, ours, sandbox_dev):
+def _open_point(m, ours, in_place):
     """An O_PATH fd for m's destination in the container root. A missing one is made
     only where its parent lies on a file system of ours (the overlay root, a tmpfs we
     mounted): a bind source on the host, or a --writable sandbox, is never written to."""
@@ -261,16 +260,12 @@ def _open_point(m, ours, sandbox_dev):
         k += 1
     parent = safepath.open_in_root(ROOT, "/" + "/".join(comps[:k]))
     try:
-        dev = os.fstat(parent).st_dev
-        if dev == sandbox_dev:
-            raise BindError(
-                f"bind destination {m.dst} does not exist in the writable sandbox",
-                "create it in the sandbox first: --writable never changes the sandbox's tree",
-            )
-        if dev not in ours:
+        if os.fstat(parent).st_dev not in ours:
             raise BindError(
                 f"bind destination {m.dst} does not exist in the container",
-                "a destination inside another bind must exist in that bind's source: hpcrun never writes there",
+                "create it in the writable sandbox first: hpcrun never changes its tree, nor a bind's source"
+                if in_place
+                else "a destination inside another bind must exist in that bind's source: hpcrun never writes there",
             )
         safepath.make_in_upper(safepath.fd_path(parent, PROC), comps[k:], _kind(m))
     finally:
@@ -278,9 +273,9 @@ def _open_point(m, ours, sandbox_dev):
     return safepath.open_in_root(ROOT, m.dst)
 
 
-def _apply(m, verbose, ours, sandbox_dev=None):
+def _apply(m, verbose, ours, in_place=False):
     try:
-        fd = _open_point(m, ours, sandbox_dev)
+        fd = _open_point(m, ours, in_place)
     except OSError as e:
         raise BindError(f"bind destination {m.dst}: {e.strerror or e}", "choose another destination") from None
     try:
