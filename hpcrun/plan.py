@@ -245,7 +245,9 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
         return any(under(path, m.src) and m.src == m.dst for m in mounts if m.kind == "bind")
 
     in_system = host.cwd == "/" or any(under(host.cwd, d) for d in SYSTEM_DIRS[1:])
-    if wanted("cwd", host.cwd) and not opts["pwd"] and not in_system and not covered(host.cwd):
+    # Not in the home's destination either: `--home SRC:$HOME` run from $HOME shows SRC there
+    in_home = any(m.name == "home" and under(host.cwd, m.dst) for m in mounts)
+    if wanted("cwd", host.cwd) and not opts["pwd"] and not in_system and not covered(host.cwd) and not in_home:
         mounts.append(Mount("cwd", "bind", host.cwd, host.cwd, if_missing=True))
 
     if wanted("scratch", "scratch"):
@@ -253,22 +255,24 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
             if path not in skip and host.existing(path) and not covered(path):
                 mounts.append(Mount("scratch", "bind", path, path, optional=True))
 
-    # APPTAINER_BIND/BINDPATH (and SINGULARITY_) are in opts["bind"] already (options.apply_env)
-    binds = opts["bind"] + ([host.env["HPCRUN_BIND"]] if host.env.get("HPCRUN_BIND") else [])
-    user_binds = bindspec.parse(binds, host.cwd)
-    for b in user_binds:
-        mounts.append(Mount("user", "bind", b.src, b.dst, readonly=b.readonly))
-    nested = [b.dst for b in user_binds]  # $APPTAINER_BIND, for containers started inside
-    for src, dst, ro, passed in options.parse_mounts(opts["mount"], host.cwd) if opts.get("mount") else ():
-        mounts.append(Mount("user", "bind", src, dst, readonly=ro))
-        if passed:
-            nested.append(dst)
-
     for d in (d.strip() for item in opts.get("scratch", ()) for d in item.split(",")):  # -S/--scratch
         if d and not d.startswith("/"):
             raise UsageError(f"--scratch {d!r}: relative", "give an absolute path inside the container")
         if d:
             mounts.append(Mount("scratchdir", "tmpfs", None, os.path.normpath(d)))
+
+    # APPTAINER_BIND/BINDPATH (and SINGULARITY_) are in opts["bind"] already (options.apply_env)
+    binds = opts["bind"] + ([host.env["HPCRUN_BIND"]] if host.env.get("HPCRUN_BIND") else [])
+    user_binds = bindspec.parse(binds, host.cwd)
+    asked = [Mount("user", "bind", b.src, b.dst, readonly=b.readonly) for b in user_binds]
+    nested = [b.dst for b in user_binds]  # $APPTAINER_BIND, for containers started inside
+    for src, dst, ro, passed in options.parse_mounts(opts["mount"], host.cwd) if opts.get("mount") else ():
+        asked.append(Mount("user", "bind", src, dst, readonly=ro))
+        if passed:
+            nested.append(dst)
+    # After the scratch directories, shallowest destination first (Apptainer's mount
+    # order): a bind inside another lands on it, not under it.
+    mounts += sorted(asked, key=lambda m: m.dst.count("/") - (m.dst == "/"))
 
     for m in mounts:
         check_destination(m)

@@ -84,6 +84,7 @@ def run_container(req):
         sys.stderr.write(f"hpcrun: warning: {image.warning}\n")
     try:
         plan = build_plan(opts, action, image.path, image.kind, args, cfg, host, env_files)
+        _resolve_sources(plan)
         if opts["dry_run"]:
             import json
 
@@ -105,9 +106,20 @@ def run_container(req):
         image.close()
 
 
+def _resolve_sources(plan):
+    """Bind sources as the host names them, symlinks followed here, before anything
+    moves: the launcher finds them under the old root after pivot_root, where an
+    absolute link (Debian's /etc/localtime, a symlinked /home) would resolve against
+    the staging root instead (bubblewrap's resolve_symlinks_in_ops). Destinations stay
+    as given: they are resolved inside the image."""
+    for m in plan.mounts:
+        if m.kind == "bind":
+            m.src = os.path.realpath(m.src)
+
+
 def _check_writable(path, idmap):
-    """--writable writes mount points and files into the sandbox itself: refuse, before
-    anything is mounted, one we cannot write. Where both owner ids are mapped into our
+    """--writable makes the sandbox itself the writable root: refuse, before anything is
+    mounted, one we cannot write. Where both owner ids are mapped into our
     user namespace, its root capabilities let setup write even without a write bit."""
     if os.access(path, os.W_OK):
         return

@@ -16,6 +16,7 @@ import sys
 
 from hpcrun import envvars
 from hpcrun.errors import BindError, RuntimeSetupError, NOT_EXECUTABLE, NOT_FOUND
+from hpcrun.plan import Mount
 from hpcrun.runtime import fuse, idmap as idmaps, safepath, syscalls as sc
 
 OLD = "/oldroot"  # the host's root, during setup
@@ -151,12 +152,12 @@ def _container(plan, lower, timer, verbose):
     # Mount points and /etc/passwd are made in the overlay's upper directory *before*
     # the overlay is mounted: we own that tmpfs, while image directories owned by an
     # unmapped root would refuse us. Paths follow the image's symlinks, inside it.
-    # --writable: the sandbox itself is the root, mount points are made in it directly.
-    upper = lower if plan.in_place else RW + "/upper"
-    mounts = [m for m in plan.mounts if m.kind == "tmpfs" or _source_ok(m)]
+    # --writable: the sandbox itself is the root and is never written to (_in_sandbox).
+    upper = RW + "/upper"
     ready = []
-    for m in mounts:
-        is_dir = m.kind == "tmpfs" or os.path.isdir(OLD + m.src)
+    for m in plan.mounts:
+        if m.kind != "tmpfs" and not _source_ok(m):
+            continue
         try:
             comps, exists = safepath.canonical(lower, m.dst)
         except OSError as e:
@@ -167,9 +168,13 @@ def _container(plan, lower, timer, verbose):
             ) from None
         if exists and m.if_missing:
             continue
-        if not exists:
-            safepath.make_in_upper(upper, comps, "dir" if is_dir else "file")
-        ready.append(m)
+        if exists:
+            ready.append(m)
+        elif plan.in_place:
+            ready += _in_sandbox(m, lower, comps)
+        else:
+            _make_point(upper, comps, m)
+            ready.append(m)
     identity = _write_identity(plan, lower, upper)
     if plan.in_place:
         sc.mount(lower, ROOT, None, sc.MS_BIND | sc.MS_REC, what=f"cannot bind the sandbox {plan.image}")
@@ -186,8 +191,9 @@ def _container(plan, lower, timer, verbose):
             f"lowerdir={escaped},upperdir={RW}/upper,workdir={RW}/work",
             what="cannot mount the overlay root (kernel without unprivileged overlayfs? run `hpcrun check`)",
         )
+    ours = set() if plan.in_place else {os.stat(ROOT).st_dev}  # where missing mount points may be made
     for m in ready:
-        _apply(m, verbose)
+        _apply(m, verbose, ours, plan.in_place)
     if not plan.writable:
         sc.mount(None, ROOT, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV)
     timer("mounts")
@@ -210,18 +216,74 @@ def _source_ok(m):
     raise BindError(f"bind source {m.src} does not exist", "create it or fix the --bind argument")
 
 
-def _apply(m, verbose):
+def _kind(m):
+    return "dir" if m.kind == "tmpfs" or os.path.isdir(OLD + m.src) else "file"
+
+
+def _make_point(upper, comps, m):
     try:
-        fd = safepath.open_in_root(ROOT, m.dst)
-    except OSError:
+        safepath.make_in_upper(upper, comps, _kind(m))
+    except OSError as e:  # our own tmpfs: only a full one or an odd image gets here
         raise BindError(
-            f"bind destination {m.dst} does not exist in the container",
-            "a destination inside another bind must exist in that bind's source",
+            f"cannot make the mount point {m.dst}: {e.strerror or e}", "choose another destination"
         ) from None
+
+
+def _in_sandbox(m, lower, comps):
+    """--writable, destination missing in the image: the sandbox is the user's own tree
+    and stays as it is. As Apptainer without an overlay: default mounts are skipped; the
+    home goes onto a tmpfs over its top directory (the staged home base of
+    addHomeNoLayer), so /home/USER is never made in the sandbox; the user's binds are
+    kept for _open_point, which refuses them unless an earlier mount provides the place."""
+    if m.name == "home" and len(comps) > 1:
+        _names, top_exists = safepath.canonical(lower, "/" + comps[0])
+        if top_exists and os.path.isdir(f"{lower}/{comps[0]}"):  # comps[0] is no link: resolved
+            return [Mount("homebase", "tmpfs", None, "/" + comps[0]), m]
+    return [m] if m.name in ("user", "scratchdir", "home") else []
+
+
+def _open_point(m, ours, in_place):
+    """An O_PATH fd for m's destination in the container root. A missing one is made
+    only where its parent lies on a file system of ours (the overlay root, a tmpfs we
+    mounted): a bind source on the host, or a --writable sandbox, is never written to."""
+    try:
+        return safepath.open_in_root(ROOT, m.dst)
+    except FileNotFoundError:
+        pass
+    comps, _exists = safepath.canonical(ROOT, m.dst)  # resolved up to the missing part
+    k = 0
+    while k < len(comps):
+        try:
+            os.close(safepath.open_in_root(ROOT, "/" + "/".join(comps[: k + 1])))
+        except FileNotFoundError:
+            break
+        k += 1
+    parent = safepath.open_in_root(ROOT, "/" + "/".join(comps[:k]))
+    try:
+        if os.fstat(parent).st_dev not in ours:
+            raise BindError(
+                f"bind destination {m.dst} does not exist in the container",
+                "create it in the writable sandbox first: hpcrun never changes its tree, nor a bind's source"
+                if in_place
+                else "a destination inside another bind must exist in that bind's source: hpcrun never writes there",
+            )
+        safepath.make_in_upper(safepath.fd_path(parent, PROC), comps[k:], _kind(m))
+    finally:
+        os.close(parent)
+    return safepath.open_in_root(ROOT, m.dst)
+
+
+def _apply(m, verbose, ours, in_place=False):
+    try:
+        fd = _open_point(m, ours, in_place)
+    except OSError as e:
+        raise BindError(f"bind destination {m.dst}: {e.strerror or e}", "choose another destination") from None
     try:
         target = safepath.fd_path(fd, PROC)
         if m.kind == "tmpfs":
-            sc.mount("tmpfs", target, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=1777")
+            mode = "0755" if m.name == "homebase" else "1777"
+            sc.mount("tmpfs", target, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, f"mode={mode}")
+            ours.add(os.stat(os.readlink(target)).st_dev)  # the new tmpfs: mount points may go in it
             return
         src = OLD + m.src
         if os.path.isdir(target) != os.path.isdir(src):
@@ -269,11 +331,14 @@ def _write_identity(plan, lower, upper):
             line = "root:x:0:0:root:/root:/bin/sh" if rel == "/etc/passwd" else "root:x:0:"
             key = "root"
         text = "\n".join([ln for ln in old if ln.split(":", 1)[0] != key] + [line]) + "\n"
-        safepath.make_in_upper(upper, comps, "file")
-        path = upper + "/" + "/".join(comps)
         if plan.in_place:
+            if not exists:
+                continue  # nothing to bind it onto, and the sandbox is never written to
             path = f"{RW}/{os.path.basename(rel)}"
             binds.append((path, comps))
+        else:
+            safepath.make_in_upper(upper, comps, "file")
+            path = upper + "/" + "/".join(comps)
         with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
             f.write(text)
     return binds

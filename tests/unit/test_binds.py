@@ -113,3 +113,41 @@ def test_bind_equality_ignores_origin_and_repr():
     assert Bind("/a", "/b", True) != Bind("/a", "/b", False)
     assert repr(Bind("/a", "/b", True)) == "Bind('/a', '/b', ro=True)"
     assert binds.Bind is Bind
+
+
+# Escaped commas and colons: Apptainer's ParseBindPath
+# (pkg/runtime/engine/apptainer/config/bind.go; e2e actionBinds BindFileWith{Comma,Colon}*).
+
+
+def test_escaped_comma_in_source():
+    """BindFileWithCommaOK: `file\\,comma:/canary/file` is one bind of `file,comma`;
+    BindFileWithCommaKO: without the backslash the comma separates two binds."""
+    assert parse(["/c/file\\,comma:/canary/file"], CWD) == [Bind("/c/file,comma", "/canary/file")]
+    two = [Bind("/c/file", "/c/file"), Bind(CWD + "/comma", "/canary/file")]
+    assert parse(["/c/file,comma:/canary/file"], CWD) == two
+
+
+def test_escaped_colon_in_source():
+    """BindFileWithColonOK: `file\\:colon:/canary/file` binds `file:colon`;
+    BindFileWithColonKO: unescaped, `/canary/file` is taken as the option."""
+    assert parse(["/c/file\\:colon:/canary/file"], CWD) == [Bind("/c/file:colon", "/canary/file")]
+    assert parse_one("/c/a\\:b:ro", CWD) == Bind("/c/a:b", "/c/a:b", True)
+    with pytest.raises(UsageError) as ei:
+        parse(["/c/file:colon:/canary/file"], CWD)
+    assert "option" in ei.value.message
+
+
+def test_escapes_in_destination_and_lists():
+    """hpcrun also takes the escapes in the destination (Apptainer only in the source);
+    any other backslash stays, as in Apptainer."""
+    out = parse(["/a\\,b:/m\\:n:ro,/x\\:y"], CWD)
+    assert out == [Bind("/a,b", "/m:n", True), Bind("/x:y", "/x:y")]
+    assert parse(["/a\\b:/c\\d,/e\\"], CWD) == [Bind("/a\\b", "/c\\d"), Bind("/e\\", "/e\\")]
+
+
+def test_options_list_after_full_spec():
+    """`SRC:DST:OPT,OPT` (ParseBindPath): a bare ro/rw after a three-field item is one
+    more option of it, not a path named ro."""
+    assert parse(["/a:/b:rw,ro"], CWD) == [Bind("/a", "/b", True)]
+    assert parse(["/a:/b:ro,rw,/c"], CWD) == [Bind("/a", "/b", True), Bind("/c", "/c")]
+    assert parse(["/a:/b,ro"], CWD) == [Bind("/a", "/b"), Bind(CWD + "/ro", CWD + "/ro")]

@@ -290,11 +290,11 @@ def test_user_binds_from_options_and_env(cfg):
     options.apply_env(options.OPTIONS, "exec", {"bind": binds}, h.env, None)
     p = plan(cfg, h, bind=binds)
     user = [(m.src, m.dst, m.readonly) for m in p.mounts if m.name == "user"]
-    assert user == [
+    assert user == [  # shallowest destination first, else in the order given
         ("/o1", "/o1", False),
-        ("/o2", "/mnt/o2", True),
         ("/e2", "/e2", False),
         ("/data/proj/rel", "/r", False),
+        ("/o2", "/mnt/o2", True),
         ("/e1", "/mnt/e1", True),
     ]
     assert all(m.kind == "bind" and not m.optional for m in p.mounts if m.name == "user")
@@ -420,3 +420,32 @@ def test_container_variables_and_no_eval(cfg):
     assert p.env["APPTAINER_COMMAND"] == "shell" and p.env["PWD"] == p.cwd and "OLDPWD" not in p.env
     q = plan(cfg)  # without the option (before cli9's merge) values are evaluated
     assert not q.no_eval and "APPTAINER_NO_EVAL" not in q.env and "APPTAINER_BIND" not in q.env
+
+
+def test_user_binds_shallowest_destination_first(cfg):
+    """Apptainer sorts its user binds by destination depth (mount_linux.go, sortedMount):
+    -B A:/mnt/sub -B B:/mnt shows A at /mnt/sub, on top of B. Scratch directories come
+    before them (ScratchTag < UserbindsTag), so a bind can go inside one."""
+    p = plan(cfg, bind=["/a:/mnt/sub/x", "/b:/mnt/sub", "/c:/mnt", "/d:/"], scratch=["/scratch"])
+    order = [(m.name, m.dst) for m in p.mounts if m.name in ("user", "scratchdir")]
+    assert order == [
+        ("scratchdir", "/scratch"),
+        ("user", "/"),
+        ("user", "/mnt"),
+        ("user", "/mnt/sub"),
+        ("user", "/mnt/sub/x"),
+    ]
+    assert p.env["APPTAINER_BIND"] == "/mnt/sub/x,/mnt/sub,/mnt,/"  # as given
+
+
+@pytest.mark.parametrize("cwd", ["/home/x", "/home/x/sub"])
+def test_cwd_in_custom_home_destination_not_bound(cfg, cwd):
+    """--home SRC:DST run from DST (or below): the working directory is not bound over
+    the home (Apptainer: CWD is not mounted where it is already mounted)."""
+    p = plan(cfg, host(cwd=cwd), home="/data/h:/home/x")
+    assert "cwd" not in names(p)
+    assert by_dst(p)["/home/x"].src == "/data/h"
+    assert p.cwd == cwd
+    assert [m.dst for m in plan(cfg, host(cwd="/home/xy"), home="/data/h:/home/x").mounts if m.name == "cwd"] == [
+        "/home/xy"
+    ]
