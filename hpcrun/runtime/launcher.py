@@ -155,6 +155,7 @@ def _container(plan, lower, timer, verbose):
     # --writable: the sandbox itself is the root and is never written to (_in_sandbox).
     upper = RW + "/upper"
     ready = []
+    taken = set()  # resolved destinations: a default mount landing on an earlier one's is skipped
     for m in plan.mounts:
         if m.kind != "tmpfs" and not _source_ok(m):
             continue
@@ -168,6 +169,10 @@ def _container(plan, lower, timer, verbose):
             ) from None
         if exists and m.if_missing:
             continue
+        where = tuple(comps)  # an image's /var/tmp -> /tmp: not the host's /var/tmp over /tmp (issue 1097)
+        if m.optional and where in taken:
+            continue
+        taken.add(where)
         if exists:
             ready.append(m)
         elif plan.in_place:
@@ -287,6 +292,8 @@ def _apply(m, verbose, ours, in_place=False):
             return
         src = OLD + m.src
         if os.path.isdir(target) != os.path.isdir(src):
+            if m.optional:  # a default mount the image does not fit (issue 5465): not fatal
+                return
             raise BindError(
                 f"bind {m.src} -> {m.dst}: one is a directory, the other is not",
                 "bind a directory onto a directory and a file onto a file",
