@@ -84,10 +84,13 @@ class Instance:
         is no startscript (the instance then only holds the container, as Apptainer's)."""
         from hpcrun.runtime import launcher
 
+        if plan.app:  # one line for an app the image lacks, not a silent instance
+            launcher.check_app(plan, plan.app, os.path.exists, os.access)
         if self.script == "start":
-            if not (os.path.isfile(STARTSCRIPT) and os.access(STARTSCRIPT, os.X_OK)):
+            script = f"/scif/apps/{plan.app}/scif/startscript" if plan.app else STARTSCRIPT  # --app: the app's
+            if not (os.path.isfile(script) and os.access(script, os.X_OK)):
                 return None
-            plan.action, plan.args = "exec", [STARTSCRIPT] + self.args
+            plan.action, plan.args = "exec", [script] + self.args
         else:
             plan.action, plan.args = "run", list(self.args)
         argv = launcher.resolve_argv(plan, os.path.exists, os.access)
