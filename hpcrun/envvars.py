@@ -196,16 +196,15 @@ def app_script(app):
     """--app NAME, after the image's env scripts (so an Apptainer image's own 95-apps.sh
     finds no SINGULARITY_APPNAME and stays idle): as Apptainer's: the app's root and bin
     before PATH, its lib before LD_LIBRARY_PATH, its 01-base.sh and 90-environment.sh."""
-    a = f"/scif/apps/{app}"
+    a = quote(f"/scif/apps/{app}")
     return (
         f"export SINGULARITY_APPNAME={quote(app)} APPTAINER_APPNAME={quote(app)}\n"
-        f"export SCIF_APPS=/scif/apps SCIF_APPROOT={quote(a)}\n"
-        f"PATH={quote(a)}:\"$PATH\"\n"
-        f'[ ! -d {quote(a + "/bin")} ] || PATH={quote(a + "/bin")}:"$PATH"\n'
-        f'[ ! -d {quote(a + "/lib")} ] || export LD_LIBRARY_PATH={quote(a + "/lib")}"${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}"\n'
-        f"for __f in {quote(a + '/scif/env/01-base.sh')} {quote(a + '/scif/env/90-environment.sh')}; do "
-        '[ -f "$__f" ] && . "$__f"; done; unset __f\n'
-        "export PATH"
+        f"export SCIF_APPS=/scif/apps SCIF_APPROOT={a}\n"
+        f'PATH={a}:"$PATH"\n'
+        f'[ ! -d {a}/bin ] || PATH={a}/bin:"$PATH"\n'
+        f'[ ! -d {a}/lib ] || export LD_LIBRARY_PATH={a}/lib"${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}"\n'
+        f'for __f in {a}/scif/env/01-base.sh {a}/scif/env/90-environment.sh; do [ -f "$__f" ] && . "$__f"; done\n'
+        "unset __f; export PATH"
     )
 
 

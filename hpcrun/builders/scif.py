@@ -78,7 +78,7 @@ def base_env(name):
     """01-base.sh: the active app's variables (Apptainer's names and values)."""
     root, data = f"/scif/apps/{name}", f"/scif/data/{name}"
     return (
-        f"#!/bin/sh\n\nSCIF_APPNAME={name}\nSCIF_APPROOT=\"{root}\"\nSCIF_APPMETA=\"{root}/scif\"\n"
+        f'#!/bin/sh\n\nSCIF_APPNAME={name}\nSCIF_APPROOT="{root}"\nSCIF_APPMETA="{root}/scif"\n'
         f'SCIF_DATA="/scif/data"\nSCIF_APPDATA="{data}"\nSCIF_APPINPUT="{data}/input"\n'
         f'SCIF_APPOUTPUT="{data}/output"\n'
         "export SCIF_APPDATA SCIF_APPNAME SCIF_APPROOT SCIF_APPMETA SCIF_APPINPUT SCIF_APPOUTPUT SCIF_DATA\n"
