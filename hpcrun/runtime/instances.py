@@ -21,7 +21,7 @@ NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123
 MAX_NAME = 64  # the socket's path (/proc/self/fd/N/instance-NAME.sock) must fit in 108 bytes
 STARTSCRIPT = "/.singularity.d/startscript"
 # Options a joining task chooses for itself; every other one is the instance's.
-PER_TASK = ("env", "env_file", "cleanenv", "pwd", "quiet", "verbose", "debug", "dry_run")
+PER_TASK = ("env", "env_file", "cleanenv", "app", "pwd", "quiet", "verbose", "debug", "dry_run")
 
 
 def check_name(name):

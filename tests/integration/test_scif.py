@@ -3,6 +3,7 @@ e2e test it follows (e2e/actions/actions.go, e2e/inspect/inspect.go, e2e/imgbuil
 the layout is internal/pkg/build/apps/apps.go's. Built as the test user, every image run."""
 
 import json
+import os
 import shutil
 import subprocess
 
@@ -39,6 +40,10 @@ From: base.sif
 %appfiles foo
     data.txt
 
+%appstart foo
+    echo "foo starting"
+    exec sleep "${1:-1000}"
+
 %appinstall bar
     touch filebar.exec
     [ -f /scif/apps/foo/filefoo.exec ]
@@ -52,8 +57,6 @@ From: base.sif
 def apps_image(images, tmp_path_factory):
     """The two-app image, built once as the test user (SIF)."""
     from hpcrun_testlib import WORK
-
-    import os
 
     d = os.path.join(WORK, "t", "scif-apps")
     shutil.rmtree(d, ignore_errors=True)
@@ -179,3 +182,36 @@ def test_bad_app_name(images, bdir):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "app name" in r.stderr, r.stderr
     r = hpcrun("exec", "--app", "../x", images["sif"], "true")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_instance_start_app_runs_its_startscript(apps_image):
+    """instance.go testAppEchoServer: `instance start --app foo` runs foo's %appstart;
+    a joining task chooses its own --app (none by default)."""
+    try:
+        ok(hpcrun("instance", "start", "--app", "foo", apps_image, "scifinst", "4321"))
+        ps = ok(hpcrun("exec", "instance://scifinst", "ps", "-o", "args")).stdout
+        assert any(line.split() == ["sleep", "4321"] for line in ps.splitlines()), ps
+        r = ok(hpcrun("exec", "instance://scifinst", "sh", "-c", 'echo "${SCIF_APPNAME:-none}"'))
+        assert r.stdout == "none\n"
+        r = ok(hpcrun("exec", "--app", "bar", "instance://scifinst", "sh", "-c", 'echo "$SCIF_APPNAME"'))
+        assert r.stdout == "bar\n"
+    finally:
+        hpcrun("instance", "stop", "--all", "-t", "1")
+    r = hpcrun("instance", "start", "--app", "fakeapp", apps_image, "scifbad")
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "no app 'fakeapp'" in r.stderr, r.stderr
+
+
+def test_apptainer_image_own_95_apps_script_stays_idle(images, utmp):
+    """Images Apptainer built carry its 95-apps.sh, which acts on $SINGULARITY_APPNAME:
+    the app is activated once (hpcrun sets the name after the image's scripts)."""
+    root = str(utmp / "sandbox")
+    shutil.copytree(images["sandbox"], root, symlinks=True)
+    for d in ("scif/apps/x/bin", "scif/apps/x/scif/env"):
+        os.makedirs(os.path.join(root, d))
+    with open(os.path.join(root, ".singularity.d/env/95-apps.sh"), "w") as f:
+        f.write('if [ -n "${SINGULARITY_APPNAME:-}" ]; then PATH="/scif/apps/$SINGULARITY_APPNAME/bin:$PATH"; fi\n')
+    with open(os.path.join(root, "scif/apps/x/scif/env/01-base.sh"), "w") as f:
+        f.write("SCIF_APPNAME=x\nexport SCIF_APPNAME\n")
+    subprocess.run(["chmod", "-R", "a+rX", root], check=True)
+    r = ok(hpcrun("exec", "--app", "x", root, "sh", "-c", 'echo "$SCIF_APPNAME $PATH"'))
+    assert r.stdout.startswith("x /scif/apps/x/bin:/scif/apps/x:") and r.stdout.count("/scif/apps/x/bin") == 1, r.stdout
