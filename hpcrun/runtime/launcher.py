@@ -324,7 +324,7 @@ def resolve_argv(plan, exists, access):
     except OSError:
         has_env = False
     if app or has_env or envvars.needs_eval(plan.forced, plan.no_eval) and exists("/bin/sh"):
-        argv = ["/bin/sh", "-c", envvars.wrapper_script(plan.forced, plan.no_eval, app), "hpcrun"] + argv
+        argv = ["/bin/sh", "-c", envvars.wrapper_script(plan.forced, plan.no_eval, app=app), "hpcrun"] + argv
     return argv
 
 

@@ -129,7 +129,7 @@ def test_planted_scif_link_stays_inside(tmp_path):
 class _Plan:
     def __init__(self, action, app, args=()):
         self.action, self.app, self.args, self.image = action, app, list(args), "/img.sif"
-        self.forced, self.no_eval = {}, False
+        self.forced, self.no_eval, self.uid, self.gid = {}, False, 1000, 1000
 
 
 def _fs(paths):
@@ -159,7 +159,7 @@ def test_resolve_argv_unknown_app():
 def test_app_wrapper_order(tmp_path):
     """The app's environment after the image's scripts, before forced values; bin and lib
     first in PATH and LD_LIBRARY_PATH (Apptainer's 95-apps.sh)."""
-    script = envvars.wrapper_script({"FORCED": "f"}, True, "foo")
+    script = envvars.wrapper_script({"FORCED": "f"}, True, app="foo")
     assert script.index(envvars.ENV_DIR) < script.index("/scif/env/01-base.sh")
     assert script.index("90-environment.sh") < script.index("export FORCED=")
     out = subprocess.run(
@@ -209,9 +209,9 @@ def test_inspect_lists_only_plain_apps():
         "/scif/apps/bad\nname/scif/labels.json": "{}",
     }
     assert insp.list_apps(_Reader(files)) == ["hello", "world"]
-    meta = {"labels": {}, "apps": {"world": {"runscript": "#!/bin/sh\n", "labels": {}}, "hello": {}}}
+    meta = {"labels": {}, "apps": {"world": {"runscript": "#!/bin/sh", "labels": {}}, "hello": {}}}
     out = json.loads(insp.render_json(meta, ["runscript"]))
     assert out == {
-        "data": {"attributes": {"apps": {"hello": {}, "world": {"runscript": "#!/bin/sh\n"}}}},
+        "data": {"attributes": {"apps": {"hello": {}, "world": {"runscript": "#!/bin/sh"}}}},
         "type": "container",
     }
