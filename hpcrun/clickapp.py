@@ -94,12 +94,14 @@ container_command("test", "Run IMAGE's test script (/.singularity.d/test) with A
 
 
 @app.command("run-help")
+@click.option("--app", metavar="NAME", help="The help of the SCIF app NAME (%apphelp).")
 @click.argument("image")
-def run_help(image):
+def run_help(image, app):
     """Show IMAGE's help text (%help of its definition file)."""
     from hpcrun.images import inspect as insp
 
-    text = insp.metadata(image)["helpfile"]
+    meta = insp.metadata(image, app)
+    text = meta["apps"][app]["helpfile"] if app else meta["helpfile"]
     click.echo(text if text else "No help sections were defined for this image", nl=not text)
     return 0
 
@@ -288,22 +290,24 @@ INSPECT_KEYS = ["labels", "environment", "runscript", "deffile", "helpfile", "st
 @click.option("-t", "--test", is_flag=True, help="The test script.")
 @click.option("--all", "all_", is_flag=True, help="Everything.")
 @click.argument("image")
-def inspect(image, all_, as_json, **which):
+def inspect(image, all_, as_json, app, list_apps, **which):
     """Show IMAGE's metadata without mounting or running it (the union of the selectors
-    given; labels when none)."""
+    given; labels when none). --app NAME: that SCIF app's; --list-apps: the app names."""
     from hpcrun.images import inspect as insp
 
     if "://" in image:  # docker://, oras://: the cached SIF (env9, refcache)
         from hpcrun.images import refcache
 
         image = refcache.resolve(image, quiet=True)
-    meta = insp.metadata(image)
+    app = None if all_ else app  # as Apptainer: --all shows every app
+    meta = insp.metadata(image, app, "all" if all_ else "list" if list_apps else None)
     # as Apptainer: labels with the others when asked for, alone when nothing else is; --all is JSON
-    which = INSPECT_KEYS if all_ else [k for k in INSPECT_KEYS if which[k]] or ["labels"]
+    which = INSPECT_KEYS if all_ else [k for k in INSPECT_KEYS if which[k]] or ([] if list_apps else ["labels"])
     if as_json or all_:
         click.echo(insp.render_json(meta, which))
     else:
-        click.echo(insp.render(meta, which), nl=False)
+        names = "".join(f"{n}\n" for n in sorted(meta.get("apps", {}))) if list_apps else ""
+        click.echo(names + insp.render(meta["apps"][app] if app else meta, which), nl=False)
     return 0
 
 

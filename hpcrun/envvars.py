@@ -199,7 +199,23 @@ def needs_eval(forced, no_eval):
     return not no_eval and any(c in v for v in forced.values() for c in EVAL_CHARS)
 
 
-def wrapper_script(forced, no_eval=True, ids=None):
+def app_script(app):
+    """--app NAME, after the image's env scripts (so an Apptainer image's own 95-apps.sh
+    finds no SINGULARITY_APPNAME and stays idle): as Apptainer's: the app's root and bin
+    before PATH, its lib before LD_LIBRARY_PATH, its 01-base.sh and 90-environment.sh."""
+    a = quote(f"/scif/apps/{app}")
+    return (
+        f"export SINGULARITY_APPNAME={quote(app)} APPTAINER_APPNAME={quote(app)}\n"
+        f"export SCIF_APPS=/scif/apps SCIF_APPROOT={a}\n"
+        f'PATH={a}:"$PATH"\n'
+        f'[ ! -d {a}/bin ] || PATH={a}/bin:"$PATH"\n'
+        f'[ ! -d {a}/lib ] || export LD_LIBRARY_PATH={a}/lib"${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}"\n'
+        f'for __f in {a}/scif/env/01-base.sh {a}/scif/env/90-environment.sh; do [ -f "$__f" ] && . "$__f"; done\n'
+        "unset __f; export PATH"
+    )
+
+
+def wrapper_script(forced, no_eval=True, ids=None, app=None):
     """Shell text that sources the image's env scripts, then re-applies forced values
     (evaluated by the shell unless no_eval). The PATH it starts with already has
     PREPEND/APPEND_PATH (for images without a wrapper): they are taken off first, so
@@ -215,6 +231,8 @@ def wrapper_script(forced, no_eval=True, ids=None):
     if "APPEND_PATH" in forced:
         lines.append(f"PATH=${{PATH%{quote(':' + forced['APPEND_PATH'])}}}")
     lines.append(f'for __f in {ENV_DIR}/*.sh; do [ -f "$__f" ] && . "$__f"; done; unset __f')
+    if app:
+        lines.append(app_script(app))
     for k, v in forced.items():
         if k not in PATH_KEYS and k != "PATH":
             lines.append(f"export {k}={q(v)}")

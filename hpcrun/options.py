@@ -64,7 +64,6 @@ ENV_ELSEWHERE = ("DOCKER_USERNAME", "DOCKER_PASSWORD", "DOCKER_LOGIN", "DOCKER_H
 _NOCACHE = "noop:hpcrun's content-addressed cache is always used (each entry is checked by digest)"
 _NOHTTPS = "noop:hpcrun speaks plain HTTP to registries on loopback addresses only"
 _CRYPT = "refused:encrypted images are not supported"
-_APPS = "refused:SCIF apps are not supported"
 _BIND_HELP = "Bind a host path into the container (repeatable, comma lists; also $HPCRUN_BIND)."
 
 # (flags, dest, kind, metavar, help, env keys, status, commands); kind: flag | value | multi
@@ -398,7 +397,14 @@ OPTIONS = [
         "CONTAINLIBS",
         "refused:not supported (bind the libraries with -B)",
     ),
-    _o("--app", "app", "value", "NAME", "Refused: no SCIF apps.", "APP APPNAME", _APPS),
+    _o(
+        "--app",
+        "app",
+        "value",
+        "NAME",
+        "Run the SCIF app NAME: its runscript/test/startscript, its environment, bin and lib.",
+        "APP APPNAME",
+    ),
     _o(
         "--ignore-subuid",
         "ignore_subuid",
@@ -656,7 +662,7 @@ def settle_table(table, cmd, opts, env, note):
     apply_env(table, cmd, opts, env, note, origins)
     for opt in table:
         status = opt[6]
-        if status.startswith("refused:") and opts.get(opt[1]) not in (None, False, []):
+        if status.startswith("refused:") and cmd in opt[7] and opts.get(opt[1]) not in (None, False, []):
             where = origins.get(opt[1])
             what = f"{where} ({opt[0][-1]})" if where else opt[0][-1]
             raise UsageError(f"{what} is not supported", status[len("refused:") :])
@@ -1001,8 +1007,8 @@ def _make_tables():
         o[:7] + (("inspect",),)
         for o in [
             _o("-j --json", "as_json", help_="Apptainer-style JSON."),
-            _o("--app", "app", "value", "NAME", "Refused: no SCIF apps.", status=_APPS),
-            _o("--list-apps", "list_apps", help_="Refused: no SCIF apps.", status=_APPS),
+            _o("--app", "app", "value", "NAME", "The metadata of the SCIF app NAME."),
+            _o("--list-apps", "list_apps", help_="List the SCIF apps."),
         ]
     ]
     return {"build": BUILD, "pull": PULL, "inspect": INSPECT}

@@ -185,6 +185,15 @@ def container_vars(action, image_path, bind_dsts, cwd, no_eval):
     return out
 
 
+def scif_app(name):
+    """--app NAME: a name under /scif/apps (the launcher checks the image has it)."""
+    if not name:
+        return None
+    if name.startswith(".") or "/" in name or not all(c.isalnum() or c in "_.+-" for c in name):
+        raise UsageError(f"--app {name!r}: not an app name", "list the image's apps: hpcrun inspect --list-apps IMAGE")
+    return name
+
+
 def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=()):
     """opts: parsed options (options.defaults() shape). Returns a Plan."""
     contain = opts["contain"] or opts["containall"]
@@ -345,6 +354,7 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
         env=env,
         forced=forced,
         no_eval=bool(opts.get("no_eval")),
+        app=scif_app(opts.get("app")),
         unsquash=unsquash,
         tmpfs_size=cfg["tmpfs_size"],
         new_proc=pid and "proc" not in skip,
@@ -363,6 +373,7 @@ PER_TASK = (
     "env",
     "forced",
     "no_eval",
+    "app",
     "cwd",
     "pwd_given",
     "new_proc",

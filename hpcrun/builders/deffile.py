@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 
+from hpcrun.builders import scif
 from hpcrun.errors import ConfigError, ImageError, UsageError
 
 SECTIONS = {"setup", "files", "post", "environment", "runscript", "startscript", "labels", "help", "test", "arguments"}
@@ -41,7 +42,9 @@ def parse(text, path, build_args=()):
         m = re.match(r"^%(\w+)(.*)$", line)
         if m:
             name = m.group(1).lower()
-            if name not in SECTIONS:
+            if name in scif.SECTIONS:  # %apprun NAME...: kept as "apprun NAME"
+                name = scif.section_key(name, m.group(2), f"{path}:{n}")
+            elif name not in SECTIONS:
                 raise UsageError(
                     f"{path}:{n}: unknown section %{name}",
                     f"known sections: {', '.join('%' + s for s in sorted(SECTIONS))}",
@@ -96,7 +99,9 @@ def parse(text, path, build_args=()):
     if agent not in ("scratch", "debootstrap") and not header.get("from"):
         raise UsageError(f"{path}: Bootstrap: {agent} needs a 'From:' header")
     section_args = {k: subst(v) for k, v in section_args.items()}
-    return Definition(header, sections, subst(text), section_args, used)
+    d = Definition(header, sections, subst(text), section_args, used)
+    scif.attach(d, path)  # SCIF apps: %appinstall joins %post
+    return d
 
 
 def source_of(d, defdir):
@@ -206,6 +211,7 @@ def metadata(d, root):
                 text = f"{first}\n\n{body}\n"
             root.write(f".singularity.d/{name}", text, mode)
     root.write(".singularity.d/Singularity", d.text if d.text.endswith("\n") else d.text + "\n")
+    scif.write(d, root)  # SCIF apps: /scif/apps/NAME, /scif/data/NAME
 
 
 def _environment(root, body):

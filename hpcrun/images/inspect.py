@@ -135,13 +135,24 @@ class _Sandbox:
         pass
 
 
-def metadata(path):
-    """{labels: dict, environment: {path: text}, runscript, deffile, helpfile, startscript, test}."""
+def metadata(path, app=None, apps=None):
+    """{labels: dict, environment: {path: text}, runscript, deffile, helpfile, startscript,
+    test}. app: that SCIF app's instead, as {"apps": {app: {...}}} (an ImageError when the
+    image has none of that name). apps: "list" adds {"apps": {name: {}}} for every app,
+    "all" every app's metadata."""
     image = open_image(path)
     try:
         reader = _Sandbox(image) if image.kind == "sandbox" else _Squash(image)
         try:
+            if app:
+                if app not in list_apps(reader):
+                    from hpcrun.errors import PROG
+
+                    raise ImageError(f"no app {app!r} in {path}", f"list its apps: {PROG} inspect --list-apps IMAGE")
+                return {"labels": {}, "environment": {}, "apps": {app: _app_meta(reader, app)}}
             out = {key: reader.read(f"{META}/{name}") for key, name in FILES.items()}
+            if apps:
+                out["apps"] = {n: _app_meta(reader, n) if apps == "all" else {} for n in list_apps(reader)}
             env, total = {}, 0
             for name in reader.listdir(f"{META}/env"):
                 if is_env_file(name):
@@ -179,6 +190,29 @@ def metadata(path):
         image.close()
 
 
+def list_apps(reader):
+    """The SCIF apps: /scif/apps/NAME with a scif/ metadata directory (as Apptainer's
+    inspect). Names are image content: only plain ones are shown."""
+    ok = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.+-")
+    names = [n for n in reader.listdir("/scif/apps") if set(n) <= ok and not n.startswith(".")]
+    return [n for n in names if reader.listdir(f"/scif/apps/{n}/scif")]
+
+
+def _app_meta(reader, name):
+    """An app's labels, scripts, help and %appenv file, from /scif/apps/NAME/scif."""
+    meta = f"/scif/apps/{name}/scif"
+    out = {key: reader.read(f"{meta}/{file}") for key, file in FILES.items() if key != "deffile"}
+    env = f"{meta}/env/90-environment.sh"
+    text = reader.read(env)
+    out["environment"] = {env: text} if text else {}
+    labels = reader.read(f"{meta}/labels.json", strict=True)
+    try:
+        out["labels"] = json.loads(labels) if labels else {}
+    except ValueError:
+        raise ImageError(f"app {name}: labels.json is not valid JSON") from None
+    return out
+
+
 def is_env_file(name):
     """The environment files Apptainer's inspect shows: the image config's and %environment's."""
     return name.endswith(".sh") and (name.startswith("10-docker") or name.startswith("9") and "-environment" in name)
@@ -205,7 +239,18 @@ def render_json(meta, which):
     """`inspect --json` as Apptainer prints it: {"data": {"attributes": {...}}, "type": "container"}."""
     import json
 
-    attrs = {k: meta[k] for k in JSON_ORDER if k in which and meta.get(k)}
+    attrs = {}
+    if meta.get("apps"):  # Apptainer's first field; an app's own fields in its order
+        attrs["apps"] = {n: _attributes(a, APP_ORDER, which) for n, a in sorted(meta["apps"].items())}
+    attrs.update(_attributes(meta, JSON_ORDER, which))
+    return json.dumps({"data": {"attributes": attrs}, "type": "container"}, indent="\t")
+
+
+APP_ORDER = ("environment", "labels", "runscript", "startscript", "test", "helpfile")
+
+
+def _attributes(meta, order, which):
+    attrs = {k: meta[k] for k in order if k in which and meta.get(k)}
     for k in ("runscript", "test", "helpfile", "deffile", "startscript"):  # as its setAttribute does
         if k in attrs:
             attrs[k] = attrs[k].rstrip("\n")
@@ -213,4 +258,4 @@ def render_json(meta, which):
         attrs["environment"] = {path: text.rstrip("\n") for path, text in attrs["environment"].items()}
     if "labels" in attrs:
         attrs["labels"] = {k: attrs["labels"][k] for k in sorted(attrs["labels"])}
-    return json.dumps({"data": {"attributes": attrs}, "type": "container"}, indent="\t")
+    return attrs

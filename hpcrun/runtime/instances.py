@@ -21,7 +21,7 @@ NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123
 MAX_NAME = 64  # the socket's path (/proc/self/fd/N/instance-NAME.sock) must fit in 108 bytes
 STARTSCRIPT = "/.singularity.d/startscript"
 # Options a joining task chooses for itself; every other one is the instance's.
-PER_TASK = ("env", "env_file", "cleanenv", "pwd", "quiet", "verbose", "debug", "dry_run")
+PER_TASK = ("env", "env_file", "cleanenv", "app", "pwd", "quiet", "verbose", "debug", "dry_run")
 
 
 def check_name(name):
@@ -87,10 +87,13 @@ class Instance:
         is no startscript (the instance then only holds the container, as Apptainer's)."""
         from hpcrun.runtime import launcher
 
+        if plan.app:  # one line for an app the image lacks, not a silent instance
+            launcher.check_app(plan, plan.app, os.path.exists, os.access)
         if self.script == "start":
-            if not (os.path.isfile(STARTSCRIPT) and os.access(STARTSCRIPT, os.X_OK)):
+            script = f"/scif/apps/{plan.app}/scif/startscript" if plan.app else STARTSCRIPT  # --app: the app's
+            if not (os.path.isfile(script) and os.access(script, os.X_OK)):
                 return None
-            plan.action, plan.args = "exec", [STARTSCRIPT] + self.args
+            plan.action, plan.args = "exec", [script] + self.args
         else:
             plan.action, plan.args = "run", list(self.args)
         argv = launcher.resolve_argv(plan, os.path.exists, os.access)

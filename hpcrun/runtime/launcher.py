@@ -131,7 +131,12 @@ def build(plan, image, timer, verbose=False, daemon=None, sandbox=None, keep=Non
 
 def enter(plan, daemon_pid, timer):
     """In the container root: run the command and supervise it; returns its status."""
-    argv = resolve_argv(plan, os.path.exists, os.access)
+    try:
+        argv = resolve_argv(plan, os.path.exists, os.access)
+    except BaseException:  # --app NAME that the image lacks
+        if daemon_pid:
+            _stop(daemon_pid)
+        raise
     program = find_program(argv[0], plan.env.get("PATH", ""))
     if program is None:
         sys.stderr.write(f"hpcrun: error: {argv[0]}: command not found in the container\n")
@@ -367,8 +372,13 @@ def _loopback_up():
 
 def resolve_argv(plan, exists, access):
     """The argv to exec inside the container, for exec/run/shell/test."""
+    app = getattr(plan, "app", None)
+    if app:
+        check_app(plan, app, exists, access)
     if plan.action == "exec":
         argv = list(plan.args)
+    elif plan.action in ("run", "test") and app:
+        argv = [f"/scif/apps/{app}/scif/{'runscript' if plan.action == 'run' else 'test'}"] + plan.args
     elif plan.action == "run":
         script = "/.singularity.d/runscript"
         argv = ([script] if exists(script) and access(script, os.X_OK) else ["/bin/sh"]) + plan.args
@@ -385,10 +395,22 @@ def resolve_argv(plan, exists, access):
         has_env = any(n.endswith(".sh") for n in os.listdir(envvars.ENV_DIR))
     except OSError:
         has_env = False
-    if has_env or envvars.needs_eval(plan.forced, plan.no_eval) and exists("/bin/sh"):
-        script = envvars.wrapper_script(plan.forced, plan.no_eval, (plan.uid, plan.gid))
+    if app or has_env or envvars.needs_eval(plan.forced, plan.no_eval) and exists("/bin/sh"):
+        script = envvars.wrapper_script(plan.forced, plan.no_eval, (plan.uid, plan.gid), app=app)
         argv = ["/bin/sh", "-c", script, "hpcrun"] + argv
     return argv
+
+
+def check_app(plan, app, exists, access):
+    """--app NAME: the image must have the app (and, for run/test, its script): one line."""
+    from hpcrun.errors import PROG, ImageError
+
+    meta = f"/scif/apps/{app}/scif"
+    if not exists(meta):
+        raise ImageError(f"no app {app!r} in {plan.image}", f"list its apps: {PROG} inspect --list-apps IMAGE")
+    what, section = {"run": ("runscript", "apprun"), "test": ("test", "apptest")}.get(plan.action, (None, None))
+    if what and not (exists(f"{meta}/{what}") and access(f"{meta}/{what}", os.X_OK)):
+        raise ImageError(f"app {app!r} in {plan.image} has no {what}", f"its definition has no %{section} {app}")
 
 
 def _chdir(plan):
