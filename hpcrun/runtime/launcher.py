@@ -315,7 +315,8 @@ def resolve_argv(plan, exists, access):
     except OSError:
         has_env = False
     if has_env or envvars.needs_eval(plan.forced, plan.no_eval) and exists("/bin/sh"):
-        argv = ["/bin/sh", "-c", envvars.wrapper_script(plan.forced, plan.no_eval), "hpcrun"] + argv
+        # $0 is the program's name: sh starts its error lines with it
+        argv = ["/bin/sh", "-c", envvars.wrapper_script(plan.forced, plan.no_eval), errors.PROG] + argv
     return argv
 
 
