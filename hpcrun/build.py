@@ -17,6 +17,7 @@ import sys
 
 from hpcrun import inroot, trees
 from hpcrun.builders.buildplan import build_plan
+from hpcrun import errors
 from hpcrun.errors import ConfigError, HpcrunError, ImageError, UsageError
 
 COMPRESSORS = ("gzip", "zstd", "lz4", "xz")
@@ -55,7 +56,11 @@ def build(
         raise UsageError(f"{out} exists", "use --force to replace it")
     if "squash" in plan.steps and not shutil.which("mksquashfs"):
         raise ImageError("mksquashfs is not installed", "install squashfs-tools")
-    say = (lambda msg: None) if quiet or not sys.stderr.isatty() else (lambda msg: sys.stderr.write(f"hpcrun: {msg}\n"))
+    say = (
+        (lambda msg: None)
+        if quiet or not sys.stderr.isatty()
+        else (lambda msg: sys.stderr.write(f"{errors.PROG}: {msg}\n"))
+    )
     with Work(plan.out, plan.idmap) as work:
         state = State(work, say, quiet)
         for step in plan.steps:
@@ -75,7 +80,7 @@ def _unused_build_args(source, build_args, warn, quiet):
     if not warn:
         raise UsageError(what, "remove them, or pass --warn-unused-build-args")
     if not quiet:
-        sys.stderr.write(f"hpcrun: warning: {what}\n")
+        sys.stderr.write(f"{errors.PROG}: warning: {what}\n")
 
 
 def _idmap(fakeroot):
@@ -255,12 +260,12 @@ def step_unpack(plan, st):
         os.unlink(st.layers[0])  # unpacked: no need to hold it twice
     if skipped and not st.quiet:
         sys.stderr.write(
-            f"hpcrun: note: skipped {len(skipped)} device node(s)/FIFO(s) "
+            f"{errors.PROG}: note: skipped {len(skipped)} device node(s)/FIFO(s) "
             f"(an unprivileged build cannot create them), e.g. /{skipped[0]}\n"
         )
     if lost and not plan.sandbox and not st.quiet:
         why = "their ids are outside your subuid range" if plan.owners else "keeping them needs a subuid range"
-        sys.stderr.write(f"hpcrun: note: {len(lost)} file(s) lose their owner ({why}), e.g. /{lost[0]}\n")
+        sys.stderr.write(f"{errors.PROG}: note: {len(lost)} file(s) lose their owner ({why}), e.g. /{lost[0]}\n")
 
 
 def step_metadata(plan, st):
@@ -301,7 +306,8 @@ def step_post(plan, st):
     d = plan.source.definition
     if plan.root_only_post and not st.quiet:
         sys.stderr.write(
-            "hpcrun: note: no /etc/subuid range: %post runs as root mapped to you only; chown to other ids will fail\n"
+            f"{errors.PROG}: note: no /etc/subuid range: %post runs as root mapped to you only;"
+            " chown to other ids will fail\n"
         )
 
     def prepare(root):

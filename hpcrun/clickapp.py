@@ -330,12 +330,35 @@ def _sif_command(name, doc, text, data):
 
             click.echo(json.dumps(getattr(siftool, data)(f), indent=2))
         else:
-            click.echo(getattr(siftool, text)(f), nl=False)
+            click.echo(siftool.to_bytes(getattr(siftool, text)(f)), nl=False)  # the image's bytes as they are
         return 0
 
 
 _sif_command("list", "List the objects of a SIF file (as `siftool list`).", "list_text", "list_rows")
 _sif_command("header", "Print the global header of a SIF file (as `siftool header`).", "header_text", "header_dict")
+
+
+@sif.command("info")
+@click.argument("object_id", metavar="ID")
+@click.argument("image")
+def sif_info(object_id, image):
+    """Print what the descriptor of object ID says (as `siftool info ID IMAGE`)."""
+    from hpcrun.images import siftool
+    from hpcrun.images.sif import SifFile
+
+    oid = siftool.parse_id(object_id)
+    click.echo(siftool.to_bytes(siftool.info_text(SifFile(image), oid)), nl=False)
+    return 0
+
+
+@sif.command("dump")
+@click.argument("object_id", metavar="ID")
+@click.argument("image")
+def sif_dump(object_id, image):
+    """Write object ID's data to stdout (as `siftool dump ID IMAGE`)."""
+    from hpcrun.images import siftool
+
+    return siftool.dump(image, siftool.parse_id(object_id))
 
 
 @apptainer_flags("pull")

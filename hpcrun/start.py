@@ -37,7 +37,7 @@ class Timer:
             if phase == "fork":
                 phases = ", ".join(f"{p} {d * 1000:.1f} ms" for p, d in self.marks)
                 sys.stderr.write(
-                    f"hpcrun: timings: {phases}; total {(now - self.t0) * 1000:.1f} ms"
+                    f"{errors.PROG}: timings: {phases}; total {(now - self.t0) * 1000:.1f} ms"
                     f" (+ {(self.t0 - IMPORTED_AT) * 1000:.1f} ms imports before)\n"
                 )
 
@@ -81,7 +81,7 @@ def run_container(req):
         image_path = refcache.resolve(image_path, quiet=opts["quiet"])
     image = open_image(image_path)
     if image.warning and not opts["quiet"]:
-        sys.stderr.write(f"hpcrun: warning: {image.warning}\n")
+        sys.stderr.write(f"{errors.PROG}: warning: {image.warning}\n")
     try:
         plan = build_plan(opts, action, image.path, image.kind, args, cfg, host, env_files)
         _resolve_sources(plan)
@@ -97,7 +97,7 @@ def run_container(req):
                 raise errors.BindError(f"bind source {m.src} does not exist", "create it or fix the --bind argument")
         if plan.idmap["mode"] == "root" and not opts["quiet"]:
             sys.stderr.write(
-                f"hpcrun: note: no range for {host.user} in /etc/subuid and /etc/subgid: "
+                f"{errors.PROG}: note: no range for {host.user} in /etc/subuid and /etc/subgid: "
                 "--fakeroot maps only root (to you); chown to other ids will fail\n"
             )
         timer("plan")

@@ -26,6 +26,7 @@ import urllib.request
 
 from hpcrun.builders import auth
 from hpcrun.builders.oci import GOARCH, INDEX_TYPES, LAYER_TYPES
+from hpcrun import errors
 from hpcrun.errors import ImageError, UsageError
 
 ACCEPT = ", ".join(
@@ -363,7 +364,7 @@ class Registry:
     def _drop(self, path, digest):
         """Remove a cache entry that is not the blob it is named after."""
         if not self.quiet:
-            sys.stderr.write(f"hpcrun: note: cached blob {digest} is damaged, fetching it again\n")
+            sys.stderr.write(f"{errors.PROG}: note: cached blob {digest} is damaged, fetching it again\n")
         try:
             os.unlink(path)
         except IsADirectoryError:
@@ -390,7 +391,7 @@ class Registry:
                     h.update(chunk)
                     out.write(chunk)
                     if show:
-                        sys.stderr.write(f"\rhpcrun: {digest[7:19]} {done * 100 // size:3d}%")
+                        sys.stderr.write(f"\r{errors.PROG}: {digest[7:19]} {done * 100 // size:3d}%")
         finally:
             if show:
                 sys.stderr.write("\n")

@@ -8,6 +8,7 @@ objects of their own, which win."""
 import json
 import os
 
+from hpcrun import errors
 from hpcrun.errors import ImageError
 from hpcrun.images import sif as sifmod
 from hpcrun.images.detect import open_image
@@ -36,7 +37,7 @@ def _text(data, size, path, strict=False):
         )
     text = data[:LIMIT].decode("utf-8", "replace")
     if size > LIMIT:
-        text += f"\n[hpcrun: {path} truncated: {size} bytes, inspect shows the first {LIMIT >> 20} MiB]\n"
+        text += f"\n[{errors.PROG}: {path} truncated: {size} bytes, inspect shows the first {LIMIT >> 20} MiB]\n"
     return text
 
 
@@ -157,7 +158,8 @@ def metadata(path, app=None, apps=None):
             for name in reader.listdir(f"{META}/env"):
                 if is_env_file(name):
                     if total > LIMIT:  # many files: the limit holds for all of them together
-                        env[f"{META}/env/"] = f"[hpcrun: more files, not shown: inspect shows {LIMIT >> 20} MiB]\n"
+                        more = f"more files, not shown: inspect shows {LIMIT >> 20} MiB"
+                        env[f"{META}/env/"] = f"[{errors.PROG}: {more}]\n"
                         break
                     text = reader.read(f"{META}/env/{name}")
                     if text:

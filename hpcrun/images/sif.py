@@ -72,6 +72,7 @@ UNAME_ARCH = {
 
 class Descriptor:
     __slots__ = ("datatype", "id", "groupid", "linkid", "offset", "size", "ctime", "mtime", "name", "extra")
+    __slots__ += ("name_bytes",)
 
     def __init__(self, raw):
         (
@@ -90,7 +91,8 @@ class Descriptor:
             name,
             self.extra,
         ) = raw
-        self.name = name.rstrip(b"\0").decode("utf-8", "replace")
+        self.name_bytes = name.rstrip(b"\0")  # raw: `sif info` prints the bytes, as siftool
+        self.name = self.name_bytes.decode("utf-8", "replace")
 
     @property
     def fstype(self):
@@ -151,6 +153,7 @@ class SifFile:
             raise ImageError(f"{self.path}: SIF version {self.version!r} is not supported (only 01)")
         self.launch = launch.rstrip(b"\0")
         self.arch = ARCHES.get(arch[:2].decode("ascii", "replace"), "unknown")
+        self.arch_bytes = arch  # all 3 bytes: siftool knows an arch only with its NUL
         self.uuid = uuid
         self.file_size = size
         if (

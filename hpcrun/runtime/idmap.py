@@ -2,6 +2,7 @@
 
 import os
 
+from hpcrun import errors
 from hpcrun.errors import RuntimeSetupError
 
 
@@ -111,7 +112,7 @@ def run_mapped(argv, idmap):
             _enter(idmap)
             os.execvp(argv[0], argv)
         except BaseException as e:
-            os.write(2, f"hpcrun: error: cannot run {argv[0]} in a user namespace: {e}\n".encode())
+            os.write(2, f"{errors.PROG}: error: cannot run {argv[0]} in a user namespace: {e}\n".encode())
         finally:
             os._exit(127)
     return os.waitstatus_to_exitcode(_reap(pid))

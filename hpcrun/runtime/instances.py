@@ -13,6 +13,7 @@ killed keepers left is removed by whoever finds it (start, list, stop, join).
 import os
 import sys
 
+from hpcrun import errors
 from hpcrun.errors import RuntimeSetupError, UsageError
 from hpcrun.runtime import share
 
@@ -62,7 +63,8 @@ class Instance:
                 os.close(fd)
             if not quiet:
                 sys.stderr.write(
-                    f"hpcrun: warning: instance {self.name}: no log files in {d} ({e.strerror}): its output is lost\n"
+                    f"{errors.PROG}: warning: instance {self.name}: no log files in {d} ({e.strerror}):"
+                    " its output is lost\n"
                 )
             return
         self.logs, self.log_paths = tuple(fds), paths
@@ -253,7 +255,7 @@ def launch(plan, image, daemon, reason, opts, timer):
     if inst.get("pid_file"):
         _write_pid_file(inst["pid_file"], name)
     if not opts["quiet"]:
-        sys.stderr.write(f"hpcrun: instance {name} started\n")
+        sys.stderr.write(f"{errors.PROG}: instance {name} started\n")
     return 0
 
 
@@ -265,7 +267,7 @@ def _write_pid_file(path, name):
         with open(fd, "w") as f:
             f.write(f"{found[0]['pid'] if found else ''}\n")
     except OSError as e:
-        sys.stderr.write(f"hpcrun: warning: cannot write the pid file {path}: {e.strerror}\n")
+        sys.stderr.write(f"{errors.PROG}: warning: cannot write the pid file {path}: {e.strerror}\n")
 
 
 def stop(pattern, sig, timeout, quiet=False):
@@ -282,7 +284,8 @@ def stop(pattern, sig, timeout, quiet=False):
     daemons = []
     for state, conn in targets:
         if not quiet:
-            sys.stderr.write(f"hpcrun: stopping {state['name']} instance of {state['image']} (PID={state['pid']})\n")
+            which = f"{state['name']} instance of {state['image']} (PID={state['pid']})"
+            sys.stderr.write(f"{errors.PROG}: stopping {which}\n")
         daemons += _daemon_watch(state, share.peer_pid(conn))
         _send(conn, sig)
     left = _wait_closed([c for _, c in targets], timeout, select)

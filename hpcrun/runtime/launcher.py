@@ -15,6 +15,7 @@ import _signal as signal  # the C module: signal.py builds enums, ~7 ms of every
 import sys
 
 from hpcrun import envvars
+from hpcrun import errors
 from hpcrun.errors import BindError, RuntimeSetupError, NOT_EXECUTABLE, NOT_FOUND
 from hpcrun.plan import Mount
 from hpcrun.runtime import fuse, idmap as idmaps, safepath, syscalls as sc
@@ -47,7 +48,7 @@ INHERITED_IGN = frozenset(s for s in range(1, signal.NSIG) if signal.getsignal(s
 
 
 def say(msg):
-    sys.stderr.write(f"hpcrun: {msg}\n")
+    sys.stderr.write(f"{errors.PROG}: {msg}\n")
 
 
 def launch(plan, image, timer, verbose=False, daemon=None, sandbox=None):
@@ -139,7 +140,7 @@ def enter(plan, daemon_pid, timer):
         raise
     program = find_program(argv[0], plan.env.get("PATH", ""))
     if program is None:
-        sys.stderr.write(f"hpcrun: error: {argv[0]}: command not found in the container\n")
+        sys.stderr.write(f"{errors.PROG}: error: {argv[0]}: command not found in the container\n")
         if daemon_pid:
             _stop(daemon_pid)
         return NOT_FOUND
@@ -397,7 +398,7 @@ def resolve_argv(plan, exists, access):
         has_env = False
     if app or has_env or envvars.needs_eval(plan.forced, plan.no_eval) and exists("/bin/sh"):
         script = envvars.wrapper_script(plan.forced, plan.no_eval, (plan.uid, plan.gid), app=app)
-        argv = ["/bin/sh", "-c", script, "hpcrun"] + argv
+        argv = ["/bin/sh", "-c", script, errors.PROG] + argv  # $0: sh starts its error lines with it
     return argv
 
 
@@ -455,13 +456,13 @@ def _exec(program, argv, env):
         sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
         os.execve(program, argv, env)
     except FileNotFoundError:
-        sys.stderr.write(f"hpcrun: error: {argv[0]}: command not found in the container\n")
+        sys.stderr.write(f"{errors.PROG}: error: {argv[0]}: command not found in the container\n")
         os._exit(NOT_FOUND)
     except PermissionError:
-        sys.stderr.write(f"hpcrun: error: {argv[0]}: permission denied (not executable)\n")
+        sys.stderr.write(f"{errors.PROG}: error: {argv[0]}: permission denied (not executable)\n")
         os._exit(NOT_EXECUTABLE)
     except OSError as e:
-        sys.stderr.write(f"hpcrun: error: {argv[0]}: cannot execute: {e.strerror}\n")
+        sys.stderr.write(f"{errors.PROG}: error: {argv[0]}: cannot execute: {e.strerror}\n")
         os._exit(NOT_EXECUTABLE)
     except BaseException:
         os._exit(NOT_EXECUTABLE)

@@ -28,6 +28,7 @@ import struct
 import sys
 import zlib
 
+from hpcrun import errors
 from hpcrun.errors import HpcrunError, RuntimeSetupError, UsageError
 from hpcrun.plan import share_key
 from hpcrun.runtime import launcher, syscalls as sc
@@ -128,7 +129,7 @@ def run(plan, image, daemon, timer, verbose=False, quiet=False):
     rundir, dirfd, lock, refused = _lock(cid)
     if refused and not quiet:
         where = f"sharing containers through {rundir}" if rundir else "not sharing this container"
-        sys.stderr.write(f"hpcrun: note: {', '.join(refused)}: {where}\n")
+        sys.stderr.write(f"{errors.PROG}: note: {', '.join(refused)}: {where}\n")
     if lock is None:
         plan.share = False  # as with --no-sharens
         return launcher.launch(plan, image, timer, verbose, daemon)
@@ -477,7 +478,7 @@ def _start_keeper(plan, image, daemon, rundir, dirfd, cid, key, lock, verbose, i
     code, _, line = answer.decode(errors="replace").partition(" ")
     if not code.isdigit():
         raise RuntimeSetupError("the shared container's keeper died while starting", "use --no-sharens")
-    raise HpcrunError(line.removeprefix("hpcrun: error: "), code=int(code))
+    raise HpcrunError(line.removeprefix(f"{errors.PROG}: error: "), code=int(code))
 
 
 class _Files:

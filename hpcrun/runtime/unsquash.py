@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+from hpcrun import errors
 from hpcrun.errors import DiskFullError, ImageError, RuntimeSetupError
 from hpcrun.runtime.idmap import dies_with_us
 
@@ -39,7 +40,7 @@ def extract(image, top, reason, quiet=False):
         )
     root = os.path.join(top, "root")
     if not quiet:
-        sys.stderr.write(f"hpcrun: {reason}: extracting {image.path} to {top} (removed at exit)\n")
+        sys.stderr.write(f"{errors.PROG}: {reason}: extracting {image.path} to {top} (removed at exit)\n")
     args = [tool, "-no-xattrs", "-d", root, "-o", str(image.offset), f"/proc/self/fd/{image.fd}"]
     if not sys.stderr.isatty():
         args[1:1] = ["-no-progress"]

@@ -366,3 +366,12 @@ def test_build_from_docker_archive_url_form(images, bdir):
     r = app("apptainer", "build", str(bdir / "a.sif"), "docker-archive://img.tar", cwd=str(bdir))
     assert r.returncode == 0, r.stderr
     assert app("apptainer", "exec", str(bdir / "a.sif"), "cat", "/etc/group").stdout.startswith("root:x:0:")
+
+
+@pytest.mark.parametrize("name", ["apptainer", "singularity"])
+def test_in_container_errors_name_the_command(images, name):
+    """Lines written in the container (the launcher's, or sh's for the environment wrapper,
+    whose $0 it is) say the name too, not 'hpcrun'."""
+    r = app(name, "exec", images["sif"], "/no/such/cmd")
+    assert r.returncode == 127 and r.stderr.startswith(f"{name}: ") and "hpcrun" not in r.stderr, r
+    assert "/no/such/cmd: " in r.stderr and r.stderr.count("\n") == 1, r

@@ -225,6 +225,38 @@ def test_error_line_names_the_command(monkeypatch):
     assert UsageError("x", "y").line() == "singularity: error: x (y)"
 
 
+def test_no_message_names_hpcrun_literally():
+    """Notes, warnings and errors written outside HpcrunError.line() start with
+    errors.PROG too: no string in hpcrun/ but a docstring begins a line with 'hpcrun: '."""
+    import ast
+    import re
+
+    top = os.path.dirname(errors.__file__)
+    bad = []
+    for d, _, names in os.walk(top):
+        for name in (n for n in names if n.endswith(".py")):
+            with open(os.path.join(d, name), encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+            scopes = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+            docs = {id(n.body[0].value) for n in ast.walk(tree) if isinstance(n, scopes) and ast.get_docstring(n)}
+            for node in ast.walk(tree):
+                text = node.value if isinstance(node, ast.Constant) and id(node) not in docs else None
+                if isinstance(text, str) and re.search(r"(^|[\r\n\[])hpcrun: ", text):
+                    bad.append(f"{name}:{node.lineno}: {text!r}")
+    assert bad == []
+
+
+def test_messages_name_the_command(monkeypatch, capsys):
+    from hpcrun.images import inspect
+    from hpcrun.runtime import launcher
+
+    monkeypatch.setattr(errors, "PROG", "apptainer")
+    launcher.say("hello")
+    assert capsys.readouterr().err == "apptainer: hello\n"
+    text = inspect._text(b"x" * (inspect.LIMIT + 1), inspect.LIMIT + 1, "/s.sh")
+    assert text.endswith(f"\n[apptainer: /s.sh truncated: {inspect.LIMIT + 1} bytes, inspect shows the first 1 MiB]\n")
+
+
 def test_docs_come_from_the_table():
     doc = options.markdown()
     for r in apptainer_flags():
