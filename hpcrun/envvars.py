@@ -11,6 +11,9 @@ from hpcrun.errors import UsageError
 OWN_PREFIXES = ("HPCRUN_", "APPTAINER_", "APPTAINERENV_", "SINGULARITY_", "SINGULARITYENV_")
 FORCE_PREFIXES = ("SINGULARITYENV_", "APPTAINERENV_", "HPCRUN_ENV_")  # rising precedence
 ENV_DIR = "/.singularity.d/env"
+# Host libraries (--nv, --rocm) are bound here; it is on every container's
+# LD_LIBRARY_PATH, last, as in Apptainer: an image's own CUDA toolkit libraries win.
+LIBS_DIR = "/.singularity.d/libs"
 HOST_ONLY = ("PATH", "PWD", "OLDPWD")  # PWD is the container's (plan), OLDPWD means nothing there
 PATH_KEYS = ("PREPEND_PATH", "APPEND_PATH")
 READONLY = ("EUID", "GID", "HOME", "IFS", "OPTIND", "PWD", "UID")  # Apptainer drops these from env files
@@ -147,7 +150,13 @@ def parse_env_opts(values):
     return out
 
 
-def build(host_env, *, cleanenv, keep, env_files, env_opts, home, default_path, extra):
+def append_dirs(value, dirs):
+    """LD_LIBRARY_PATH with dirs appended, each once."""
+    parts = [p for p in (value or "").split(":") if p]
+    return ":".join(parts + [d for d in dirs if d not in parts])
+
+
+def build(host_env, *, cleanenv, keep, env_files, env_opts, home, default_path, extra, lib_dirs=(LIBS_DIR,)):
     """Return (env, forced): env is what the container starts with, forced is re-applied
     after the image's own environment scripts."""
     if cleanenv:
@@ -171,6 +180,9 @@ def build(host_env, *, cleanenv, keep, env_files, env_opts, home, default_path, 
             env["PATH"] = forced["PREPEND_PATH"] + ":" + env["PATH"]
         if "APPEND_PATH" in forced:
             env["PATH"] = env["PATH"] + ":" + forced["APPEND_PATH"]
+    env["LD_LIBRARY_PATH"] = append_dirs(env.get("LD_LIBRARY_PATH"), lib_dirs)
+    if "LD_LIBRARY_PATH" in forced:  # re-applied after the image's scripts: with the dirs
+        forced["LD_LIBRARY_PATH"] = env["LD_LIBRARY_PATH"]
     return env, forced
 
 
@@ -192,7 +204,7 @@ def needs_eval(forced, no_eval):
     return not no_eval and any(c in v for v in forced.values() for c in EVAL_CHARS)
 
 
-def wrapper_script(forced, no_eval=True):
+def wrapper_script(forced, no_eval=True, lib_dirs=(LIBS_DIR,)):
     """Shell text that sources the image's env scripts, then re-applies forced values
     (evaluated by the shell unless no_eval). The PATH it starts with already has
     PREPEND/APPEND_PATH (for images without a wrapper): they are taken off first, so
@@ -215,5 +227,7 @@ def wrapper_script(forced, no_eval=True):
             lines.append(f'export PATH={q(forced["PREPEND_PATH"])}:"$PATH"')
         if "APPEND_PATH" in forced:
             lines.append(f'export PATH="$PATH":{q(forced["APPEND_PATH"])}')
+    for d in lib_dirs:  # an image's script may have set LD_LIBRARY_PATH: append again
+        lines.append(f'case ":$LD_LIBRARY_PATH:" in *:{quote(d)}:*) ;; *) export LD_LIBRARY_PATH="${{LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}}"{quote(d)} ;; esac')
     lines.append('exec "$@"')
     return "\n".join(lines)

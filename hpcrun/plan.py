@@ -185,8 +185,16 @@ def container_vars(action, image_path, bind_dsts, cwd, no_eval):
     return out
 
 
-def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=()):
-    """opts: parsed options (options.defaults() shape). Returns a Plan."""
+def gpu_mounts(gpu):
+    """The mounts of a hpcrun.gpu.Setup: libraries, programs, device nodes (which must
+    work inside: no nodev), CDI mounts."""
+    out = [Mount("gpu", "bind", src, dst, readonly=ro, nodev=not dev) for src, dst, ro, dev in gpu.binds]
+    return out + [Mount("gpu", "tmpfs", None, d) for d in gpu.tmpfs]
+
+
+def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=(), gpu=None):
+    """opts: parsed options (options.defaults() shape); gpu: a hpcrun.gpu.Setup when
+    --nv/--rocm/--device asked for one. Returns a Plan."""
     contain = opts["contain"] or opts["containall"]
     skip = set()
     for item in opts["no_mount"]:
@@ -267,6 +275,8 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
         if d:
             mounts.append(Mount("scratchdir", "tmpfs", None, os.path.normpath(d)))
 
+    if gpu is not None:  # after the default mounts: a device node binds over /dev's
+        mounts += gpu_mounts(gpu)
     for m in mounts:
         check_destination(m)
 
@@ -277,6 +287,9 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
         extra["PS1"] = "hpcrun> "
     if fakeroot:
         extra.update(USER="root", LOGNAME="root")
+    lib_dirs = [envvars.LIBS_DIR] + (gpu.ld_dirs if gpu is not None else [])
+    if gpu is not None:
+        extra.update(gpu.env)
     no_env = {n.strip() for item in opts.get("no_env", ()) for n in item.split(",")}  # --no-env
     host_env = {k: v for k, v in host.env.items() if k not in no_env} if no_env else host.env
     env, forced = envvars.build(
@@ -288,6 +301,7 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
         home=home,
         default_path=cfg["default_path"],
         extra=extra,
+        lib_dirs=lib_dirs,
     )
 
     if fakeroot:
@@ -338,6 +352,7 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
         pwd_given=bool(opts["pwd"]),
         env=env,
         forced=forced,
+        lib_dirs=lib_dirs,
         no_eval=bool(opts.get("no_eval")),
         unsquash=unsquash,
         tmpfs_size=cfg["tmpfs_size"],
@@ -350,7 +365,7 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
 # What a task may differ in and still join another's container: its command, its
 # environment, its working directory and its own PID namespace. Everything else
 # shapes the container and must be equal.
-PER_TASK = ("action", "args", "env", "forced", "no_eval", "cwd", "pwd_given", "new_proc", "share", "share_idle")
+PER_TASK = ("action", "args", "env", "forced", "lib_dirs", "no_eval", "cwd", "pwd_given", "new_proc", "share", "share_idle")
 
 
 def share_key(plan, image_id):

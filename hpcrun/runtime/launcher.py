@@ -314,7 +314,7 @@ def resolve_argv(plan, exists, access):
     except OSError:
         has_env = False
     if has_env or envvars.needs_eval(plan.forced, plan.no_eval) and exists("/bin/sh"):
-        argv = ["/bin/sh", "-c", envvars.wrapper_script(plan.forced, plan.no_eval), "hpcrun"] + argv
+        argv = ["/bin/sh", "-c", envvars.wrapper_script(plan.forced, plan.no_eval, plan.lib_dirs), "hpcrun"] + argv
     return argv
 
 

@@ -119,7 +119,14 @@ def test_prepend_append_path():
 def test_cleanenv_keeps_only_keep_list_home_path_extra():
     host = {"TERM": "xterm", "LANG": "C", "FOO": "1", "PATH": "/host", "HOME": "/h", "USER": "u", "HPCRUN_BIND": "/x"}
     env, _ = make(host, cleanenv=True, extra={"HPCRUN_NAME": "img"})
-    assert env == {"TERM": "xterm", "LANG": "C", "PATH": DEFAULT_PATH, "HOME": "/home/u", "HPCRUN_NAME": "img"}
+    assert env == {
+        "TERM": "xterm",
+        "LANG": "C",
+        "PATH": DEFAULT_PATH,
+        "HOME": "/home/u",
+        "HPCRUN_NAME": "img",
+        "LD_LIBRARY_PATH": "/.singularity.d/libs",  # as Apptainer's, on every container's
+    }
 
 
 def test_cleanenv_still_applies_forced():
