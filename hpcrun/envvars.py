@@ -153,7 +153,10 @@ def parse_env_opts(values):
 def append_dirs(value, dirs):
     """LD_LIBRARY_PATH with dirs appended, each once."""
     parts = [p for p in (value or "").split(":") if p]
-    return ":".join(parts + [d for d in dirs if d not in parts])
+    for d in dirs:
+        if d not in parts:
+            parts.append(d)
+    return ":".join(parts)
 
 
 def build(host_env, *, cleanenv, keep, env_files, env_opts, home, default_path, extra, lib_dirs=(LIBS_DIR,)):

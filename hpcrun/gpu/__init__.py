@@ -181,7 +181,9 @@ def from_list(list_name, cfg, env, what):
         s.notes.append(f"{what}: cannot read {path}: {e.strerror}")
         return s
     text, err = ld_cache(cfg["ldconfig"])
-    found = select_libs(libs, parse_ldcache(text), host_matches())
+    # sources resolved here: the launcher binds from under /oldroot, where an absolute
+    # symlink (libcuda.so.1 -> /usr/lib/...) would point elsewhere
+    found = [(n, os.path.realpath(p)) for n, p in select_libs(libs, parse_ldcache(text), host_matches())]
     bins = [b for b in (shutil.which(p, path=env.get("PATH", os.defpath)) for p in progs) if b]
     s = lib_setup(found, [os.path.realpath(b) for b in bins], [f for f in files if os.path.exists(f)])
     if err:

@@ -47,7 +47,8 @@ def classify_listing(text, dev_dir, links):
         if p.startswith(dev_dir.rstrip("/") + "/"):
             devices.append(p)
         elif ".so" in base:
-            libs += [(base, p)] + [(name, p) for name in links(p)]
+            real = os.path.realpath(p)
+            libs += [(base, real)] + [(name, real) for name in links(p)]
         elif "/bin/" in p:
             bins.append(p)
         else:
