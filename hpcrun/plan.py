@@ -353,6 +353,7 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
         env=env,
         forced=forced,
         lib_dirs=lib_dirs,
+        cuda_driver=gpu.cuda if gpu is not None and gpu.cuda and gpu.cuda[0] else None,
         no_eval=bool(opts.get("no_eval")),
         unsquash=unsquash,
         tmpfs_size=cfg["tmpfs_size"],

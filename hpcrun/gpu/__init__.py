@@ -31,6 +31,7 @@ class Setup:
 
     def __init__(self):
         self.binds, self.tmpfs, self.env, self.ld_dirs, self.notes = [], [], {}, [], []
+        self.cuda = None  # (CUDA version the driver supports, driver version): --nv
 
     def bind(self, src, dst, readonly=True, device=False):
         if all(b[1] != dst for b in self.binds):  # the first source for a destination wins
@@ -43,6 +44,7 @@ class Setup:
         self.env.update(other.env)
         self.ld_dirs += [d for d in other.ld_dirs if d not in self.ld_dirs]
         self.notes += other.notes
+        self.cuda = self.cuda or other.cuda
         return self
 
 
@@ -222,3 +224,83 @@ def discover(opts, cfg, env):
         s.merge(cdi.discover(opts["device"], dirs))
     s.env.update(pass_env(env))
     return s
+
+
+# --- hpcrun check ---------------------------------------------------------------------
+
+
+def lib_version(path):
+    """The driver version in a library's file name: libcuda.so.535.104.05 -> 535.104.05."""
+    tail = os.path.basename(os.path.realpath(path)).partition(".so.")[2]
+    return tail if tail and tail[0].isdigit() and "." in tail else None
+
+
+def nvidia_findings(libs, devices, access, module_version=None):
+    """Pure: (ok, what, fix) lines about the NVIDIA driver. libs: [(soname, real path)];
+    devices: host device paths; access(path): may the caller open it read-write."""
+    out = []
+    gpus = [d for d in devices if os.path.basename(d)[len("nvidia") :].isdigit()]
+    cuda = [p for n, p in libs if n.startswith("libcuda.so")]
+    versions = {}
+    for n, p in libs:
+        v = lib_version(p)
+        if v and (n.startswith("libcuda.so") or n.startswith("libnvidia-ml.so")):
+            versions.setdefault(v, n)
+    if not cuda and not gpus:
+        return [(False, "NVIDIA: no driver (no libcuda.so in the ld.so cache, no /dev/nvidiaN): --nv binds nothing", None)]
+    if not cuda:
+        out.append((False, "NVIDIA: device nodes but no libcuda.so in the ld.so cache", "install the driver's libraries"))
+    if not gpus:
+        out.append((False, "NVIDIA: driver libraries but no /dev/nvidiaN device nodes", "is the kernel module loaded?"))
+    denied = [d for d in gpus if not access(d)]
+    if gpus and len(denied) == len(gpus):
+        out.append((False, f"NVIDIA: no access to {', '.join(denied)}", "run in a job that was given GPUs"))
+    if module_version:
+        versions.setdefault(module_version, "the kernel module")
+    if len(versions) > 1:
+        text = ", ".join(f"{who} {v}" for v, who in versions.items())
+        out.append((False, f"NVIDIA: driver library mismatch: {text}", "reinstall the driver (or reboot after an update)"))
+    if not out or all(ok for ok, *_ in out):
+        usable = [d for d in gpus if access(d)]
+        ver = next(iter(versions), "?")
+        out.append((True, f"NVIDIA: --nv would expose {len(usable)} GPU(s) ({', '.join(usable)}), driver {ver}, "
+                    f"{len(libs)} libraries", None))
+    return out
+
+
+def check_findings(cfg, env):
+    """What `hpcrun check` says about GPUs: [(ok, what, fix)] (impure: reads the host)."""
+    from hpcrun.gpu import cdi, nvidia
+
+    dev = cfg["gpu_dev_dir"]
+    nv = nvidia.discover(cfg, env)
+    libs = [(dst.rsplit("/", 1)[1], src) for src, dst, _, _ in nv.binds if dst.startswith(LIBS_DIR + "/")]
+    devices = [src for src, _, _, is_dev in nv.binds if is_dev]
+    module = None
+    try:
+        with open("/proc/driver/nvidia/version", encoding="utf-8", errors="replace") as f:
+            words = f.readline().split()
+        module = next((w for w in words if w[:1].isdigit() and w.count(".") >= 1), None)
+    except OSError:
+        pass
+    out = nvidia_findings(libs, devices, lambda p: os.access(p, os.R_OK | os.W_OK), module if dev == "/dev" else None)
+    kfd = os.path.join(dev, "kfd")
+    if os.path.exists(kfd):
+        ok = os.access(kfd, os.R_OK | os.W_OK)
+        out.append((ok, f"AMD: {kfd} {'usable: --rocm would expose it' if ok else 'exists but is not accessible'}", None))
+    specs, notes = [], []
+    for d in cfg["cdi_dirs"]:
+        for path, spec in cdi.load_dir(d):
+            if isinstance(spec, str):
+                notes.append(f"{path}: {spec}")
+            else:
+                specs.append((path, spec))
+    devices, skipped = cdi.index(specs)
+    names = sorted(devices)
+    if names:
+        more = f" and {len(names) - 6} more" if len(names) > 6 else ""
+        out.append((True, f"CDI: {len(names)} device(s) for --device: {', '.join(names[:6])}{more}", None))
+    else:
+        out.append((False, f"CDI: no devices in {', '.join(cfg['cdi_dirs'])}", "e.g. nvidia-ctk cdi generate (as root)"))
+    out += [(False, f"CDI spec {n}", "fix or remove it") for n in notes + skipped]
+    return out

@@ -19,6 +19,11 @@ def discover(cfg, env):
         s.notes.append(f"--nv: no NVIDIA device nodes ({cfg['gpu_dev_dir']}/nvidia*): no GPU inside")
     s.merge(device_setup(devices, cfg["gpu_dev_dir"]))
     s.merge(lib_setup([], [], [p for p in IPC + tuple(env_ipc(env)) if os.path.exists(p)]))
+    cuda = [src for src, dst, _, _ in s.binds if dst == LIBS_DIR + "/libcuda.so.1"]
+    if cuda:
+        from hpcrun.gpu import lib_version
+
+        s.cuda = (driver_cuda(cuda[0]), lib_version(cuda[0]))
     return s
 
 
@@ -93,3 +98,52 @@ def nvccli(cfg, env):
     if not any(d for *_, d in s.binds):
         s.notes.append("--nvccli: nvidia-container-cli listed no device nodes: no GPU inside")
     return s
+
+
+def driver_cuda(libcuda):
+    """The CUDA version the host driver supports ("12.2"), from cuDriverGetVersion
+    (it needs no GPU and no cuInit); None if it cannot be asked."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL(libcuda)
+        v = ctypes.c_int(0)
+        if lib.cuDriverGetVersion(ctypes.byref(v)) != 0 or v.value <= 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return f"{v.value // 1000}.{v.value % 1000 // 10}"
+
+
+# The image's CUDA toolkit version, as the NVIDIA images record it.
+CUDA_FILES = ("/usr/local/cuda/version.json", "/usr/local/cuda/version.txt")
+
+
+def image_cuda(text):
+    """'12.4' from version.json ("cuda": {..."version": "12.4.1"}) or version.txt
+    ("CUDA Version 11.0.228"); None if neither form is there. No json import: this runs
+    in the launcher, after the host's library directories are out of reach."""
+    i = text.find('"cuda"')
+    if i >= 0:
+        j = text.find('"version"', i)
+        rest = text[j + len('"version"') :].lstrip(" \t\n:") if j >= 0 else ""
+        value = rest[1:].split('"', 1)[0] if rest.startswith('"') else ""
+    else:
+        value = text.partition("CUDA Version ")[2].split()[0] if "CUDA Version " in text else ""
+    parts = value.split(".")
+    return ".".join(parts[:2]) if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit() else None
+
+
+def mismatch(image_version, driver_version, driver):
+    """One line when the image's CUDA is newer than what the host driver supports."""
+    try:
+        newer = tuple(map(int, image_version.split("."))) > tuple(map(int, driver_version.split(".")))
+    except ValueError:
+        return None
+    if not newer:
+        return None
+    return (
+        f"the image's CUDA {image_version} is newer than the host driver's CUDA {driver_version}"
+        f" (driver {driver or '?'}): CUDA calls may fail (CUDA_ERROR_SYSTEM_DRIVER_MISMATCH); use an image"
+        f" for CUDA <= {driver_version} or one with cuda-compat libraries, or a newer driver"
+    )

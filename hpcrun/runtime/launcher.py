@@ -63,6 +63,8 @@ def build(plan, image, timer, verbose=False, daemon=None, sandbox=None, keep=Non
     its FUSE daemon then lives as long as the mount, not as long as this process."""
     if plan.namespaces["net"]:  # needed after pivot_root, when the stdlib is out of reach
         import fcntl, socket, struct  # noqa: F401,E401
+    if plan.cuda_driver:  # --nv: the image's CUDA is compared with the driver's, in the image
+        from hpcrun.gpu import nvidia  # noqa: F401
     helper = None
     if plan.idmap["mode"] == "subid":
         helper = idmaps.start_helper(plan.idmap)
@@ -171,6 +173,8 @@ def _container(plan, lower, timer, verbose):
             safepath.make_in_upper(upper, comps, "dir" if is_dir else "file")
         ready.append(m)
     identity = _write_identity(plan, lower, upper)
+    if plan.cuda_driver:
+        _cuda_check(plan, lower)
     if plan.in_place:
         sc.mount(lower, ROOT, None, sc.MS_BIND | sc.MS_REC, what=f"cannot bind the sandbox {plan.image}")
         sc.mount(None, ROOT, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_NOSUID | sc.MS_NODEV | sc.current_flags(ROOT))
@@ -277,6 +281,30 @@ def _write_identity(plan, lower, upper):
         with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
             f.write(text)
     return binds
+
+
+def _cuda_check(plan, lower):
+    """--nv: one warning line when the image's CUDA toolkit is newer than the driver's."""
+    from hpcrun.gpu import nvidia  # imported in build(), before the host went out of reach
+
+    for rel in nvidia.CUDA_FILES:
+        try:
+            fd = safepath.open_in_root(lower, rel)
+        except OSError:
+            continue
+        try:
+            if os.fstat(fd).st_mode & 0o170000 != 0o100000:  # a FIFO would block the start
+                continue
+            with open(safepath.fd_path(fd, PROC), encoding="utf-8", errors="replace") as f:
+                version = nvidia.image_cuda(f.read(65536))
+        except OSError:
+            version = None
+        finally:
+            os.close(fd)
+        line = version and nvidia.mismatch(version, *plan.cuda_driver)
+        if line:
+            say(f"warning: {line}")
+        return
 
 
 def _loopback_up():

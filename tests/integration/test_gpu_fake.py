@@ -93,8 +93,14 @@ def fake(images):
     subprocess.run(["mksquashfs", root, sqfs, "-quiet", "-all-root", "-no-progress"], check=True, stdout=subprocess.DEVNULL)
     sif = os.path.join(FAKE, "gpu.sif")
     write_sif(sif, sqfs)
+    # a sandbox whose CUDA toolkit (12.4) is newer than the fake driver's (12.2)
+    newer = os.path.join(FAKE, "cuda124")
+    shutil.copytree(root, newer, symlinks=True)
+    os.mkfifo(os.path.join(newer, "usr/local/cuda/version.json"))  # hostile: must not block
+    with open(os.path.join(newer, "usr/local/cuda/version.txt"), "w") as f:
+        f.write("CUDA Version 12.4.99\n")
     subprocess.run(["chmod", "-R", "a+rX", FAKE], check=True)
-    return {"config": config, "path": f"{bin_}:/usr/local/bin:/usr/bin:/bin", "sif": sif, "dev": dev, "lib": lib}
+    return {"config": config, "path": f"{bin_}:/usr/local/bin:/usr/bin:/bin", "sif": sif, "dev": dev, "lib": lib, "newer": newer}
 
 
 def run(fake, *args, env=None):
@@ -249,3 +255,18 @@ def test_cdi_unknown_device_is_one_line(fake, utmp):
         assert r.returncode == 2, r.stderr
         err = [ln for ln in r.stderr.splitlines() if "error" in ln]
         assert len(err) == 1 and dev in err[0], r.stderr
+
+
+def test_image_cuda_newer_than_driver_is_one_line(fake):
+    r = run(fake, "exec", "--nv", "--no-mount", "dev", fake["newer"], "cudaprobe")
+    assert r.returncode == 0 and r.stdout.strip() == PROBE_OK, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if "CUDA" in ln]
+    assert len(lines) == 1 and "CUDA 12.4" in lines[0] and "CUDA 12.2" in lines[0] and "525.60" in lines[0], r.stderr
+    r = run(fake, "exec", "--nv", "--no-mount", "dev", fake["sif"], "cudaprobe")  # no toolkit file: no line
+    assert r.returncode == 0 and "CUDA" not in r.stderr, r.stderr
+
+
+def test_check_reports_the_fake_gpu(fake):
+    r = run(fake, "check")
+    line = [ln for ln in r.stdout.splitlines() if "NVIDIA" in ln]
+    assert len(line) == 1 and "ok" in line[0] and f"{fake['dev']}/nvidia0" in line[0] and "525.60" in line[0], r.stdout
