@@ -231,6 +231,7 @@ def wrapper_script(forced, no_eval=True, lib_dirs=(LIBS_DIR,)):
         if "APPEND_PATH" in forced:
             lines.append(f'export PATH="$PATH":{q(forced["APPEND_PATH"])}')
     for d in lib_dirs:  # an image's script may have set LD_LIBRARY_PATH: append again
-        lines.append(f'case ":$LD_LIBRARY_PATH:" in *:{quote(d)}:*) ;; *) export LD_LIBRARY_PATH="${{LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}}"{quote(d)} ;; esac')
+        add = f'export LD_LIBRARY_PATH="${{LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}}"{quote(d)}'
+        lines.append(f'case ":$LD_LIBRARY_PATH:" in *:{quote(d)}:*) ;; *) {add} ;; esac')
     lines.append('exec "$@"')
     return "\n".join(lines)

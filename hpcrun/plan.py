@@ -366,7 +366,19 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
 # What a task may differ in and still join another's container: its command, its
 # environment, its working directory and its own PID namespace. Everything else
 # shapes the container and must be equal.
-PER_TASK = ("action", "args", "env", "forced", "lib_dirs", "no_eval", "cwd", "pwd_given", "new_proc", "share", "share_idle")
+PER_TASK = (
+    "action",
+    "args",
+    "env",
+    "forced",
+    "lib_dirs",
+    "no_eval",
+    "cwd",
+    "pwd_given",
+    "new_proc",
+    "share",
+    "share_idle",
+)
 
 
 def share_key(plan, image_id):

@@ -11,6 +11,7 @@ appended, so that an image's own CUDA toolkit libraries come first), programs in
 import os
 
 from hpcrun.envvars import LIBS_DIR
+
 # What a batch system tells a task about its GPUs: passed in also under --cleanenv.
 GPU_ENV = (
     "CUDA_VISIBLE_DEVICES",
@@ -247,9 +248,13 @@ def nvidia_findings(libs, devices, access, module_version=None):
         if v and (n.startswith("libcuda.so") or n.startswith("libnvidia-ml.so")):
             versions.setdefault(v, n)
     if not cuda and not gpus:
-        return [(False, "NVIDIA: no driver (no libcuda.so in the ld.so cache, no /dev/nvidiaN): --nv binds nothing", None)]
+        return [
+            (False, "NVIDIA: no driver (no libcuda.so in the ld.so cache, no /dev/nvidiaN): --nv binds nothing", None)
+        ]
     if not cuda:
-        out.append((False, "NVIDIA: device nodes but no libcuda.so in the ld.so cache", "install the driver's libraries"))
+        out.append(
+            (False, "NVIDIA: device nodes but no libcuda.so in the ld.so cache", "install the driver's libraries")
+        )
     if not gpus:
         out.append((False, "NVIDIA: driver libraries but no /dev/nvidiaN device nodes", "is the kernel module loaded?"))
     denied = [d for d in gpus if not access(d)]
@@ -259,12 +264,20 @@ def nvidia_findings(libs, devices, access, module_version=None):
         versions.setdefault(module_version, "the kernel module")
     if len(versions) > 1:
         text = ", ".join(f"{who} {v}" for v, who in versions.items())
-        out.append((False, f"NVIDIA: driver library mismatch: {text}", "reinstall the driver (or reboot after an update)"))
+        out.append(
+            (False, f"NVIDIA: driver library mismatch: {text}", "reinstall the driver (or reboot after an update)")
+        )
     if not out or all(ok for ok, *_ in out):
         usable = [d for d in gpus if access(d)]
         ver = next(iter(versions), "?")
-        out.append((True, f"NVIDIA: --nv would expose {len(usable)} GPU(s) ({', '.join(usable)}), driver {ver}, "
-                    f"{len(libs)} libraries", None))
+        out.append(
+            (
+                True,
+                f"NVIDIA: --nv would expose {len(usable)} GPU(s) ({', '.join(usable)}), driver {ver}, "
+                f"{len(libs)} libraries",
+                None,
+            )
+        )
     return out
 
 
@@ -287,7 +300,9 @@ def check_findings(cfg, env):
     kfd = os.path.join(dev, "kfd")
     if os.path.exists(kfd):
         ok = os.access(kfd, os.R_OK | os.W_OK)
-        out.append((ok, f"AMD: {kfd} {'usable: --rocm would expose it' if ok else 'exists but is not accessible'}", None))
+        out.append(
+            (ok, f"AMD: {kfd} {'usable: --rocm would expose it' if ok else 'exists but is not accessible'}", None)
+        )
     specs, notes = [], []
     for d in cfg["cdi_dirs"]:
         for path, spec in cdi.load_dir(d):
@@ -301,6 +316,8 @@ def check_findings(cfg, env):
         more = f" and {len(names) - 6} more" if len(names) > 6 else ""
         out.append((True, f"CDI: {len(names)} device(s) for --device: {', '.join(names[:6])}{more}", None))
     else:
-        out.append((False, f"CDI: no devices in {', '.join(cfg['cdi_dirs'])}", "e.g. nvidia-ctk cdi generate (as root)"))
+        out.append(
+            (False, f"CDI: no devices in {', '.join(cfg['cdi_dirs'])}", "e.g. nvidia-ctk cdi generate (as root)")
+        )
     out += [(False, f"CDI spec {n}", "fix or remove it") for n in notes + skipped]
     return out

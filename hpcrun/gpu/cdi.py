@@ -35,7 +35,9 @@ def check_spec(spec):
     if not isinstance(kind, str) or kind.count("/") != 1 or not all(kind.split("/")):
         return f"kind {kind!r} is not VENDOR/CLASS"
     devices = spec.get("devices")
-    if not isinstance(devices, list) or not all(isinstance(d, dict) and isinstance(d.get("name"), str) for d in devices):
+    if not isinstance(devices, list) or not all(
+        isinstance(d, dict) and isinstance(d.get("name"), str) for d in devices
+    ):
         return "devices must be a list of mappings with a name"
     for edits in [spec.get("containerEdits")] + [d.get("containerEdits") for d in devices]:
         if edits is not None and not isinstance(edits, dict):
@@ -67,7 +69,9 @@ def resolve(requests, devices):
                 continue
             kind, eq, dev = name.partition("=")
             if not eq or kind.count("/") != 1 or not dev:
-                raise UsageError(f"--device {name!r}: not a CDI device name", "use VENDOR/CLASS=NAME, e.g. nvidia.com/gpu=0")
+                raise UsageError(
+                    f"--device {name!r}: not a CDI device name", "use VENDOR/CLASS=NAME, e.g. nvidia.com/gpu=0"
+                )
             if name in devices:
                 picked = [name]
             elif dev == "all":
@@ -115,7 +119,11 @@ def apply_edits(edits, s, skipped, exists):
             s.ld_dirs += [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--folder"]
         else:
             skipped.append("hook " + " ".join([os.path.basename(str(h.get("path", "?")))] + args[1:3]))
-    for key, what in (("additionalGIDs", "additional groups"), ("intelRdt", "Intel RDT"), ("netDevices", "network devices")):
+    for key, what in (
+        ("additionalGIDs", "additional groups"),
+        ("intelRdt", "Intel RDT"),
+        ("netDevices", "network devices"),
+    ):
         if edits.get(key):
             skipped.append(what)
 

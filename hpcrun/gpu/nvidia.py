@@ -72,7 +72,9 @@ def so_links(path):
     return sorted(
         n
         for n in names
-        if n.startswith(stem) and n != base and os.path.islink(os.path.join(d, n))
+        if n.startswith(stem)
+        and n != base
+        and os.path.islink(os.path.join(d, n))
         and os.path.realpath(os.path.join(d, n)) == os.path.realpath(path)
     )
 
@@ -85,7 +87,9 @@ def nvccli(cfg, env):
 
     cli = shutil.which("nvidia-container-cli", path=env.get("PATH", os.defpath))
     if cli is None:
-        raise RuntimeSetupError("--nvccli: nvidia-container-cli is not on PATH", "use --nv, or install libnvidia-container")
+        raise RuntimeSetupError(
+            "--nvccli: nvidia-container-cli is not on PATH", "use --nv, or install libnvidia-container"
+        )
     argv = nvccli_argv(cli, env)
     try:
         r = subprocess.run(argv, capture_output=True, text=True, timeout=60, errors="replace")

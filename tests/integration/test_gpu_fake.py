@@ -90,7 +90,9 @@ def fake(images):
     os.makedirs(compat)
     _lib(CUDA_C, compat, "libcuda.so.1", "libcuda.so.999", count=7)
     sqfs = os.path.join(FAKE, "gpu.sqfs")
-    subprocess.run(["mksquashfs", root, sqfs, "-quiet", "-all-root", "-no-progress"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["mksquashfs", root, sqfs, "-quiet", "-all-root", "-no-progress"], check=True, stdout=subprocess.DEVNULL
+    )
     sif = os.path.join(FAKE, "gpu.sif")
     write_sif(sif, sqfs)
     # a sandbox whose CUDA toolkit (12.4) is newer than the fake driver's (12.2)
@@ -100,7 +102,14 @@ def fake(images):
     with open(os.path.join(newer, "usr/local/cuda/version.txt"), "w") as f:
         f.write("CUDA Version 12.4.99\n")
     subprocess.run(["chmod", "-R", "a+rX", FAKE], check=True)
-    return {"config": config, "path": f"{bin_}:/usr/local/bin:/usr/bin:/bin", "sif": sif, "dev": dev, "lib": lib, "newer": newer}
+    return {
+        "config": config,
+        "path": f"{bin_}:/usr/local/bin:/usr/bin:/bin",
+        "sif": sif,
+        "dev": dev,
+        "lib": lib,
+        "newer": newer,
+    }
 
 
 def run(fake, *args, env=None):
@@ -127,7 +136,14 @@ def test_nv_binds_driver_tools_and_devices_into_a_sif(fake):
 
 
 def test_without_nv_no_driver_and_libs_dir_still_on_path(fake):
-    r = run(fake, "exec", fake["sif"], "sh", "-c", "cudaprobe; echo LD=$LD_LIBRARY_PATH; test -e /dev/nvidia0 || echo no-dev")
+    r = run(
+        fake,
+        "exec",
+        fake["sif"],
+        "sh",
+        "-c",
+        "cudaprobe; echo LD=$LD_LIBRARY_PATH; test -e /dev/nvidia0 || echo no-dev",
+    )
     assert r.stdout.splitlines()[0].startswith("dlopen failed"), r.stdout + r.stderr
     assert "LD=/.singularity.d/libs" in r.stdout and "no-dev" in r.stdout
 
@@ -135,16 +151,31 @@ def test_without_nv_no_driver_and_libs_dir_still_on_path(fake):
 def test_image_toolkit_libraries_come_first(fake):
     """The driver's directory is appended: the image's own libcuda (count 7) wins."""
     r = run(
-        fake, "exec", "--nv", "--no-mount", "dev", "--env", "LD_LIBRARY_PATH=/usr/local/cuda/compat", fake["sif"], "sh", "-c",
+        fake,
+        "exec",
+        "--nv",
+        "--no-mount",
+        "dev",
+        "--env",
+        "LD_LIBRARY_PATH=/usr/local/cuda/compat",
+        fake["sif"],
+        "sh",
+        "-c",
         "cudaprobe; echo LD=$LD_LIBRARY_PATH",
     )
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == ["cuInit=0 count=7 version=12020 nvml=0", "LD=/usr/local/cuda/compat:/.singularity.d/libs"]
+    assert r.stdout.splitlines() == [
+        "cuInit=0 count=7 version=12020 nvml=0",
+        "LD=/usr/local/cuda/compat:/.singularity.d/libs",
+    ]
 
 
 def test_containall_still_brings_gpus_and_slurm_allocation(fake):
     env = {"CUDA_VISIBLE_DEVICES": "1", "SLURM_STEP_GPUS": "1", "GPU_DEVICE_ORDINAL": "1", "OTHER": "x"}
-    script = "cudaprobe; echo $CUDA_VISIBLE_DEVICES,$SLURM_STEP_GPUS,$GPU_DEVICE_ORDINAL,${OTHER:-unset}; test -c /dev/nvidia0 && echo dev-ok"
+    script = (
+        "cudaprobe; echo $CUDA_VISIBLE_DEVICES,$SLURM_STEP_GPUS,$GPU_DEVICE_ORDINAL,${OTHER:-unset};"
+        " test -c /dev/nvidia0 && echo dev-ok"
+    )
     r = run(fake, "exec", "--containall", "--nv", "--no-mount", "dev", fake["sif"], "sh", "-c", script, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [PROBE_OK, "1,1,1,unset", "dev-ok"]
@@ -175,13 +206,29 @@ def test_nvccli_binds_what_nvidia_container_cli_lists(fake, utmp):
     os.chmod(cli, 0o755)
     os.chmod(bindir, 0o755)
     r = run(
-        fake, "exec", "--nvccli", "--no-mount", "dev", fake["sif"], "sh", "-c", "cudaprobe; nvidia-smi -L; test -c /dev/nvidia0 && echo dev-ok",
+        fake,
+        "exec",
+        "--nvccli",
+        "--no-mount",
+        "dev",
+        fake["sif"],
+        "sh",
+        "-c",
+        "cudaprobe; nvidia-smi -L; test -c /dev/nvidia0 && echo dev-ok",
         env={"PATH": f"{bindir}:/usr/bin:/bin", "NVIDIA_VISIBLE_DEVICES": "0"},
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [PROBE_OK, "GPU 0: Fake GPU (UUID: GPU-fake-0)", "dev-ok"]
     with open(argv_file) as f:
-        assert f.read().split() == ["--user", "list", "--device=0", "--libraries", "--binaries", "--ipcs", "--firmwares"]
+        assert f.read().split() == [
+            "--user",
+            "list",
+            "--device=0",
+            "--libraries",
+            "--binaries",
+            "--ipcs",
+            "--firmwares",
+        ]
 
 
 def test_nvccli_missing_is_one_line(fake):
@@ -211,14 +258,14 @@ devices:
       env: [FAKE_GPU=0]
       deviceNodes:
         - path: /dev/fake0
-          hostPath: {fake['dev']}/nvidia0
+          hostPath: {fake["dev"]}/nvidia0
       mounts:
-        - hostPath: {fake['lib']}
+        - hostPath: {fake["lib"]}
           containerPath: /opt/drv
           options: [ro, nosuid, nodev, bind]
   - name: gpu1
     containerEdits:
-      deviceNodes: [{{path: /dev/fake1, hostPath: {fake['dev']}/nvidiactl}}]
+      deviceNodes: [{{path: /dev/fake1, hostPath: {fake["dev"]}/nvidiactl}}]
 """
         )
     with open(os.path.join(d, "other.json"), "w") as f:
@@ -237,14 +284,44 @@ devices:
 
 def test_cdi_devices_applied_inside(fake, utmp):
     d = _cdi_dir(fake, utmp)
-    script = "cudaprobe; echo $FAKE_SPEC,$FAKE_GPU,${ACC:-none}; echo LD=$LD_LIBRARY_PATH; test -c /dev/fake0 && test -c /dev/fake1 && echo x > /dev/fake0 && echo dev-ok; touch /opt/drv/x 2>/dev/null || echo ro"
-    r = run(fake, "exec", "--device", "example.com/gpu=all", "--cdi-dirs", d, "--no-mount", "dev", fake["sif"], "sh", "-c", script)
+    script = (
+        "cudaprobe; echo $FAKE_SPEC,$FAKE_GPU,${ACC:-none}; echo LD=$LD_LIBRARY_PATH;"
+        " test -c /dev/fake0 && test -c /dev/fake1 && echo x > /dev/fake0 && echo dev-ok;"
+        " touch /opt/drv/x 2>/dev/null || echo ro"
+    )
+    r = run(
+        fake,
+        "exec",
+        "--device",
+        "example.com/gpu=all",
+        "--cdi-dirs",
+        d,
+        "--no-mount",
+        "dev",
+        fake["sif"],
+        "sh",
+        "-c",
+        script,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [PROBE_OK, "1,0,none", "LD=/.singularity.d/libs:/opt/drv", "dev-ok", "ro"]
     notes = r.stderr.splitlines()
     assert any("future.json" in n and "cdiVersion" in n for n in notes), notes
     assert any("not applied" in n and "create-symlinks" in n for n in notes), notes
-    r = run(fake, "exec", "--device", "other.com/acc=a,example.com/gpu=gpu1", "--cdi-dirs", d, "--no-mount", "dev", fake["sif"], "sh", "-c", "echo $ACC; test -e /dev/fake0 || echo no-fake0")
+    r = run(
+        fake,
+        "exec",
+        "--device",
+        "other.com/acc=a,example.com/gpu=gpu1",
+        "--cdi-dirs",
+        d,
+        "--no-mount",
+        "dev",
+        fake["sif"],
+        "sh",
+        "-c",
+        "echo $ACC; test -e /dev/fake0 || echo no-fake0",
+    )
     assert r.returncode == 0 and r.stdout.split() == ["a", "no-fake0"], r.stderr
 
 
