@@ -115,7 +115,7 @@ def _gpu(opts, cfg, env):
     setup = gpu.discover(opts, cfg, env)
     if not opts["quiet"]:
         for note in setup.notes:
-            sys.stderr.write(f"hpcrun: warning: {note}\n")
+            sys.stderr.write(f"{errors.PROG}: warning: {note}\n")
     return setup
 
 
