@@ -61,15 +61,18 @@ def fake(images):
 
     shutil.rmtree(FAKE, ignore_errors=True)
     lib, bin_, dev = (os.path.join(FAKE, d) for d in ("lib", "bin", "dev"))
-    for d in (lib, bin_, dev, os.path.join(dev, "nvidia-caps")):
+    for d in (lib, bin_, dev, os.path.join(dev, "nvidia-caps"), os.path.join(dev, "dri")):
         os.makedirs(d)
     _lib(CUDA_C, lib, "libcuda.so.1", "libcuda.so.525.60")
     _lib(NVML_C, lib, "libnvidia-ml.so.1", "libnvidia-ml.so.525.60")
     with open(os.path.join(bin_, "nvidia-smi"), "w") as f:
         f.write("#!/bin/sh\necho 'GPU 0: Fake GPU (UUID: GPU-fake-0)'\n")
     os.chmod(os.path.join(bin_, "nvidia-smi"), 0o755)
+    with open(os.path.join(bin_, "rocm-smi"), "w") as f:
+        f.write("#!/bin/sh\necho 'GPU[0] : Fake AMD'\n")
+    os.chmod(os.path.join(bin_, "rocm-smi"), 0o755)
     # like /dev/null (1,3): readable and writable, so a nodev mount would show
-    for name in ("nvidia0", "nvidiactl", "nvidia-uvm", "nvidia-caps/nvidia-cap1"):
+    for name in ("nvidia0", "nvidiactl", "nvidia-uvm", "nvidia-caps/nvidia-cap1", "kfd", "dri/renderD128"):
         os.mknod(os.path.join(dev, name), 0o666 | 0o020000, os.makedev(1, 3))
         os.chmod(os.path.join(dev, name), 0o666)
     with open(os.path.join(FAKE, "ld.so.conf"), "w") as f:
@@ -347,3 +350,11 @@ def test_check_reports_the_fake_gpu(fake):
     r = run(fake, "check")
     line = [ln for ln in r.stdout.splitlines() if "NVIDIA" in ln]
     assert len(line) == 1 and "ok" in line[0] and f"{fake['dev']}/nvidia0" in line[0] and "525.60" in line[0], r.stdout
+
+
+def test_rocm_binds_kfd_dri_and_tools(fake):
+    script = "rocm-smi; test -c /dev/kfd && test -c /dev/dri/renderD128 && echo x > /dev/kfd && echo dev-ok"
+    r = run(fake, "exec", "--rocm", "--no-mount", "dev", fake["sif"], "sh", "-c", script)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["GPU[0] : Fake AMD", "dev-ok"]
+    assert "kfd" not in r.stderr, r.stderr
