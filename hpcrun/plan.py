@@ -287,7 +287,7 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
         extra["PS1"] = "hpcrun> "
     if fakeroot:
         extra.update(USER="root", LOGNAME="root")
-    lib_dirs = [envvars.LIBS_DIR] + (gpu.ld_dirs if gpu is not None else [])
+    lib_dirs = [envvars.LIBS_DIR] + [d for d in (gpu.ld_dirs if gpu else ()) if d != envvars.LIBS_DIR]
     if gpu is not None:
         extra.update(gpu.env)
     no_env = {n.strip() for item in opts.get("no_env", ()) for n in item.split(",")}  # --no-env
