@@ -49,10 +49,6 @@ class Setup:
         return self
 
 
-def wanted(opts):
-    return bool(opts.get("nv") or opts.get("nvccli") or opts.get("rocm") or opts.get("device"))
-
-
 def pass_env(host_env):
     """The GPU variables of the host environment (Slurm's allocation among them)."""
     return {k: host_env[k] for k in GPU_ENV if k in host_env}
@@ -204,7 +200,7 @@ def find_devices(dev_dir, patterns):
 
 
 def discover(opts, cfg, env):
-    """The Setup for the GPU options given (`wanted(opts)` is true)."""
+    """The Setup for the GPU options given (--nv, --nvccli, --rocm, --device)."""
     s = Setup()
     if opts.get("nvccli"):
         from hpcrun.gpu import nvidia
