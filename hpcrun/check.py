@@ -101,4 +101,11 @@ def run_checks(out=print):
         "install uidmap",
         fatal=False,
     )
+    try:
+        from hpcrun import gpu
+
+        for ok, what, fix in gpu.check_findings(config.load(), os.environ):
+            report(ok, what, fix, fatal=False)  # a node without GPUs is no failure
+    except errors.HpcrunError as e:
+        report(False, f"GPUs: {e.message}", e.hint, fatal=False)
     return errors.RUNTIME if bad else 0

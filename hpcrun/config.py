@@ -21,6 +21,9 @@ SCHEMA = {
     "cleanenv_keep": list,
     "share": str,
     "share_idle_timeout": int,
+    "ldconfig": list,
+    "gpu_dev_dir": str,
+    "cdi_dirs": list,
 }
 SHARE_MODES = ("auto", "always", "never")
 SITE = "/etc/hpcrun/hpcrun.yaml"

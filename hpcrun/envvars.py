@@ -12,6 +12,9 @@ OWN_PREFIXES = ("HPCRUN_", "APPTAINER_", "APPTAINERENV_", "SINGULARITY_", "SINGU
 EVAL_CHARS = ("$", "`", "\\")  # what the container's shell would change in a value
 FORCE_PREFIXES = ("SINGULARITYENV_", "APPTAINERENV_", "HPCRUN_ENV_")  # rising precedence
 ENV_DIR = "/.singularity.d/env"
+# Host libraries (--nv, --rocm) are bound here; it is on every container's
+# LD_LIBRARY_PATH, last, as in Apptainer: an image's own CUDA toolkit libraries win.
+LIBS_DIR = "/.singularity.d/libs"
 # PWD is the container's (plan), OLDPWD means nothing there; the host's LD_LIBRARY_PATH
 # (module loads) would break the image's programs: Apptainer omits it too.
 HOST_ONLY = ("PATH", "PWD", "OLDPWD", "LD_LIBRARY_PATH")
@@ -153,7 +156,18 @@ def parse_env_opts(values):
     return out
 
 
-def build(host_env, *, cleanenv, keep, env_files, env_opts, home, default_path, extra, no_eval=False):
+def append_dirs(value, dirs):
+    """LD_LIBRARY_PATH with dirs appended, each once."""
+    parts = [p for p in (value or "").split(":") if p]
+    for d in dirs:
+        if d not in parts:
+            parts.append(d)
+    return ":".join(parts)
+
+
+def build(
+    host_env, *, cleanenv, keep, env_files, env_opts, home, default_path, extra, lib_dirs=(LIBS_DIR,), no_eval=False
+):
     """Return (env, forced): env is what the container starts with, forced is re-applied
     after the image's own environment scripts. A forced value the container's shell will
     evaluate is not in env: the image's scripts must see what was there before it (a
@@ -181,6 +195,9 @@ def build(host_env, *, cleanenv, keep, env_files, env_opts, home, default_path, 
             env["PATH"] = forced["PREPEND_PATH"] + ":" + env["PATH"]
         if "APPEND_PATH" in now:
             env["PATH"] = env["PATH"] + ":" + forced["APPEND_PATH"]
+    if "LD_LIBRARY_PATH" in forced:  # re-applied after the image's scripts: with the dirs
+        forced["LD_LIBRARY_PATH"] = append_dirs(forced["LD_LIBRARY_PATH"], lib_dirs)
+    env["LD_LIBRARY_PATH"] = append_dirs(env.get("LD_LIBRARY_PATH"), lib_dirs)
     return env, forced
 
 
@@ -215,7 +232,7 @@ def app_script(app):
     )
 
 
-def wrapper_script(forced, no_eval=True, ids=None, app=None):
+def wrapper_script(forced, no_eval=True, ids=None, app=None, lib_dirs=(LIBS_DIR,)):
     """Shell text that sources the image's env scripts, then re-applies forced values
     (evaluated by the shell unless no_eval). The PATH it starts with already has
     PREPEND/APPEND_PATH (for images without a wrapper): they are taken off first, so
@@ -243,5 +260,8 @@ def wrapper_script(forced, no_eval=True, ids=None, app=None):
             lines.append(f'export PATH={q(forced["PREPEND_PATH"])}:"$PATH"')
         if "APPEND_PATH" in forced:
             lines.append(f'export PATH="$PATH":{q(forced["APPEND_PATH"])}')
+    for d in lib_dirs:  # an image's script may have set LD_LIBRARY_PATH: append again
+        add = f'export LD_LIBRARY_PATH="${{LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}}"{quote(d)}'
+        lines.append(f'case ":$LD_LIBRARY_PATH:" in *:{quote(d)}:*) ;; *) {add} ;; esac')
     lines.append('exec "$@"')
     return "\n".join(lines)

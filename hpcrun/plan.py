@@ -194,8 +194,16 @@ def scif_app(name):
     return name
 
 
-def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=()):
-    """opts: parsed options (options.defaults() shape). Returns a Plan."""
+def gpu_mounts(gpu):
+    """The mounts of a hpcrun.gpu.Setup: libraries, programs, device nodes (which must
+    work inside: no nodev), CDI mounts."""
+    out = [Mount("gpu", "bind", src, dst, readonly=ro, nodev=not dev) for src, dst, ro, dev in gpu.binds]
+    return out + [Mount("gpu", "tmpfs", None, d) for d in gpu.tmpfs]
+
+
+def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=(), gpu=None):
+    """opts: parsed options (options.defaults() shape); gpu: a hpcrun.gpu.Setup when
+    --nv/--rocm/--device asked for one. Returns a Plan."""
     contain = opts["contain"] or opts["containall"]
     skip = set()
     for item in opts["no_mount"]:
@@ -283,6 +291,8 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
     # order): a bind inside another lands on it, not under it.
     mounts += sorted(asked, key=lambda m: m.dst.count("/") - (m.dst == "/"))
 
+    if gpu is not None:  # after the default mounts: a device node binds over /dev's
+        mounts += gpu_mounts(gpu)
     for m in mounts:
         check_destination(m)
 
@@ -291,6 +301,9 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
         extra["PS1"] = "hpcrun> "
     if fakeroot:
         extra.update(USER="root", LOGNAME="root")
+    lib_dirs = [envvars.LIBS_DIR] + [d for d in (gpu.ld_dirs if gpu else ()) if d != envvars.LIBS_DIR]
+    if gpu is not None:
+        extra.update(gpu.env)
     no_env = {n.strip() for item in opts.get("no_env", ()) for n in item.split(",")}  # --no-env
     host_env = {k: v for k, v in host.env.items() if k not in no_env} if no_env else host.env
     env, forced = envvars.build(
@@ -303,6 +316,7 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
         default_path=cfg["default_path"],
         extra=extra,
         no_eval=bool(opts.get("no_eval")),
+        lib_dirs=lib_dirs,
     )
 
     if fakeroot:
@@ -353,6 +367,8 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
         pwd_given=bool(opts["pwd"]),
         env=env,
         forced=forced,
+        lib_dirs=lib_dirs,
+        cuda_driver=gpu.cuda if gpu is not None and gpu.cuda and gpu.cuda[0] else None,
         no_eval=bool(opts.get("no_eval")),
         app=scif_app(opts.get("app")),
         unsquash=unsquash,
@@ -372,6 +388,7 @@ PER_TASK = (
     "args",
     "env",
     "forced",
+    "lib_dirs",
     "no_eval",
     "app",
     "cwd",

@@ -83,7 +83,8 @@ def run_container(req):
     if image.warning and not opts["quiet"]:
         sys.stderr.write(f"{errors.PROG}: warning: {image.warning}\n")
     try:
-        plan = build_plan(opts, action, image.path, image.kind, args, cfg, host, env_files)
+        gpu = _gpu(opts, cfg, host.env)
+        plan = build_plan(opts, action, image.path, image.kind, args, cfg, host, env_files, gpu)
         _resolve_sources(plan)
         if opts["dry_run"]:
             import json
@@ -115,6 +116,19 @@ def _resolve_sources(plan):
     for m in plan.mounts:
         if m.kind == "bind":
             m.src = os.path.realpath(m.src)
+
+
+def _gpu(opts, cfg, env):
+    """--nv/--rocm/--nvccli/--device: what to bind (hpcrun.gpu, imported only then)."""
+    if not (opts.get("nv") or opts.get("nvccli") or opts.get("rocm") or opts.get("device")):
+        return None
+    from hpcrun import gpu
+
+    setup = gpu.discover(opts, cfg, env)
+    if not opts["quiet"]:
+        for note in setup.notes:
+            sys.stderr.write(f"{errors.PROG}: warning: {note}\n")
+    return setup
 
 
 def _check_writable(path, idmap):

@@ -65,6 +65,8 @@ def build(plan, image, timer, verbose=False, daemon=None, sandbox=None, keep=Non
     its FUSE daemon then lives as long as the mount, not as long as this process."""
     if plan.namespaces["net"]:  # needed after pivot_root, when the stdlib is out of reach
         import fcntl, socket, struct  # noqa: F401,E401
+    if plan.cuda_driver:  # --nv: the image's CUDA is compared with the driver's, in the image
+        from hpcrun.gpu import nvidia  # noqa: F401
     helper = None
     if plan.idmap["mode"] == "subid":
         helper = idmaps.start_helper(plan.idmap)
@@ -187,6 +189,8 @@ def _container(plan, lower, timer, verbose):
             _make_point(upper, comps, m)
             ready.append(m)
     identity = _write_identity(plan, lower, upper)
+    if plan.cuda_driver:
+        _cuda_check(plan, lower)
     if plan.in_place:
         sc.mount(lower, ROOT, None, sc.MS_BIND | sc.MS_REC, what=f"cannot bind the sandbox {plan.image}")
         sc.mount(None, ROOT, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_NOSUID | sc.MS_NODEV | sc.current_flags(ROOT))
@@ -357,6 +361,30 @@ def _write_identity(plan, lower, upper):
     return binds
 
 
+def _cuda_check(plan, lower):
+    """--nv: one warning line when the image's CUDA toolkit is newer than the driver's."""
+    from hpcrun.gpu import nvidia  # imported in build(), before the host went out of reach
+
+    for rel in nvidia.CUDA_FILES:
+        try:
+            fd = safepath.open_in_root(lower, rel)
+        except OSError:
+            continue
+        try:
+            if os.fstat(fd).st_mode & 0o170000 != 0o100000:  # a FIFO would block the start
+                continue
+            with open(safepath.fd_path(fd, PROC), encoding="utf-8", errors="replace") as f:
+                version = nvidia.image_cuda(f.read(65536))
+        except OSError:
+            version = None
+        finally:
+            os.close(fd)
+        line = version and nvidia.mismatch(version, *plan.cuda_driver)
+        if line:
+            say(f"warning: {line}")
+        return
+
+
 def _loopback_up():
     import fcntl  # imported in launch(), before the host's files went out of reach
     import socket
@@ -397,7 +425,8 @@ def resolve_argv(plan, exists, access):
     except OSError:
         has_env = False
     if app or has_env or envvars.needs_eval(plan.forced, plan.no_eval) and exists("/bin/sh"):
-        script = envvars.wrapper_script(plan.forced, plan.no_eval, (plan.uid, plan.gid), app=app)
+        ids = (plan.uid, plan.gid)
+        script = envvars.wrapper_script(plan.forced, plan.no_eval, ids, app=app, lib_dirs=plan.lib_dirs)
         argv = ["/bin/sh", "-c", script, errors.PROG] + argv  # $0: sh starts its error lines with it
     return argv
 

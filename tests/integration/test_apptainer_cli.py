@@ -134,7 +134,7 @@ def test_userns_is_accepted(images):
 def test_refused_options_say_why_in_one_line(images):
     for argv, word in (
         (["--keep-privs"], "root"),
-        (["--nv"], "GPU"),
+        (["--compat32"], "GPU"),
         (["--cpus", "2"], "cgroup"),
         (["-o", "/x.img"], "overlay"),
     ):

@@ -133,8 +133,8 @@ def test_env_keys_only_for_their_commands():
     "argv,words",
     [
         (["--keep-privs"], ["--keep-privs", "root"]),
-        (["--nv"], ["--nv", "GPU"]),
-        (["--rocm"], ["--rocm", "GPU"]),
+        (["--compat32"], ["--compat32", "GPU"]),
+        (["--intel-hpu"], ["--intel-hpu", "accelerator"]),
         (["--memory", "1G"], ["--memory", "cgroup"]),
         (["-o", "ov.img"], ["--overlay", "overlay"]),
         (["--network", "bridge"], ["--network bridge", "none"]),
@@ -150,8 +150,8 @@ def test_refused_with_one_reason(argv, words):
 
 def test_refused_from_env_names_the_variable():
     with pytest.raises(UsageError) as e:
-        _settle([], {"APPTAINER_NV": "1"})
-    assert e.value.message.startswith("APPTAINER_NV (--nv)")
+        _settle([], {"APPTAINER_COMPAT32": "1"})
+    assert e.value.message.startswith("APPTAINER_COMPAT32 (--compat32)")
 
 
 def test_compat_is_apptainers_set():

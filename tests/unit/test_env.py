@@ -111,10 +111,13 @@ def test_forced_can_set_path_not_home():
 
 
 def test_host_ld_library_path_is_not_passed():
+    # env.go TestDefaultLdLibraryPath / TestCustomLdLibraryPath: the libs directory, last
     env, _ = make({"LD_LIBRARY_PATH": "/host/lib", "APPTAINERENV_X": "1"})
-    assert "LD_LIBRARY_PATH" not in env
-    env, _ = make({"LD_LIBRARY_PATH": "/host/lib", "APPTAINERENV_LD_LIBRARY_PATH": "/mine"})
-    assert env["LD_LIBRARY_PATH"] == "/mine"
+    assert env["LD_LIBRARY_PATH"] == "/.singularity.d/libs"
+    env, forced = make({"LD_LIBRARY_PATH": "/host/lib", "APPTAINERENV_LD_LIBRARY_PATH": "/mine"})
+    assert env["LD_LIBRARY_PATH"] == forced["LD_LIBRARY_PATH"] == "/mine:/.singularity.d/libs"
+    _, forced = make({"APPTAINERENV_LD_LIBRARY_PATH": "$HOME/lib"})  # evaluated later: still gets it
+    assert forced["LD_LIBRARY_PATH"] == "$HOME/lib:/.singularity.d/libs"
 
 
 def test_values_to_evaluate_wait_for_the_image_scripts():
@@ -135,7 +138,14 @@ def test_prepend_append_path():
 def test_cleanenv_keeps_only_keep_list_home_path_extra():
     host = {"TERM": "xterm", "LANG": "C", "FOO": "1", "PATH": "/host", "HOME": "/h", "USER": "u", "HPCRUN_BIND": "/x"}
     env, _ = make(host, cleanenv=True, extra={"HPCRUN_NAME": "img"})
-    assert env == {"TERM": "xterm", "LANG": "C", "PATH": DEFAULT_PATH, "HOME": "/home/u", "HPCRUN_NAME": "img"}
+    assert env == {
+        "TERM": "xterm",
+        "LANG": "C",
+        "PATH": DEFAULT_PATH,
+        "HOME": "/home/u",
+        "HPCRUN_NAME": "img",
+        "LD_LIBRARY_PATH": "/.singularity.d/libs",  # as Apptainer's, on every container's
+    }
 
 
 def test_cleanenv_still_applies_forced():
