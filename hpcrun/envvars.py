@@ -11,6 +11,7 @@ from hpcrun.errors import UsageError
 OWN_PREFIXES = ("HPCRUN_", "APPTAINER_", "APPTAINERENV_", "SINGULARITY_", "SINGULARITYENV_")
 FORCE_PREFIXES = ("SINGULARITYENV_", "APPTAINERENV_", "HPCRUN_ENV_")  # rising precedence
 ENV_DIR = "/.singularity.d/env"
+OLD_ENV = "/environment"  # Singularity < 2.3 images: one file, no ENV_DIR
 HOST_ONLY = ("PATH", "PWD", "OLDPWD")  # PWD is the container's (plan), OLDPWD means nothing there
 PATH_KEYS = ("PREPEND_PATH", "APPEND_PATH")
 READONLY = ("EUID", "GID", "HOME", "IFS", "OPTIND", "PWD", "UID")  # Apptainer drops these from env files
@@ -204,7 +205,10 @@ def wrapper_script(forced, no_eval=True):
         lines.append(f"PATH=${{PATH#{quote(forced['PREPEND_PATH'] + ':')}}}")
     if "APPEND_PATH" in forced:
         lines.append(f"PATH=${{PATH%{quote(':' + forced['APPEND_PATH'])}}}")
-    lines.append(f'for __f in {ENV_DIR}/*.sh; do [ -f "$__f" ] && . "$__f"; done; unset __f')
+    lines.append(  # ENV_DIR's scripts, else an old image's /environment (Apptainer's action script)
+        f'if [ -d {ENV_DIR} ]; then for __f in {ENV_DIR}/*.sh; do [ -f "$__f" ] && . "$__f"; done; unset __f; '
+        f"elif [ -f {OLD_ENV} ]; then . {OLD_ENV}; fi"
+    )
     for k, v in forced.items():
         if k not in PATH_KEYS and k != "PATH":
             lines.append(f"export {k}={q(v)}")

@@ -452,7 +452,7 @@ def resolve_argv(plan, exists, access):
     try:
         has_env = any(n.endswith(".sh") for n in os.listdir(envvars.ENV_DIR))
     except OSError:
-        has_env = False
+        has_env = exists(envvars.OLD_ENV)  # only without ENV_DIR, as Apptainer's action script
     if has_env or envvars.needs_eval(plan.forced, plan.no_eval) and exists("/bin/sh"):
         argv = ["/bin/sh", "-c", envvars.wrapper_script(plan.forced, plan.no_eval), "hpcrun"] + argv
     return argv

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from hpcrun_testlib import as_user, hpcrun, user, user_env
+from hpcrun_testlib import HPCRUN, WORK_USER, as_user, hpcrun, make_rootfs, user, user_env
 
 # what Apptainer's addDevMount puts in a contained /dev without a terminal (and no --ipc)
 MINIMAL_DEV = {"fd", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin", "stdout", "tty", "urandom", "zero"}
@@ -98,8 +98,6 @@ def test_containall_has_mqueue(images):
 def test_contain_with_a_terminal(images):
     if shutil.which("script") is None:
         pytest.skip("no script(1) on the host to give the run a terminal")
-    from hpcrun_testlib import HPCRUN, WORK_USER
-
     inner = f"{HPCRUN} exec -c {images['sif']} sh -c 'test /dev/console -ef /proc/self/fd/0 && echo to-tty > /dev/tty'"
     r = subprocess.run(
         as_user(["script", "-qec", inner, "/dev/null"]),
@@ -236,3 +234,55 @@ def test_workdir_under_a_symlinked_parent(images, utmp):
     wd = own_dir(os.path.join(real, "wd"))
     ok(hpcrun("exec", "-c", "-W", str(utmp / "link" / "wd"), images["sif"], "sh", "-c", "echo x > /tmp/x"))
     assert os.path.exists(os.path.join(wd, "tmp", "x"))
+
+
+def squash(root, out, launch_line=False):
+    """A squashfs of root at out; launch_line: as Singularity 2.x wrote its images."""
+    sq = out + ".sqfs"
+    subprocess.run(
+        ["mksquashfs", root, sq, "-noappend", "-quiet", "-all-root", "-no-progress"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    if not launch_line:
+        os.chmod(sq, 0o644)
+        return sq
+    with open(out, "wb") as f, open(sq, "rb") as s:
+        f.write(b"#!/usr/bin/env run-singularity\n" + s.read())
+    os.chmod(out, 0o644)
+    return out
+
+
+# Apptainer's legacy-environment test file (e2e/testdata/regressions/legacy-environment)
+LEGACY_ENV = """if test -z "$APPTAINER_INIT"; then
+    PATH="/canary/path:$PATH"
+    PS1="$PS1"
+    APPTAINER_INIT=1
+    export PATH PS1 APPTAINER_INIT
+fi
+export OLD_VAR=from-environment
+"""
+
+
+# e2e/env/regressions.go issue5426: an image without /.singularity.d (Singularity < 2.3)
+# has its /environment sourced, which can set PATH; with /.singularity.d/env it is not.
+@pytest.mark.parametrize("launch_line", [False, True], ids=["squashfs", "singularity2-launch-line"])
+def test_old_image_environment_is_sourced(images, utmp, launch_line):
+    root = str(utmp / "old")
+    make_rootfs(root, singularity=False)
+    with open(os.path.join(root, "environment"), "w") as f:
+        f.write(LEGACY_ENV)
+    img = squash(root, str(utmp / "old.img"), launch_line)
+    out = ok(hpcrun("exec", img, "/bin/sh", "-c", 'echo "$PATH"; echo "$OLD_VAR"')).splitlines()
+    assert out[0].startswith("/canary/path:") and out[1] == "from-environment", out
+    # --cleanenv does not stop it (it is the image's environment)
+    assert ok(hpcrun("exec", "-e", img, "/bin/sh", "-c", 'echo "$OLD_VAR"')).strip() == "from-environment"
+
+    # with /.singularity.d/env the file is not sourced (Apptainer's action script)
+    root = str(utmp / "new")
+    make_rootfs(root)
+    with open(os.path.join(root, "environment"), "w") as f:
+        f.write("export OLD_VAR=from-environment\n")
+    img = squash(root, str(utmp / "new.img"), launch_line)
+    out = ok(hpcrun("exec", img, "/bin/sh", "-c", 'echo "$IMAGE_VAR:${OLD_VAR-unset}"')).strip()
+    assert out == "from_image:unset"
