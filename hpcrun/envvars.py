@@ -15,6 +15,7 @@ ENV_DIR = "/.singularity.d/env"
 # Host libraries (--nv, --rocm) are bound here; it is on every container's
 # LD_LIBRARY_PATH, last, as in Apptainer: an image's own CUDA toolkit libraries win.
 LIBS_DIR = "/.singularity.d/libs"
+OLD_ENV = "/environment"  # Singularity < 2.3 images: one file, no ENV_DIR
 # PWD is the container's (plan), OLDPWD means nothing there; the host's LD_LIBRARY_PATH
 # (module loads) would break the image's programs: Apptainer omits it too.
 HOST_ONLY = ("PATH", "PWD", "OLDPWD", "LD_LIBRARY_PATH")
@@ -247,7 +248,10 @@ def wrapper_script(forced, no_eval=True, ids=None, app=None, lib_dirs=(LIBS_DIR,
         lines.append(f"PATH=${{PATH#{quote(forced['PREPEND_PATH'] + ':')}}}")
     if "APPEND_PATH" in forced:
         lines.append(f"PATH=${{PATH%{quote(':' + forced['APPEND_PATH'])}}}")
-    lines.append(f'for __f in {ENV_DIR}/*.sh; do [ -f "$__f" ] && . "$__f"; done; unset __f')
+    lines.append(  # ENV_DIR's scripts, else an old image's /environment (Apptainer's action script)
+        f'if [ -d {ENV_DIR} ]; then for __f in {ENV_DIR}/*.sh; do [ -f "$__f" ] && . "$__f"; done; unset __f; '
+        f"elif [ -f {OLD_ENV} ]; then . {OLD_ENV}; fi"
+    )
     if app:
         lines.append(app_script(app))
     for k, v in forced.items():

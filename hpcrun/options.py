@@ -82,7 +82,7 @@ OPTIONS = [
     _o(
         "-c --contain",
         "contain",
-        help_="Bind neither home, /tmp, /var/tmp nor the working directory; use empty ones.",
+        help_="Bind neither home, /tmp, /var/tmp nor the working directory (empty ones instead); a minimal /dev.",
         env="CONTAIN",
     ),
     _o("-C --containall", "containall", help_="--contain plus --pid, --ipc and --cleanenv.", env="CONTAINALL"),
@@ -129,7 +129,7 @@ OPTIONS = [
         "no_mount",
         "multi",
         "LIST",
-        "Skip default mounts: home,tmp,cwd,proc,sys,dev,hosts,localtime,resolv,scratch or a path.",
+        "Skip default mounts: home,tmp,cwd,proc,sys,dev,devpts,hosts,localtime,resolv,scratch or a path.",
         "NO_MOUNT",
     ),
     _o(
@@ -370,16 +370,16 @@ OPTIONS = [
         "workdir",
         "value",
         "DIR",
-        "Refused: not supported yet.",
+        "Your directory for --contain's /tmp, /var/tmp and home (DIR/tmp, DIR/var_tmp, DIR/home) "
+        "and -S's directories (DIR/scratch/...), instead of memory.",
         "WORKDIR",
-        "refused:not supported yet (-S DIR makes a directory in memory; -B DIR/tmp:/tmp binds one of yours)",
     ),
     _o(
         "-S --scratch",
         "scratch",
         "multi",
         "DIR",
-        "An empty directory in memory at DIR (repeatable, comma lists; gone at exit).",
+        "An empty directory at DIR: in memory (gone at exit), or in -W's DIR (repeatable, comma lists).",
         "SCRATCH SCRATCHDIR",
     ),
     _o(

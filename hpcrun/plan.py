@@ -22,7 +22,7 @@ SYSTEM_MOUNTS = [
     ("tmp", "/tmp", True),
     ("tmp", "/var/tmp", True),
 ]
-MOUNT_NAMES = {"home", "tmp", "cwd", "proc", "sys", "dev", "hosts", "localtime", "resolv", "scratch"}
+MOUNT_NAMES = {"home", "tmp", "cwd", "proc", "sys", "dev", "devpts", "hosts", "localtime", "resolv", "scratch"}
 # The working directory is not bound when it is (inside) one of these.
 SYSTEM_DIRS = (
     "/",
@@ -201,6 +201,33 @@ def gpu_mounts(gpu):
     return out + [Mount("gpu", "tmpfs", None, d) for d in gpu.tmpfs]
 
 
+def minimal_dev(devpts, mqueue):
+    """Apptainer's minimal /dev (--contain, `mount dev = minimal`): a tmpfs with a few
+    host devices bound in (launcher.minimal_dev). src lists what it holds beyond the
+    fixed set: "devpts" (a new instance), "mqueue" (needs our own IPC namespace), then
+    (src, dst) of user binds under /dev (their mount points are made there)."""
+    held = (["devpts"] if devpts else []) + (["mqueue"] if mqueue else [])
+    return Mount("dev", "tmpfs", tuple(held), "/dev", nodev=False)
+
+
+def in_workdir(name, dst, workdir, rel, mode, made):
+    """An empty directory at dst: in memory, or with -W DIR the directory DIR/rel, which
+    the launcher makes (made: [(rel, mode, dst)]) as Apptainer lays them out."""
+    if not workdir:
+        return Mount(name, "tmpfs", None, dst)
+    made.append((rel, mode, dst))  # optional: the source is made at launch, not checked before
+    return Mount(name, "bind", f"{workdir}/{rel}", dst, optional=True)
+
+
+def contained_tmp(asked, workdir, made):
+    """--contain's /tmp and /var/tmp (DIR/tmp and DIR/var_tmp with -W DIR); none with
+    --no-mount tmp: the image's own stay, as in Apptainer."""
+    if "tmp" in asked:
+        return []
+    pairs = (("/tmp", "tmp"), ("/var/tmp", "var_tmp"))
+    return [in_workdir("tmp", d, workdir, rel, 0o1777, made) for d, rel in pairs if d not in asked]
+
+
 def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=(), gpu=None):
     """opts: parsed options (options.defaults() shape); gpu: a hpcrun.gpu.Setup when
     --nv/--rocm/--device asked for one. Returns a Plan."""
@@ -215,8 +242,10 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
                 )
             skip.add(name.rstrip("/") or "/")
     skip |= {k for k, on in cfg["mounts"].items() if not on}
+    asked = set(skip)  # skipped by the user or the site, not by --contain
     if contain:
         skip |= {"home", "tmp", "cwd"}
+    workdir = os.path.normpath(os.path.join(host.cwd, opts["workdir"])) if opts.get("workdir") else None
 
     if opts["writable"] and image_kind != "sandbox":
         raise UsageError(
@@ -232,13 +261,17 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
     def wanted(name, dst):
         return name not in skip and dst not in skip
 
-    mounts = []
+    mounts, made = [], []  # made: the directories -W DIR needs (in_workdir)
+    dev = None
     for name, src, nodev in SYSTEM_MOUNTS:
         if wanted(name, src):
-            mounts.append(Mount(name, "bind", src, src, nodev=nodev, optional=True))
+            if name == "dev" and contain:
+                dev = minimal_dev("devpts" not in asked, opts["ipc"] or opts["containall"])
+                mounts.append(dev)
+            else:
+                mounts.append(Mount(name, "bind", src, src, nodev=nodev, optional=True))
     if contain:
-        for d in ("/tmp", "/var/tmp"):
-            mounts.append(Mount("tmp", "tmpfs", None, d))
+        mounts += contained_tmp(asked, workdir, made)
 
     # Home: -H SRC[:DST] or $HOME at its own path ( /root under --fakeroot ).
     home_src = host.home
@@ -249,8 +282,8 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
         if not home.startswith("/"):
             raise UsageError(f"--home {opts['home']!r}: destination is relative", "use an absolute path")
     if opts["no_home"] or "home" in skip and not opts["home"]:
-        if contain and not opts["no_home"]:
-            mounts.append(Mount("home", "tmpfs", None, home))
+        if contain and not opts["no_home"] and "home" not in asked and home not in asked:
+            mounts.append(in_workdir("home", home, workdir, "home", 0o700, made))
     else:
         mounts.append(Mount("home", "bind", home_src, home))
 
@@ -276,23 +309,30 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
         if d and not d.startswith("/"):
             raise UsageError(f"--scratch {d!r}: relative", "give an absolute path inside the container")
         if d:
-            mounts.append(Mount("scratchdir", "tmpfs", None, os.path.normpath(d)))
+            d = os.path.normpath(d)
+            mounts.append(in_workdir("scratchdir", d, workdir, "scratch" + d, 0o750, made))
 
     # APPTAINER_BIND/BINDPATH (and SINGULARITY_) are in opts["bind"] already (options.apply_env)
     binds = opts["bind"] + ([host.env["HPCRUN_BIND"]] if host.env.get("HPCRUN_BIND") else [])
     user_binds = bindspec.parse(binds, host.cwd)
-    asked = [Mount("user", "bind", b.src, b.dst, readonly=b.readonly) for b in user_binds]
+    user_mounts = [Mount("user", "bind", b.src, b.dst, readonly=b.readonly) for b in user_binds]
     nested = [b.dst for b in user_binds]  # $APPTAINER_BIND, for containers started inside
     for src, dst, ro, passed in options.parse_mounts(opts["mount"], host.cwd) if opts.get("mount") else ():
-        asked.append(Mount("user", "bind", src, dst, readonly=ro))
+        user_mounts.append(Mount("user", "bind", src, dst, readonly=ro))
         if passed:
             nested.append(dst)
     # After the scratch directories, shallowest destination first (Apptainer's mount
     # order): a bind inside another lands on it, not under it.
-    mounts += sorted(asked, key=lambda m: m.dst.count("/") - (m.dst == "/"))
+    mounts += sorted(user_mounts, key=lambda m: m.dst.count("/") - (m.dst == "/"))
 
     if gpu is not None:  # after the default mounts: a device node binds over /dev's
         mounts += gpu_mounts(gpu)
+
+    if dev is not None:  # -B /dev/X adds a working device to the minimal /dev (addUserbindsMount)
+        devices = [m for m in mounts if m.name == "user" and m.dst.startswith("/dev/")]
+        dev.src += tuple((m.src, m.dst) for m in devices)
+        for m in devices:
+            m.nodev = m.nodev and m.src != m.dst
     for m in mounts:
         check_destination(m)
 
@@ -361,6 +401,7 @@ def build_plan(opts, action, image_path, image_kind, args, cfg, host, env_files=
         passwd_line=lines[0],
         group_line=lines[1],
         mounts=mounts,
+        workdir=(workdir, tuple(made)) if made else None,
         writable=opts["writable_tmpfs"] or opts["writable"],
         in_place=opts["writable"],
         cwd=cwd,

@@ -80,6 +80,7 @@ def build(plan, image, timer, verbose=False, daemon=None, sandbox=None, keep=Non
     else:
         idmaps.write_self(plan.idmap)
     timer("namespaces")
+    made = workdir_sources(plan)  # in our mount namespace (a bind's source must be), the host's paths
     if keep is not None:  # /proc/self/ns/*: still the host's /proc here
         for name, on in (("user", True), ("ipc", ns["ipc"]), ("uts", ns["uts"]), ("net", ns["net"]), ("mnt", True)):
             if on:
@@ -129,7 +130,71 @@ def build(plan, image, timer, verbose=False, daemon=None, sandbox=None, keep=Non
             if lost is not None:
                 raise lost from None
         raise
+    for fd in made:
+        os.close(fd)
     return daemon_pid
+
+
+def workdir_sources(plan):
+    """-W DIR (plan.workdir): make the directories the plan binds from DIR, in the
+    caller's own DIR, following no link and refusing what is not the caller's; those
+    mounts then bind the made directories by fd (what was checked is what is bound).
+    Returns the fds, to close once the container is built."""
+    if not plan.workdir:
+        return []
+    top, made = plan.workdir
+    fds = []
+    wfd = _own_dir(None, top, top)
+    try:
+        for rel, mode, dst in made:
+            fd = os.dup(wfd)
+            names = safepath.components(rel)
+            for i, name in enumerate(names):
+                try:
+                    nfd = _own_dir(fd, name, f"{top}/{rel}", mode if i == len(names) - 1 else 0o750)
+                finally:
+                    os.close(fd)
+                fd = nfd
+            fds.append(fd)
+            for m in plan.mounts:  # found by destination: the text of src may have been resolved
+                if m.kind == "bind" and m.name in ("tmp", "home", "scratchdir") and m.dst == dst:
+                    m.src = safepath.fd_path(fd)  # /proc/self/fd/N, under OLD during set-up
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    finally:
+        os.close(wfd)
+    return fds
+
+
+def _own_dir(parent, name, shown, mode=None):
+    """An fd of directory `name` (made with mode unless there) in parent (an fd, or None:
+    a path): never through a link at name, and only the caller's own."""
+    created = False
+    if mode is not None:
+        try:
+            os.mkdir(name, mode, dir_fd=parent)
+            created = True
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise BindError(f"--workdir: cannot make {shown}: {e.strerror}", "give a directory of yours") from None
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+    except OSError as e:
+        import errno  # builtin, and only on this failure
+
+        why = {errno.ELOOP: "a symbolic link", errno.ENOTDIR: "not a directory"}.get(e.errno, e.strerror)
+        if e.errno == errno.ENOTDIR and os.path.islink(name if parent is None else f"/proc/self/fd/{parent}/{name}"):
+            why = "a symbolic link"  # O_DIRECTORY|O_NOFOLLOW on a link says ENOTDIR
+        raise BindError(f"--workdir: {shown}: {why}", "give a directory of yours, not a link") from None
+    if os.fstat(fd).st_uid != os.getuid():
+        os.close(fd)
+        raise BindError(f"--workdir: {shown} is not yours", "give a directory you own")
+    if created:
+        os.fchmod(fd, mode)  # the umask took bits off (1777)
+    return fd
 
 
 def enter(plan, daemon_pid, timer):
@@ -296,8 +361,11 @@ def _apply(m, verbose, ours, in_place=False):
     try:
         target = safepath.fd_path(fd, PROC)
         if m.kind == "tmpfs":
-            mode = "0755" if m.name == "homebase" else "1777"
-            sc.mount("tmpfs", target, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, f"mode={mode}")
+            if m.name == "dev":
+                minimal_dev(target, m.src)
+            else:
+                mode = "0755" if m.name == "homebase" else "1777"
+                sc.mount("tmpfs", target, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, f"mode={mode}")
             ours.add(os.stat(os.readlink(target)).st_dev)  # the new tmpfs: mount points may go in it
             return
         src = OLD + m.src
@@ -322,6 +390,79 @@ def _apply(m, verbose, ours, in_place=False):
         )
     except OSError as e:  # e.g. longer than PATH_MAX once the image's symlinks are followed
         raise BindError(f"bind destination {m.dst[:60]}: {e.strerror or e}", "choose another destination") from None
+    finally:
+        os.close(fd)
+
+
+# Apptainer's minimal /dev (container_linux.go addDevMount): host devices bound in
+# (an unprivileged user cannot mknod), links to /proc/self/fd, a new devpts, /dev/shm.
+DEVICES = ("tty", "null", "zero", "random", "urandom")
+DEV_LINKS = (
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+)
+
+
+def minimal_dev(target, held):
+    """A tmpfs /dev on target holding DEVICES, the console (the caller's terminal, if
+    any), DEV_LINKS and shm; `held` (plan.minimal_dev) adds devpts, mqueue and the
+    mount points of user binds (src, dst) under /dev."""
+    sc.mount("hpcrun-dev", target, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755,size=1m")
+    dfd = os.open(os.readlink(target), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for name in DEVICES:
+            _bind_device(dfd, "/dev/" + name, name)
+        console = _terminal()
+        if console:
+            _bind_device(dfd, console, "console")
+        for name, link in DEV_LINKS:
+            os.symlink(link, name, dir_fd=dfd)
+        _mount_in(dfd, "shm", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=1777")
+        if "devpts" in held:  # no gid=5: the tty group is not mapped in our namespace
+            _mount_in(dfd, "pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC, "mode=0620,newinstance,ptmxmode=0666")
+            os.symlink("pts/ptmx", "ptmx", dir_fd=dfd)
+        if "mqueue" in held:
+            try:
+                _mount_in(dfd, "mqueue", "mqueue", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, None)
+            except RuntimeSetupError:
+                os.rmdir("mqueue", dir_fd=dfd)  # the kernel lacks POSIX message queues
+        for src, dst in (h for h in held if not isinstance(h, str)):
+            kind = "dir" if os.path.isdir(OLD + src) else "file"
+            fd, _, _ = safepath.walk_at(os.dup(dfd), dst[len("/dev") :], create=kind)
+            os.close(fd)
+    finally:
+        os.close(dfd)
+
+
+def _terminal():
+    """The host path of the terminal on stdin, stdout or stderr, if any."""
+    for fd in (0, 1, 2):
+        if os.isatty(fd):
+            path = os.readlink(f"{PROC}/self/fd/{fd}")
+            if path.startswith("/dev/") and os.path.exists(OLD + path):
+                return path
+    return None
+
+
+def _bind_device(dfd, host_path, name):
+    """Bind the host's device node onto a new empty file `name` in the /dev tmpfs; the
+    bind keeps the host mount's flags (nosuid, not nodev)."""
+    if not os.path.exists(OLD + host_path):
+        return
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd)
+    try:
+        sc.mount(OLD + host_path, safepath.fd_path(fd, PROC), None, sc.MS_BIND, what=f"cannot bind {host_path}")
+    finally:
+        os.close(fd)
+
+
+def _mount_in(dfd, name, fstype, flags, data):
+    os.mkdir(name, 0o755, dir_fd=dfd)
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    try:
+        sc.mount(fstype, safepath.fd_path(fd, PROC), fstype, flags, data, what=f"cannot mount {fstype} on /dev/{name}")
     finally:
         os.close(fd)
 
@@ -423,7 +564,7 @@ def resolve_argv(plan, exists, access):
     try:
         has_env = any(n.endswith(".sh") for n in os.listdir(envvars.ENV_DIR))
     except OSError:
-        has_env = False
+        has_env = exists(envvars.OLD_ENV)  # only without ENV_DIR, as Apptainer's action script
     if app or has_env or envvars.needs_eval(plan.forced, plan.no_eval) and exists("/bin/sh"):
         ids = (plan.uid, plan.gid)
         script = envvars.wrapper_script(plan.forced, plan.no_eval, ids, app=app, lib_dirs=plan.lib_dirs)

@@ -117,7 +117,7 @@ def test_no_mount_by_path(cfg):
     assert "/etc/hosts" not in dsts and "/var/tmp" not in dsts and "/tmp" in dsts
 
 
-@pytest.mark.parametrize("name", ["homes", "TMP", "devpts", "x/y"])
+@pytest.mark.parametrize("name", ["homes", "TMP", "pts", "x/y"])
 def test_no_mount_unknown_name(cfg, name):
     with pytest.raises(UsageError) as ei:
         plan(cfg, no_mount=[f"home,{name}"])
@@ -449,3 +449,80 @@ def test_cwd_in_custom_home_destination_not_bound(cfg, cwd):
     assert [m.dst for m in plan(cfg, host(cwd="/home/xy"), home="/data/h:/home/x").mounts if m.name == "cwd"] == [
         "/home/xy"
     ]
+
+
+# --- --contain and friends (issue 10), as Apptainer's e2e tables have them -----------
+
+
+def test_contain_dev_is_minimal(cfg):
+    """e2e/config/config.go MountDevMinimal: --contain gives a tmpfs /dev (launcher
+    fills it), not the host's; without --contain /dev is the host's."""
+    dev = by_dst(plan(cfg, contain=True))["/dev"]
+    assert (dev.name, dev.kind, dev.src, dev.nodev) == ("dev", "tmpfs", ("devpts",), False)
+    assert by_dst(plan(cfg))["/dev"].kind == "bind"
+    # --containall has its own IPC namespace: /dev/mqueue too
+    assert by_dst(plan(cfg, containall=True))["/dev"].src == ("devpts", "mqueue")
+
+
+def test_contain_no_mount_devpts_and_dev(cfg):
+    """actionNoMount devpts/dev with testContained."""
+    assert by_dst(plan(cfg, contain=True, no_mount=["devpts"]))["/dev"].src == ()
+    assert "/dev" not in by_dst(plan(cfg, contain=True, no_mount=["dev"]))
+
+
+def test_contain_device_binds_get_mount_points(cfg):
+    p = plan(cfg, contain=True, bind=["/dev/nvidia0", "/data/x:/mnt"])
+    assert by_dst(p)["/dev"].src == ("devpts", ("/dev/nvidia0", "/dev/nvidia0"))
+    assert by_dst(p)["/dev/nvidia0"].nodev is False and by_dst(p)["/mnt"].nodev is True
+
+
+@pytest.mark.parametrize("how", [{"no_mount": ["tmp"]}, {"no_mount": ["home,tmp"]}, "config"])
+def test_contain_honours_no_mount_tmp(cfg, how):
+    """actionNoMount tmp with testContained: no mount on /tmp or /var/tmp (the image's)."""
+    if how == "config":
+        cfg["mounts"]["tmp"] = False
+        how = {}
+    p = plan(cfg, contain=True, **how)
+    assert "/tmp" not in by_dst(p) and "/var/tmp" not in by_dst(p)
+
+
+def test_contain_honours_no_mount_home(cfg):
+    """actionNoMount home with testContained: no mount on the home directory."""
+    assert "/home/u" not in by_dst(plan(cfg, contain=True, no_mount=["home"]))
+    assert "/home/u" not in by_dst(plan(cfg, contain=True, no_mount=["/home/u"]))
+    assert "/var/tmp" not in by_dst(plan(cfg, contain=True, no_mount=["/var/tmp"]))
+
+
+def test_workdir_with_contain(cfg):
+    """actionExecMultiProfile WorkdirContain*: DIR/tmp, DIR/var_tmp, DIR/home bound, the
+    launcher makes them (plan.workdir); a relative DIR is from the working directory."""
+    p = plan(cfg, contain=True, workdir="wd")
+    m = by_dst(p)
+    for dst, src in (
+        ("/tmp", "/data/proj/wd/tmp"),
+        ("/var/tmp", "/data/proj/wd/var_tmp"),
+        ("/home/u", "/data/proj/wd/home"),
+    ):
+        assert (m[dst].kind, m[dst].src) == ("bind", src)
+    made = (("tmp", 0o1777, "/tmp"), ("var_tmp", 0o1777, "/var/tmp"), ("home", 0o700, "/home/u"))
+    assert p.workdir == ("/data/proj/wd", made)
+
+
+def test_workdir_without_contain_changes_nothing(cfg):
+    """actionExecMultiProfile WorkdirOnly: the host's /tmp, nothing made."""
+    p = plan(cfg, workdir="/w")
+    assert p.workdir is None and by_dst(p)["/tmp"].src == "/tmp"
+
+
+def test_workdir_and_custom_home_or_no_mount(cfg):
+    p = plan(cfg, contain=True, workdir="/w", home="/h:/home/u", no_mount=["tmp"])
+    assert (by_dst(p)["/home/u"].src, p.workdir) == ("/h", None)
+
+
+def test_scratch_in_workdir(cfg):
+    """ScratchWorkdirBind / relWorkdirScratch: -S DIR is WORKDIR/scratch/DIR, else tmpfs."""
+    p = plan(cfg, workdir="/w", scratch=["/s1,/a/b"])
+    m = by_dst(p)
+    assert (m["/s1"].kind, m["/s1"].src, m["/a/b"].src) == ("bind", "/w/scratch/s1", "/w/scratch/a/b")
+    assert p.workdir == ("/w", (("scratch/s1", 0o750, "/s1"), ("scratch/a/b", 0o750, "/a/b")))
+    assert by_dst(plan(cfg, scratch=["/s1"]))["/s1"].kind == "tmpfs"
