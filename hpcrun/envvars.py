@@ -233,6 +233,31 @@ def app_script(app):
     )
 
 
+# Apptainer's action script (set_default_ld_library_path, then PREPEND_/APPEND_LD_LIBRARY_PATH):
+# when LD_LIBRARY_PATH is only the libs directory and that holds libraries (--nv), the
+# image's own library directories (its ldconfig's list) go first, so that the image's
+# libraries, searched before the system's otherwise, still win over the host's.
+LD_DEFAULTS = f"""__n=; for __f in {LIBS_DIR}/*; do [ -e "$__f" ] && __n=1; break; done
+if [ "$LD_LIBRARY_PATH" = {LIBS_DIR} ] && [ -n "$__n${{PREPEND_LD_LIBRARY_PATH:-}}${{APPEND_LD_LIBRARY_PATH:-}}" ]; then
+    __n=$(/sbin/ldconfig -Nv 2>/dev/null | while IFS= read -r __f; do
+        case $__f in "	"* | "") ;; *) printf %s: "${{__f%%:*}}" ;; esac; done)
+    export LD_LIBRARY_PATH="$__n$LD_LIBRARY_PATH"
+fi
+if [ -n "${{LD_LIBRARY_PATH:-}}" ]; then
+    [ -z "${{PREPEND_LD_LIBRARY_PATH:-}}" ] || LD_LIBRARY_PATH="$PREPEND_LD_LIBRARY_PATH:$LD_LIBRARY_PATH"
+    [ -z "${{APPEND_LD_LIBRARY_PATH:-}}" ] || LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$APPEND_LD_LIBRARY_PATH"
+fi
+unset __n __f"""
+
+
+LD_KEYS = {"PREPEND_LD_LIBRARY_PATH", "APPEND_LD_LIBRARY_PATH"}
+
+
+def under_libs(path):
+    """A mount into the libs directory (--nv, -B X:/.singularity.d/libs/Y): LD_DEFAULTS must run."""
+    return path == LIBS_DIR or path.startswith(LIBS_DIR + "/")
+
+
 def wrapper_script(forced, no_eval=True, ids=None, app=None, lib_dirs=(LIBS_DIR,)):
     """Shell text that sources the image's env scripts, then re-applies forced values
     (evaluated by the shell unless no_eval). The PATH it starts with already has
@@ -267,5 +292,6 @@ def wrapper_script(forced, no_eval=True, ids=None, app=None, lib_dirs=(LIBS_DIR,
     for d in lib_dirs:  # an image's script may have set LD_LIBRARY_PATH: append again
         add = f'export LD_LIBRARY_PATH="${{LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}}"{quote(d)}'
         lines.append(f'case ":$LD_LIBRARY_PATH:" in *:{quote(d)}:*) ;; *) {add} ;; esac')
+    lines.append(LD_DEFAULTS)
     lines.append('exec "$@"')
     return "\n".join(lines)

@@ -565,7 +565,8 @@ def resolve_argv(plan, exists, access):
         has_env = any(n.endswith(".sh") for n in os.listdir(envvars.ENV_DIR))
     except OSError:
         has_env = exists(envvars.OLD_ENV)  # only without ENV_DIR, as Apptainer's action script
-    if app or has_env or envvars.needs_eval(plan.forced, plan.no_eval) and exists("/bin/sh"):
+    libs = any(envvars.under_libs(m.dst) for m in plan.mounts) or envvars.LD_KEYS & plan.forced.keys()
+    if app or has_env or libs or envvars.needs_eval(plan.forced, plan.no_eval) and exists("/bin/sh"):
         ids = (plan.uid, plan.gid)
         script = envvars.wrapper_script(plan.forced, plan.no_eval, ids, app=app, lib_dirs=plan.lib_dirs)
         argv = ["/bin/sh", "-c", script, errors.PROG] + argv  # $0: sh starts its error lines with it

@@ -28,6 +28,48 @@ From: base.sif
 
 
 @pytest.fixture(scope="module")
+def debian(images):
+    """Apptainer's Debian image, for the LD_LIBRARY_PATH rows: glibc's ldconfig (static,
+    the host's) and an ld.so.conf, on our busybox tree. -> (image, its default library
+    path: what its ldconfig lists, as Apptainer's action script reads it)."""
+    root = os.path.join(WORK, "e2e-debian")
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.copytree(images["sandbox"], root, symlinks=True)
+    os.makedirs(os.path.join(root, "sbin"), exist_ok=True)
+    shutil.copy("/sbin/ldconfig", os.path.join(root, "sbin/ldconfig"))
+    for d in ("usr/local/lib", "lib/x86_64-linux-gnu"):
+        os.makedirs(os.path.join(root, d), exist_ok=True)
+    with open(os.path.join(root, "etc/ld.so.conf"), "w") as f:
+        f.write("/usr/local/lib\n/lib/x86_64-linux-gnu\n")
+    out = os.path.join(WORK, "e2e-debian.sqfs")
+    subprocess.run(["mksquashfs", root, out, "-noappend", "-quiet", "-all-root"], check=True, stdout=subprocess.DEVNULL)
+    os.chmod(out, 0o644)
+    r = hpcrun("exec", out, "/sbin/ldconfig", "-Nv")
+    dirs = [line.split(":")[0] for line in r.stdout.splitlines() if line and not line.startswith("\t")]
+    assert "/usr/local/lib" in dirs and "/lib/x86_64-linux-gnu" in dirs, r.stdout + r.stderr
+    return out, ":".join(dirs)
+
+
+# env.go apptainerEnvOption, its Debian rows: (name, --env entries, exec options, expected
+# with {default} the image's library directories)
+LD_CASES = [
+    ("TestDefaultLdLibraryPath", [], [], LIBS),
+    ("TestDefaultLdLibraryPathWithBind", [], ["-B", "/etc/os-release:" + LIBS + "/os-release"], "{default}:" + LIBS),
+    ("TestPrependLdLibraryPath", ["PREPEND_LD_LIBRARY_PATH=/foo"], [], "/foo:{default}:" + LIBS),
+    ("TestAppendLdLibraryPath", ["APPEND_LD_LIBRARY_PATH=/foo"], [], "{default}:" + LIBS + ":/foo"),
+    ("TestCustomTrailingCommaPath", ["LD_LIBRARY_PATH=/foo,"], [], "/foo,:" + LIBS),
+    ("TestCustomLdLibraryPath", ["LD_LIBRARY_PATH=/foo"], [], "/foo:" + LIBS),
+]
+
+
+@pytest.mark.parametrize("name,opt,execopt,want", LD_CASES, ids=[c[0] for c in LD_CASES])
+def test_apptainerEnvOption_ld_library_path(debian, name, opt, execopt, want):
+    image, default = debian
+    args = (["--env", ",".join(opt)] if opt else []) + execopt
+    assert echo(image, "LD_LIBRARY_PATH", *args, env={"LD_LIBRARY_PATH": "/host/lib"}) == want.format(default=default)
+
+
+@pytest.fixture(scope="module")
 def e2e(images):
     """{'default': busybox SIF, 'custom': the e2e/testdata/Apptainer stand-in}"""
     d = os.path.join(WORK, "e2e-env")
@@ -69,7 +111,7 @@ def test_apptainerEnv(e2e, name, image, path, env):
 
 
 # env.go apptainerEnvOption: (name, image, --env entries, host environment, variable, value).
-# The LD_LIBRARY_PATH rows need a Debian image and the libs directory: see below.
+# Its LD_LIBRARY_PATH rows, on a Debian stand-in, are test_apptainerEnvOption_ld_library_path.
 ENV_OPTION_CASES = [
     ("DefaultPath", "default", [], {}, "PATH", DEFAULT_PATH),
     ("DefaultPathOverride", "default", ["PATH=/"], {}, "PATH", "/"),
@@ -139,6 +181,9 @@ ENV_FILE_CASES = [
     ("AppendLiteralDefaultPath", [], ['PATH="\\$PATH:/"'], "PATH", CUSTOM_PATH + ":/"),
     ("PrependLiteralDefaultPath", [], ['PATH="/:\\$PATH"'], "PATH", "/:" + CUSTOM_PATH),
     ("PrependDefaultPath", [], ["PREPEND_PATH=/"], "PATH", "/:" + CUSTOM_PATH),
+    ("DefaultLdLibraryPath", [], [], "LD_LIBRARY_PATH", LIBS),
+    ("CustomLdLibraryPath", [], ["LD_LIBRARY_PATH=/foo"], "LD_LIBRARY_PATH", "/foo:" + LIBS),
+    ("CustomTrailingCommaPath", [], ["LD_LIBRARY_PATH=/foo,"], "LD_LIBRARY_PATH", "/foo,:" + LIBS),
 ]
 
 

@@ -130,7 +130,7 @@ class _Plan:
     def __init__(self, action, app, args=()):
         self.action, self.app, self.args, self.image = action, app, list(args), "/img.sif"
         self.forced, self.no_eval, self.uid, self.gid = {}, False, 1000, 1000
-        self.lib_dirs = ("/.singularity.d/libs",)
+        self.lib_dirs, self.mounts = ("/.singularity.d/libs",), []
 
 
 def _fs(paths):
