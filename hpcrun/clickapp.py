@@ -212,6 +212,9 @@ def build(
     build_arg_file,
     authfile,
     warn_unused_build_args=False,
+    update=False,
+    section=(),
+    mksquashfs_args=None,
 ):
     """Build OUT (.sif, else squashfs; a directory with --sandbox) from SOURCE: a directory,
     a rootfs tarball, docker-archive:FILE, oci:DIR[:tag], oci-archive:FILE[:tag],
@@ -235,6 +238,9 @@ def build(
         fakeroot,
         dry_run,
         warn_unused_build_args,
+        update,
+        section,
+        mksquashfs_args,
     )
 
 

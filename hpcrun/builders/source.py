@@ -32,11 +32,11 @@ class Source:
     archive; ref: a registry reference; definition and base: a definition file and the
     Source its Bootstrap names (None for scratch)."""
 
-    __slots__ = ("kind", "path", "tag", "ref", "definition", "base")
+    __slots__ = ("kind", "path", "tag", "ref", "definition", "base", "stages")
 
     def __init__(self, kind, path=None, tag=None, ref=None, definition=None, base=None):
         self.kind, self.path, self.tag, self.ref = kind, path, tag, ref
-        self.definition, self.base = definition, base
+        self.definition, self.base, self.stages = definition, base, []  # stages: the earlier ones
 
     def to_dict(self):
         d = {k: getattr(self, k) for k in ("kind", "path", "tag", "ref")}
@@ -76,7 +76,14 @@ def classify(source, build_args=(), nested=False):
     from hpcrun.builders import deffile
 
     with open(path, encoding="utf-8") as f:
-        definition = deffile.parse(f.read(), source, build_args)
+        stages = [_definition(path, d) for d in deffile.parse_all(f.read(), source, build_args)]
+    stages[-1].stages = stages[:-1]  # a multi-stage file: the last stage becomes OUT
+    return stages[-1]
+
+
+def _definition(path, definition):
+    from hpcrun.builders import deffile
+
     agent = definition.header["bootstrap"].lower()
     if agent == "scratch":
         base = None
