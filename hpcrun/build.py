@@ -379,7 +379,11 @@ def step_stagefiles(plan, st):
 def step_files(plan, st):
     from hpcrun.builders import deffile
 
-    _in_tree(plan, st, "%files", lambda root: deffile.files(plan.source.definition, root, plan.defdir()))
+    def note(msg):
+        if not st.quiet:
+            sys.stderr.write(f"hpcrun: note: {msg}\n")
+
+    _in_tree(plan, st, "%files", lambda root: deffile.files(plan.source.definition, root, plan.defdir(), note))
 
 
 def step_sections(plan, st):

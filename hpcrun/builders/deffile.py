@@ -229,20 +229,54 @@ def setup(d, rootfs, defdir, script):
         _script("%setup", section_argv(d, "setup", script), env, defdir)
 
 
-def files(d, root, defdir):
-    """%files SRC [DST]: host paths (relative to the definition file) copied into the tree
-    through inroot, so links the base image planted are never written through."""
-    for src_path, dst in host_files(d):
-        src = os.path.join(defdir, src_path)
-        dst = dst or src_path
-        if not os.path.exists(src):
-            raise ImageError(f"%files: {src_path} does not exist", f"paths are relative to {defdir}")
-        try:
-            root.copy_in(src, dst)
-        except OSError as e:
-            from hpcrun import inroot
+def files(d, root, defdir, note=None):
+    """%files SRC [DST]: host paths copied into the tree through inroot, so links the base
+    image planted are never written through. SRC is read as Apptainer's `cp -r` does:
+    relative to the current directory, shell globs expanded; a path found only next to the
+    definition file (hpcrun's old rule) is taken from there, with a note."""
+    for pattern, dst in host_files(d):
+        for src, given in _host_sources(pattern, defdir, note or (lambda msg: None)):
+            target = _target(root, dst or given, given)
+            try:
+                root.copy_in(src, target)
+            except OSError as e:
+                from hpcrun import inroot
 
-            raise inroot.failure(e, f"%files: cannot copy {src_path} to {dst}") from None
+                raise inroot.failure(e, f"%files: cannot copy {given} to {target}") from None
+
+
+def _host_sources(pattern, defdir, note):
+    """[(host path, the path as the definition gives it)] for one %files source."""
+    import glob
+
+    cwd = os.getcwd()
+    for base in (cwd, defdir):
+        if glob.has_magic(pattern):
+            # no match: the name itself, as the shell leaves an unmatched word
+            found = sorted(glob.glob(pattern, root_dir=base)) or [pattern]
+        else:
+            found = [pattern]
+        found = [g for g in found if os.path.exists(os.path.join(base, g))]
+        if found:
+            if base != cwd:
+                note(f"%files: {pattern} is read from {defdir}, not the current directory (Apptainer's rule)")
+            return [(os.path.join(base, g), g) for g in found]
+    raise ImageError(f"%files: {pattern} does not exist", f"relative paths are read from the current directory {cwd}")
+
+
+def _target(root, dst, src):
+    """Where cp -r puts src at dst: a dst ending in / is made as a directory; into an
+    existing directory src goes by its own name (nothing there is replaced by a file)."""
+    try:
+        if dst.endswith("/"):
+            os.close(root.makedirs(dst))
+        if _is_dir(root, dst):
+            return dst.rstrip("/") + "/" + os.path.basename(src.rstrip("/"))
+    except OSError as e:
+        from hpcrun import inroot
+
+        raise inroot.failure(e, f"%files: cannot make {dst}") from None
+    return dst
 
 
 def _blocks(d):
@@ -265,14 +299,8 @@ def files_from(d, root, stage_roots):
     never out of it), DST inside this one; an existing directory DST receives SRC by name;
     DST ending in / is made as a directory."""
     for name, src, dst in stage_files(d):
-        dst = dst or src
+        dst = _target(root, dst or src, src)
         try:
-            if dst.endswith("/"):
-                os.close(root.makedirs(dst))
-            else:
-                os.close(root.makedirs(os.path.dirname(dst.rstrip("/")) or "/"))
-            if _is_dir(root, dst):
-                dst = dst.rstrip("/") + "/" + os.path.basename(src.rstrip("/"))
             root.copy_from(stage_roots[name], src, dst)
         except FileNotFoundError:
             raise ImageError(f"%files from {name}: {src} does not exist in stage {name}") from None

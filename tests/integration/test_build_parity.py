@@ -235,3 +235,77 @@ def test_json_flag_is_a_no_op(images, bdir):
     prepare(images, bdir, "Bootstrap: localimage\nFrom: base.sif\n%post\n    echo j > /j\n")
     ok(build(bdir, "--json", out="j.sif"))
     assert cat(bdir / "j.sif", "/j") == "j\n"
+
+
+HOST_FILES = """Bootstrap: localimage
+From: base.sif
+%files
+    srcFile
+    srcFile dstDir/
+    srcFile dstDir/dstFile
+    srcFile dstDir/long/path/to/dstFile
+    "src File" "src File"
+    srcFile "dst File"
+    src?ile glob/
+    srcDi?/srcFil?Nested glob/
+    srcDi?/srcFil?Nested
+    srcDir srcDirDest
+    srcDir dstDir/
+    srcFileLinkAbs srcFileLinkAbs
+    srcDirLinkRel srcDirLinkRel
+    srcDir /existing
+    srcFile /existing
+    both.txt /both.txt
+    onlydef.txt /onlydef.txt
+"""
+
+
+def test_files_from_host_as_cp(images, bdir):
+    """files/copy_test.go TestCopyFromHost (CopyFromHost runs `cp -fLr SRC DST` in the
+    build's current directory): relative sources are read from the current directory,
+    globs expanded, quoted names with spaces, DST/ made as a directory, a source copied
+    into an existing directory by name (not replacing it), links in SRC followed. A
+    source found only next to the definition file still works, with a note."""
+    defs, work = bdir / "defs", bdir / "work"
+    (work / "srcDir").mkdir(parents=True)
+    defs.mkdir()
+    for path, text in {
+        "srcFile": "file\n",
+        "src File": "space\n",
+        "srcDir/srcFileNested": "nested\n",
+        "both.txt": "from the current directory\n",
+    }.items():
+        (work / path).write_text(text)
+    os.symlink(work / "srcFile", work / "srcFileLinkAbs")
+    os.symlink("./srcDir", work / "srcDirLinkRel")
+    (defs / "both.txt").write_text("from the definition's directory\n")
+    (defs / "onlydef.txt").write_text("only there\n")
+    shutil.copy(images["sif"], defs / "base.sif")
+    (defs / "x.def").write_text(HOST_FILES.replace("base.sif", str(defs / "base.sif")))
+    subprocess.run(["chmod", "-R", "a+rX", str(bdir)], check=True)
+    r = ok(hpcrun("build", "--sandbox", str(bdir / "box"), str(defs / "x.def"), cwd=str(work), timeout=300))
+    assert "onlydef.txt is read from" in r.stderr, r.stderr
+    box = bdir / "box"
+    expect = {
+        "srcFile": "file\n",
+        "dstDir/srcFile": "file\n",
+        "dstDir/dstFile": "file\n",
+        "dstDir/long/path/to/dstFile": "file\n",
+        "src File": "space\n",
+        "dst File": "file\n",
+        "glob/srcFile": "file\n",
+        "glob/srcFileNested": "nested\n",
+        "srcDir/srcFileNested": "nested\n",
+        "srcDirDest/srcFileNested": "nested\n",
+        "dstDir/srcDir/srcFileNested": "nested\n",
+        "srcFileLinkAbs": "file\n",
+        "srcDirLinkRel/srcFileNested": "nested\n",
+        "existing/srcFileNested": "nested\n",
+        "existing/srcFile": "file\n",
+        "both.txt": "from the current directory\n",
+        "onlydef.txt": "only there\n",
+    }
+    assert {p: (box / p).read_text() for p in expect} == expect
+    assert not (box / "srcFileLinkAbs").is_symlink() and not (box / "srcDirLinkRel").is_symlink()
+    r = hpcrun("build", "--sandbox", str(bdir / "box2"), str(defs / "x.def"), cwd="/", timeout=120)
+    one_line_error(r, 252, "%files: srcFile does not exist", "current directory /")
