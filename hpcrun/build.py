@@ -2,8 +2,9 @@
 builders/buildplan.py (pure) turns it into a list of steps, and `build` runs them top to
 bottom in a private work directory next to OUT:
 
-  fetch | copy | unsquash | debootstrap -> unpack -> metadata -> %setup -> %files ->
-  sections -> %post -> %test -> squash (mksquashfs, SIF) | sandbox -> rename onto OUT
+  [probe --mksquashfs-args] -> [earlier stages, each in its own tree] ->
+  fetch | copy | unsquash | debootstrap -> unpack -> metadata -> %files from -> %setup ->
+  %files -> sections -> %post -> %test -> squash (mksquashfs, SIF) | sandbox -> rename onto OUT
 
 Every write into the tree goes through inroot.Root. The work directory (mkdtemp, 0700)
 holds every temporary file; a remover process forked before the first byte is written

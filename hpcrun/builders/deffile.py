@@ -4,8 +4,10 @@ Header `Bootstrap:` agents: scratch, localimage, docker, oras, docker-archive, o
 oci-archive (From: names the source), debootstrap (OSVersion:, MirrorURL:, Include:; made
 with Debian's mmdebstrap). Sections: %setup (on the host, $APPTAINER_ROOTFS names the tree;
 as root of the subuid mapping when the build unpacked with one, like %files),
-%files, %post (inside the image as root: --fakeroot, through the caller's subuid range
-when there is one), %environment, %runscript, %startscript, %labels, %help, %test,
+%files (host paths relative to the current directory; `%files from STAGE` from an
+earlier stage of a multi-stage file, see parse_all), %post (inside the image as root:
+--fakeroot, through the caller's subuid range when there is one), %environment,
+%runscript, %startscript, %labels, %help, %test,
 %arguments (defaults for {{ NAME }}, overridden by --build-arg NAME=VALUE; one that no
 {{ NAME }} uses fails the build). %post/%setup/%test take Apptainer's `-c SHELL` and
 $APPTAINER_ENVIRONMENT/$APPTAINER_LABELS; labels() writes Apptainer's build labels."""
