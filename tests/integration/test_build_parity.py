@@ -106,6 +106,7 @@ From: base.sif
     /out /from-out
     /tree /t
     /tree/sub/up /y
+    /out/hostname /t/esc/written
 """
 
 
@@ -113,8 +114,9 @@ From: base.sif
 def test_multistage_links_stay_in_their_trees(images, bdir, builder):
     """imgbuild.go buildMultiStageDefinition, hostile: stage 1's /out -> /etc must give
     stage 1's /etc/passwd (files.CopyFromStage's securejoin), never the host's; links
-    inside a copied directory stay links in the final tree. By the user and by root (who
-    could read and write anything on the host)."""
+    inside a copied directory stay links in the final tree, and a destination through one
+    stays in the final tree. By the user and by root (who could read and write anything
+    on the host)."""
     prepare(images, bdir, HOSTILE)
     if builder == "user":
         ok(build(bdir, "--sandbox", out="box"))
@@ -128,6 +130,9 @@ def test_multistage_links_stay_in_their_trees(images, bdir, builder):
     assert (box / "from-out" / "hostname").read_text() == "stage one hostname\n"
     assert os.readlink(box / "t" / "esc") == "/etc" and os.readlink(box / "t" / "sub" / "up") == "../../etc/passwd"
     assert (box / "t" / "sub" / "f").read_text() == "inside\n"
+    # written through the copied link /t/esc -> /etc: the final tree's /etc, not the host's
+    assert (box / "etc" / "written").read_text() == "stage one hostname\n"
+    assert not os.path.lexists("/etc/written")
     with open("/etc/passwd") as f:
         assert "stage one" not in f.read()
 
