@@ -54,7 +54,7 @@ def build(
     if update:
         _check_update(out, sandbox)
     run_sections = _sections(sections)
-    classified = classify(source, build_args)
+    classified = classify(source, build_args, update=update)
     _unused_build_args(classified, build_args, warn_unused_build_args, quiet)
     plan = build_plan(
         os.path.abspath(out),

@@ -47,7 +47,8 @@ class Source:
         return d
 
 
-def classify(source, build_args=(), nested=False):
+def classify(source, build_args=(), nested=False, update=False):
+    """update: the last stage's bootstrap is not looked at (build --update skips it)."""
     if source.startswith(REGISTRY):
         return Source("registry", ref=source)
     for prefix, kind in ARCHIVES.items():
@@ -76,16 +77,17 @@ def classify(source, build_args=(), nested=False):
     from hpcrun.builders import deffile
 
     with open(path, encoding="utf-8") as f:
-        stages = [_definition(path, d) for d in deffile.parse_all(f.read(), source, build_args)]
+        defs = deffile.parse_all(f.read(), source, build_args)
+    stages = [_definition(path, d, not update or i < len(defs) - 1) for i, d in enumerate(defs)]
     stages[-1].stages = stages[:-1]  # a multi-stage file: the last stage becomes OUT
     return stages[-1]
 
 
-def _definition(path, definition):
+def _definition(path, definition, with_base=True):
     from hpcrun.builders import deffile
 
     agent = definition.header["bootstrap"].lower()
-    if agent == "scratch":
+    if agent == "scratch" or not with_base:
         base = None
     elif agent == "debootstrap":
         base = Source("debootstrap")

@@ -175,6 +175,10 @@ def test_update_sandbox(images, bdir):
     # --force wins over --update: built from scratch, so %post's test fails
     r = build(bdir, "--update", "--force", "--sandbox", out="box")
     one_line_error(r, 1, "%post")
+    # the bootstrap is skipped: its From: need not be there any more
+    (bdir / "x.def").write_text(UPDATE.replace("base.sif", "gone.sif"))
+    ok(build(bdir, "--update", "--sandbox", out="box"))
+    assert (box / "old.txt").read_text() == "old\npost\npost\n"
 
 
 SECTIONS = """Bootstrap: localimage
