@@ -2,8 +2,9 @@
 builders/buildplan.py (pure) turns it into a list of steps, and `build` runs them top to
 bottom in a private work directory next to OUT:
 
-  fetch | copy | unsquash | debootstrap -> unpack -> metadata -> %setup -> %files ->
-  sections -> %post -> %test -> squash (mksquashfs, SIF) | sandbox -> rename onto OUT
+  [probe --mksquashfs-args] -> [earlier stages, each in its own tree] ->
+  fetch | copy | unsquash | debootstrap -> unpack -> metadata -> %files from -> %setup ->
+  %files -> sections -> %post -> %test -> squash (mksquashfs, SIF) | sandbox -> rename onto OUT
 
 Every write into the tree goes through inroot.Root. The work directory (mkdtemp, 0700)
 holds every temporary file; a remover process forked before the first byte is written
@@ -36,23 +37,44 @@ def build(
     fakeroot=False,
     dry_run=False,
     warn_unused_build_args=False,
+    update=False,
+    sections=(),
+    mksquashfs_args="",
 ):
     """sandbox: OUT is a directory (Apptainer's --sandbox), all of it yours so `rm -rf`
     removes it. fakeroot: require a subuid range (else a ConfigError); without it the range
-    is used when there is one, and root-only mapping is the fallback."""
+    is used when there is one, and root-only mapping is the fallback. update: run the
+    definition over the sandbox OUT (Apptainer's --update; --force rebuilds instead).
+    sections: --section's values (names, comma lists). mksquashfs_args: one string, split
+    on white space as Apptainer does."""
     from hpcrun.builders.source import classify
 
     if compress not in COMPRESSORS:
         raise UsageError(f"--compress {compress}: unknown", f"use one of {', '.join(COMPRESSORS)}")
-    classified = classify(source, build_args)
+    update = update and not force  # as Apptainer: --force builds from scratch
+    if update:
+        _check_update(out, sandbox)
+    run_sections = _sections(sections)
+    classified = classify(source, build_args, update=update)
     _unused_build_args(classified, build_args, warn_unused_build_args, quiet)
-    plan = build_plan(os.path.abspath(out), classified, _idmap(fakeroot), sandbox, notest, compress, reproducible)
+    plan = build_plan(
+        os.path.abspath(out),
+        classified,
+        _idmap(fakeroot),
+        sandbox,
+        notest,
+        compress,
+        reproducible,
+        update,
+        run_sections,
+        (mksquashfs_args or "").split(),
+    )
     if dry_run:
         import json
 
         print(json.dumps(plan.to_dict(), indent=2, sort_keys=True))
         return 0
-    if os.path.lexists(out) and not force:
+    if os.path.lexists(out) and not force and not update:
         raise UsageError(f"{out} exists", "use --force to replace it")
     if "squash" in plan.steps and not shutil.which("mksquashfs"):
         raise ImageError("mksquashfs is not installed", "install squashfs-tools")
@@ -62,10 +84,36 @@ def build(
         else (lambda msg: sys.stderr.write(f"{errors.PROG}: {msg}\n"))
     )
     with Work(plan.out, plan.idmap) as work:
-        state = State(work, say, quiet)
+        state = State(work, say, quiet, work.rootfs, work.path)
         for step in plan.steps:
             STEPS[step](plan, state)
     return 0
+
+
+def _check_update(out, sandbox):
+    """Apptainer's checkBuildTarget for --update: only an existing sandbox directory."""
+    if not sandbox:
+        raise UsageError("--update: only sandbox update is supported: --sandbox is missing", "add --sandbox")
+    if not os.path.lexists(out):
+        raise UsageError(f"--update: could not update sandbox {out}: it does not exist", "build it first")
+    if os.path.islink(out) or not os.path.isdir(out):
+        raise UsageError(f"--update: only sandbox update is supported: {out} is not a directory")
+
+
+def _sections(values):
+    """--section NAME[,NAME]: None for all (the default), else the set to run; all and none
+    stand alone (Apptainer's checkSections)."""
+    from hpcrun.builders.buildplan import SECTION_NAMES
+
+    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    if not names or names == ["all"]:
+        return None
+    if ("all" in names or "none" in names) and len(names) > 1:
+        raise UsageError(f"--section {','.join(names)}: all and none cannot go with other sections")
+    bad = [n for n in names if n not in SECTION_NAMES + ("none",)]
+    if bad:
+        raise UsageError(f"--section {bad[0]}: unknown section", f"use all, none or {', '.join(SECTION_NAMES)}")
+    return [] if names == ["none"] else sorted(set(names))
 
 
 def _unused_build_args(source, build_args, warn, quiet):
@@ -128,15 +176,17 @@ class Work:
 
 
 class State:
-    """What the steps hand on: the work directory, the image config a source brought,
-    layer paths fetched, messages."""
+    """What the steps of one stage hand on: the work directory, the stage's tree (rootfs)
+    and its own directory for temporary files (tmp), the image config a source brought,
+    layer paths fetched, messages; stage_roots: the trees of the named earlier stages."""
 
-    def __init__(self, work, say, quiet):
-        self.work, self.say, self.quiet = work, say, quiet
+    def __init__(self, work, say, quiet, rootfs, tmp, stage_roots=None):
+        self.work, self.say, self.quiet, self.rootfs, self.tmp = work, say, quiet, rootfs, tmp
         self.config, self.layers = None, []
+        self.stage_roots = {} if stage_roots is None else stage_roots
 
     def root(self):
-        return inroot.Root(self.work.rootfs)
+        return inroot.Root(self.rootfs)
 
 
 class Interrupted(HpcrunError):
@@ -174,13 +224,43 @@ def _as_owner(plan, fn):
 # -- the steps, in the order a plan lists them --------------------------------------------
 
 
+def step_probe(plan, st):
+    """--mksquashfs-args tried on an empty tree first: a bad one fails in a second with
+    mksquashfs's own words, not after the whole build."""
+    empty, sqfs = os.path.join(st.tmp, "probe"), os.path.join(st.tmp, "probe.sqfs")
+    os.mkdir(empty)
+    code, err = _run(["mksquashfs", empty, sqfs, "-noappend", "-quiet", "-no-progress"] + plan.mksquashfs_args)
+    os.rmdir(empty)
+    if os.path.lexists(sqfs):
+        os.unlink(sqfs)
+    if code != 0:
+        raise UsageError(
+            f"--mksquashfs-args {' '.join(plan.mksquashfs_args)!r}: mksquashfs: {_last(err)}",
+            "see mksquashfs -help",
+        )
+
+
+def step_stages(plan, st):
+    """The earlier stages of a multi-stage definition, in order, each in its own tree in
+    the work directory; only the named ones are kept for %files from."""
+    for stage in plan.stages:
+        tmp = os.path.join(st.work.path, stage.dir)
+        os.mkdir(tmp)
+        sub = State(st.work, st.say, st.quiet, os.path.join(tmp, "rootfs"), tmp, st.stage_roots)
+        st.say(f"building stage {stage.name or stage.dir}")
+        for step in stage.steps:
+            STEPS[step](stage, sub)
+        if stage.name:
+            st.stage_roots[stage.name] = sub.rootfs
+
+
 def step_mkroot(plan, st):
-    os.mkdir(st.work.rootfs)
+    os.mkdir(st.rootfs)
 
 
 def step_copy(plan, st):
     """A sandbox directory as the source: copied in (its links as links, special files left out)."""
-    os.mkdir(st.work.rootfs)
+    os.mkdir(st.rootfs)
     with st.root() as root:
         try:
             root.copy_in(plan.base().path, "/")
@@ -199,7 +279,7 @@ def step_unsquash(plan, st):
         "-no-xattrs",
         "-no-progress",
         "-d",
-        st.work.rootfs,
+        st.rootfs,
         "-o",
         str(image.offset),
         f"/proc/self/fd/{image.fd}",
@@ -215,8 +295,8 @@ def step_unsquash(plan, st):
 def step_debootstrap(plan, st):
     from hpcrun.builders import deffile
 
-    st.layers = [deffile.debootstrap(plan.source.definition, st.work.path, plan.idmap, st.quiet)]
-    os.mkdir(st.work.rootfs)
+    st.layers = [deffile.debootstrap(plan.source.definition, st.tmp, plan.idmap, st.quiet)]
+    os.mkdir(st.rootfs)
 
 
 def step_fetch(plan, st):
@@ -229,14 +309,14 @@ def step_fetch(plan, st):
 
         st.layers, st.config = registry.pull(src.ref, st.quiet, scratch=st.work.path)
     elif src.kind == "docker-archive":
-        st.layers, st.config = oci.from_docker_archive(src.path, st.work.path)
+        st.layers, st.config = oci.from_docker_archive(src.path, st.tmp)
     elif src.kind == "oci-archive":
-        st.layers, st.config = oci.from_oci_archive(src.path, st.work.path, src.tag)
+        st.layers, st.config = oci.from_oci_archive(src.path, st.tmp, src.tag)
     elif src.kind == "oci":
         st.layers, st.config = oci.from_layout(src.path, src.tag)
     else:
         st.layers = [src.path]
-    os.mkdir(st.work.rootfs)
+    os.mkdir(st.rootfs)
 
 
 def step_unpack(plan, st):
@@ -251,7 +331,7 @@ def step_unpack(plan, st):
         with st.root() as root:
             for i, path in enumerate(st.layers, 1):
                 st.say(f"unpacking layer {i}/{n}")
-                with layermod.open_tar(path, st.work.path) as tar:
+                with layermod.open_tar(path, st.tmp) as tar:
                     layermod.apply(tar, root, label if n == 1 else f"{label} layer {i}", skipped, plan.owners, lost)
         return skipped, lost
 
@@ -277,24 +357,49 @@ def step_metadata(plan, st):
 def step_setup(plan, st):
     from hpcrun.builders import deffile
 
-    script = os.path.join(st.work.path, "setup.script")
+    script = os.path.join(st.tmp, "setup.script")
     with open(script, "w") as f:
         f.write(plan.source.definition.sections["setup"] + "\n")
     os.chmod(script, 0o755)  # readable by root of the mapping too
-    _as_owner(plan, lambda: deffile.setup(plan.source.definition, st.work.rootfs, plan.defdir(), script))
+    _as_owner(plan, lambda: deffile.setup(plan.source.definition, st.rootfs, plan.defdir(), script))
+
+
+def step_stagefiles(plan, st):
+    from hpcrun.builders import deffile
+
+    d = plan.source.definition
+
+    def copy(root):
+        others = {}
+        try:
+            for name, _src, _dst in deffile.stage_files(d):
+                others.setdefault(name, inroot.Root(st.stage_roots[name]))
+            deffile.files_from(d, root, others)
+        finally:
+            for other in others.values():
+                other.close()
+
+    _in_tree(plan, st, "%files from", copy)
 
 
 def step_files(plan, st):
     from hpcrun.builders import deffile
 
-    _in_tree(plan, st, "%files", lambda root: deffile.files(plan.source.definition, root, plan.defdir()))
+    def note(msg):
+        if not st.quiet:
+            sys.stderr.write(f"{errors.PROG}: note: {msg}\n")
+
+    _in_tree(plan, st, "%files", lambda root: deffile.files(plan.source.definition, root, plan.defdir(), note))
 
 
 def step_sections(plan, st):
     from hpcrun.builders import deffile
 
     _in_tree(
-        plan, st, "cannot write the definition's sections", lambda root: deffile.metadata(plan.source.definition, root)
+        plan,
+        st,
+        "cannot write the definition's sections",
+        lambda root: deffile.metadata(plan.source.definition, root, plan.sections),
     )
 
 
@@ -320,7 +425,7 @@ def step_post(plan, st):
     env = deffile.section_env("/")
     try:
         argv = deffile.section_argv(d, "post", "/" + deffile.POST_SCRIPT)
-        deffile.run_in_image("%post", st.work.rootfs, argv, writable=True, env=env)
+        deffile.run_in_image("%post", st.rootfs, argv, writable=True, env=env)
     finally:
         _in_tree(plan, st, "cannot remove the %post script", lambda root: root.remove(deffile.POST_SCRIPT))
 
@@ -329,7 +434,12 @@ def step_labels(plan, st):
     from hpcrun.builders import deffile
 
     d = plan.source.definition
-    _in_tree(plan, st, "cannot write the image labels", lambda root: deffile.labels(d, root, plan.reproducible))
+    own = plan.sections is None or "labels" in plan.sections
+
+    def write(root):
+        deffile.labels(d, root, plan.reproducible, own)
+
+    _in_tree(plan, st, "cannot write the image labels", write)
 
 
 def step_test(plan, st):
@@ -341,19 +451,21 @@ def step_test(plan, st):
     first, _ = deffile.shebang(d, "test")
     argv = ["/bin/sh", "-e", "/.singularity.d/test"] if first == "#!/bin/sh" else ["/.singularity.d/test"]
     st.say("running %test")
-    deffile.run_in_image("%test", st.work.rootfs, argv, writable=False)
+    deffile.run_in_image("%test", st.rootfs, argv, writable=False)
 
 
 def step_squash(plan, st):
     """mksquashfs (as root of the mapping when owners are kept, so they survive; else
     -all-root) into the work directory, the SIF around it there, then onto OUT."""
-    tree = plan.source.path if plan.steps == ["squash"] else st.work.rootfs
-    sqfs = os.path.join(st.work.path, "image.sqfs")
-    args = ["mksquashfs", tree, sqfs, "-noappend", "-processors", str(os.cpu_count() or 1), "-comp", plan.compress]
+    tree = plan.source.path if plan.direct else st.rootfs
+    sqfs = os.path.join(st.tmp, "image.sqfs")
+    args = ["mksquashfs", tree, sqfs, "-noappend", "-processors", str(os.cpu_count() or 1)]
+    args += ["-comp", plan.compress] if plan.compress else []
     args += ["-mkfs-time", "0", "-all-time", "0"] if plan.reproducible else []
     args += [] if plan.owners else ["-all-root"]
     loud = sys.stderr.isatty() and not st.quiet
     args += [] if loud else ["-quiet", "-no-progress"]
+    args += plan.mksquashfs_args
     code, err = _as_owner(plan, lambda: _run(args, loud))
     if code != 0:
         _tool_failed(st, "mksquashfs failed", err)
@@ -361,7 +473,7 @@ def step_squash(plan, st):
     if plan.sif:
         from hpcrun.images.sif import write_sif
 
-        result = os.path.join(st.work.path, "image.sif")
+        result = os.path.join(st.tmp, "image.sif")
         try:
             if plan.reproducible:
                 write_sif(result, sqfs, now=-62135596800, uuid_bytes=bytes(16))  # Go's zero time
@@ -369,7 +481,7 @@ def step_squash(plan, st):
                 write_sif(result, sqfs)
         except OSError as e:
             raise st.work.failure(e, f"cannot write {plan.out}") from None
-    _place(result, plan.out, st.work.path)
+    _place(result, plan.out, st.tmp)
 
 
 def step_sandbox(plan, st):
@@ -378,11 +490,11 @@ def step_sandbox(plan, st):
         # (root of the mapping), so the sandbox is theirs to change and to rm -rf.
         from hpcrun.runtime.idmap import call_mapped
 
-        code, err = call_mapped(lambda: _run(["chown", "-R", "-h", "0:0", st.work.rootfs]), plan.idmap)
+        code, err = call_mapped(lambda: _run(["chown", "-R", "-h", "0:0", st.rootfs]), plan.idmap)
         if code != 0:
             raise ImageError(f"could not give the sandbox's files to you: {_last(err)}")
-    trees.make_removable(st.work.rootfs, keep_modes=True)
-    _place(st.work.rootfs, plan.out, st.work.path)
+    trees.make_removable(st.rootfs, keep_modes=True)
+    _place(st.rootfs, plan.out, st.tmp)
 
 
 STEPS = {name[5:]: fn for name, fn in globals().items() if name.startswith("step_")}

@@ -215,6 +215,9 @@ def build(
     authfile,
     warn_unused_build_args=False,
     disable_cache=False,
+    update=False,
+    section=(),
+    mksquashfs_args=None,
 ):
     """Build OUT (.sif, else squashfs; a directory with --sandbox) from SOURCE: a directory,
     a rootfs tarball, docker-archive:FILE, oci:DIR[:tag], oci-archive:FILE[:tag],
@@ -239,6 +242,9 @@ def build(
         fakeroot,
         dry_run,
         warn_unused_build_args,
+        update,
+        section,
+        mksquashfs_args,
     )
 
 

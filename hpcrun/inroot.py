@@ -321,6 +321,51 @@ class Root:
             finally:
                 os.close(dfd)
 
+    def copy_from(self, other, src, path):
+        """Copy src of the tree `other` (an inroot.Root, e.g. an earlier build stage) to path
+        in this one. src is resolved inside other (its links followed there, never out of
+        it); inside a directory links are copied as links and special files left out. As
+        root (of the mapping) owners are kept."""
+        todo = [(src, "/".join(components(path)))]
+        while todo:
+            s, rel = todo.pop()
+            fd = other.resolve(s, O_PATH)
+            try:
+                st = os.fstat(fd)
+                if stat.S_ISREG(st.st_mode):
+                    self._copy_file(f"/proc/self/fd/{fd}", rel)
+                    self._keep_owner(rel, st)
+                    continue
+                if not stat.S_ISDIR(st.st_mode):
+                    raise OSError(errno.EINVAL, "not a regular file or directory", s)
+                todo += self._copy_dir_from(fd, st, s, rel)
+            finally:
+                os.close(fd)
+
+    def _copy_dir_from(self, fd, st, s, rel):
+        """The directory itself and its links and files; its subdirectories to do."""
+        sub = []
+        dfd = self.mkdir(rel, 0o755) if rel else self.resolve(".", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for name in os.listdir(f"/proc/self/fd/{fd}"):
+                est = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if stat.S_ISLNK(est.st_mode):
+                    self.symlink(os.readlink(name, dir_fd=fd), f"{rel}/{name}")
+                    self._keep_owner(f"{rel}/{name}", est)
+                elif stat.S_ISDIR(est.st_mode) or stat.S_ISREG(est.st_mode):
+                    sub.append((f"{s.rstrip('/')}/{name}", f"{rel}/{name}"))
+            if os.geteuid() == 0:  # before chmod: chown clears set-id bits
+                os.chown(f"/proc/self/fd/{dfd}", st.st_uid, st.st_gid)
+            os.chmod(f"/proc/self/fd/{dfd}", stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
+        finally:
+            os.close(dfd)
+        return sub
+
+    def _keep_owner(self, rel, st):
+        if os.geteuid() == 0:  # the mode again after chown, which clears set-id bits
+            mode = None if stat.S_ISLNK(st.st_mode) else stat.S_IMODE(st.st_mode)
+            self.set_attrs(rel, mode=mode, owner=(st.st_uid, st.st_gid))
+
     def _copy_file(self, src, path):
         fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)  # never hang on a FIFO
         with os.fdopen(fd, "rb") as s:

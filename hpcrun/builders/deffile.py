@@ -4,8 +4,10 @@ Header `Bootstrap:` agents: scratch, localimage, docker, oras, docker-archive, o
 oci-archive (From: names the source), debootstrap (OSVersion:, MirrorURL:, Include:; made
 with Debian's mmdebstrap). Sections: %setup (on the host, $APPTAINER_ROOTFS names the tree;
 as root of the subuid mapping when the build unpacked with one, like %files),
-%files, %post (inside the image as root: --fakeroot, through the caller's subuid range
-when there is one), %environment, %runscript, %startscript, %labels, %help, %test,
+%files (host paths relative to the current directory; `%files from STAGE` from an
+earlier stage of a multi-stage file, see parse_all), %post (inside the image as root:
+--fakeroot, through the caller's subuid range when there is one), %environment,
+%runscript, %startscript, %labels, %help, %test,
 %arguments (defaults for {{ NAME }}, overridden by --build-arg NAME=VALUE; one that no
 {{ NAME }} uses fails the build). %post/%setup/%test take Apptainer's `-c SHELL` and
 $APPTAINER_ENVIRONMENT/$APPTAINER_LABELS; labels() writes Apptainer's build labels."""
@@ -104,6 +106,79 @@ def parse(text, path, build_args=()):
     return d
 
 
+STAGE_START = re.compile(r"(?mi)^bootstrap:")  # Apptainer's parser.All splits stages there
+
+
+def parse_all(text, path, build_args=()):
+    """The stages of a definition file, in order (Apptainer's parser.All and MakeAllDefs):
+    each starts at a line beginning `Bootstrap:` (what precedes the second belongs to the
+    first); each is parsed alone with its own %arguments; the last one becomes OUT and
+    carries the whole file as its text (FullRaw) and every stage's used {{ NAME }}."""
+    starts = [m.start() for m in STAGE_START.finditer(text)][1:]
+    bounds = [0] + starts + [len(text)]
+    stages, line = [], 0
+    for chunk in (text[a:b] for a, b in zip(bounds, bounds[1:])):
+        # blank lines in front keep parse()'s line numbers those of the file
+        d = parse("\n" * line + chunk, path, build_args)
+        d.text = d.text[line:]
+        line += chunk.count("\n")
+        d.stage = d.header.get("stage", "")
+        d.file_blocks = file_blocks(d.text, path)
+        stages.append(d)
+    _check_stages(stages, path)
+    last = stages[-1]
+    last.text = "".join(d.text for d in stages)
+    last.used = set().union(*(d.used for d in stages))
+    return stages
+
+
+def _check_stages(stages, path):
+    """Every `%files from NAME` names an earlier stage (Apptainer looks up every stage,
+    but a later one's tree is not built yet: refused here, not copied from nothing)."""
+    seen = []
+    for d in stages:
+        for name, _pairs in d.file_blocks:
+            if name is not None and name not in seen:
+                hint = f"earlier stages: {', '.join(seen)}" if seen else "name one with a 'Stage: NAME' header"
+                raise UsageError(f"{path}: %files from {name}: stage {name} was not found", hint)
+        if d.stage in seen:
+            raise UsageError(f"{path}: two stages named {d.stage}", "give each 'Stage:' its own name")
+        if d.stage:
+            seen.append(d.stage)
+
+
+FILE_WORD = re.compile(r'"([^"]*)"|(\S+)')  # a word, or a "quoted path" (Apptainer's fileSplitter)
+
+
+def file_blocks(text, path):
+    """[(stage name or None for the host, [(src, dst)])] from every %files section of a
+    stage's text, in order; `%files from NAME` copies from stage NAME's tree. dst is ""
+    when the line names only the source (the same path in the image)."""
+    blocks, current = [], None
+    for line in text.splitlines():
+        m = re.match(r"^%(\w+)(.*)$", line)
+        if m:
+            current = None
+            if m.group(1).lower() == "files":
+                current = (_files_from(m.group(2).split("#")[0].split(), path), [])
+                blocks.append(current)
+            continue
+        line = line.strip()
+        if current is None or not line or line.startswith("#"):
+            continue
+        words = [w or q for q, w in FILE_WORD.findall(line)]
+        current[1].append((words[0], words[1] if len(words) > 1 else ""))
+    return blocks
+
+
+def _files_from(args, path):
+    if not args:
+        return None
+    if len(args) == 2 and args[0] == "from":
+        return args[1]
+    raise UsageError(f"{path}: %files {' '.join(args)}: not understood", "write %files, or %files from STAGE")
+
+
 def source_of(d, defdir):
     """The `hpcrun build` source string for the bootstrap agent, or None for scratch."""
     agent, frm = d.header["bootstrap"].lower(), d.header.get("from", "")
@@ -161,24 +236,95 @@ def setup(d, rootfs, defdir, script):
         _script("%setup", section_argv(d, "setup", script), env, defdir)
 
 
-def files(d, root, defdir):
-    """%files SRC [DST]: host paths (relative to the definition file) copied into the tree
-    through inroot, so links the base image planted are never written through."""
-    for line in d.sections.get("files", "").splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split()
-        src = os.path.join(defdir, parts[0])
-        dst = parts[1] if len(parts) > 1 else parts[0]
-        if not os.path.exists(src):
-            raise ImageError(f"%files: {parts[0]} does not exist", f"paths are relative to {defdir}")
+def files(d, root, defdir, note=None):
+    """%files SRC [DST]: host paths copied into the tree through inroot, so links the base
+    image planted are never written through. SRC is read as Apptainer's `cp -r` does:
+    relative to the current directory, shell globs expanded; a path found only next to the
+    definition file (hpcrun's old rule) is taken from there, with a note."""
+    for pattern, dst in host_files(d):
+        for src, given in _host_sources(pattern, defdir, note or (lambda msg: None)):
+            target = _target(root, dst or given, given)
+            try:
+                root.copy_in(src, target)
+            except OSError as e:
+                from hpcrun import inroot
+
+                raise inroot.failure(e, f"%files: cannot copy {given} to {target}") from None
+
+
+def _host_sources(pattern, defdir, note):
+    """[(host path, the path as the definition gives it)] for one %files source."""
+    import glob
+
+    cwd = os.getcwd()
+    for base in (cwd, defdir):
+        if glob.has_magic(pattern):
+            # no match: the name itself, as the shell leaves an unmatched word
+            found = sorted(glob.glob(pattern, root_dir=base)) or [pattern]
+        else:
+            found = [pattern]
+        found = [g for g in found if os.path.exists(os.path.join(base, g))]
+        if found:
+            if base != cwd:
+                note(f"%files: {pattern} is read from {defdir}, not the current directory (Apptainer's rule)")
+            return [(os.path.join(base, g), g) for g in found]
+    raise ImageError(f"%files: {pattern} does not exist", f"relative paths are read from the current directory {cwd}")
+
+
+def _target(root, dst, src):
+    """Where cp -r puts src at dst: a dst ending in / is made as a directory; into an
+    existing directory src goes by its own name (nothing there is replaced by a file)."""
+    try:
+        if dst.endswith("/"):
+            os.close(root.makedirs(dst))
+        if _is_dir(root, dst):
+            return dst.rstrip("/") + "/" + os.path.basename(src.rstrip("/"))
+    except OSError as e:
+        from hpcrun import inroot
+
+        raise inroot.failure(e, f"%files: cannot make {dst}") from None
+    return dst
+
+
+def _blocks(d):
+    blocks = getattr(d, "file_blocks", None)  # set by parse_all
+    return file_blocks(d.text, "%files") if blocks is None else blocks
+
+
+def host_files(d):
+    return [pair for name, pairs in _blocks(d) if name is None for pair in pairs]
+
+
+def stage_files(d):
+    """[(stage name, src, dst)] of the `%files from NAME` sections."""
+    return [(name, src, dst) for name, pairs in _blocks(d) if name is not None for src, dst in pairs]
+
+
+def files_from(d, root, stage_roots):
+    """%files from NAME: copy from an earlier stage's tree (an inroot.Root in stage_roots),
+    as Apptainer's CopyFromStage: SRC resolved inside that tree (its links followed there,
+    never out of it), DST inside this one; an existing directory DST receives SRC by name;
+    DST ending in / is made as a directory."""
+    for name, src, dst in stage_files(d):
+        dst = _target(root, dst or src, src)
         try:
-            root.copy_in(src, dst)
+            root.copy_from(stage_roots[name], src, dst)
+        except FileNotFoundError:
+            raise ImageError(f"%files from {name}: {src} does not exist in stage {name}") from None
         except OSError as e:
             from hpcrun import inroot
 
-            raise inroot.failure(e, f"%files: cannot copy {parts[0]} to {dst}") from None
+            raise inroot.failure(e, f"%files from {name}: cannot copy {src} to {dst}") from None
+
+
+def _is_dir(root, path):
+    from hpcrun.inroot import O_PATH
+
+    try:
+        os.close(root.resolve(path, O_PATH | os.O_DIRECTORY))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return True
 
 
 def shebang(d, section):
@@ -197,11 +343,12 @@ def shebang(d, section):
     return line, body
 
 
-def metadata(d, root):
+def metadata(d, root, only=None):
     """%environment, %runscript, %startscript, %help, %test and the definition itself
-    into /.singularity.d, through inroot (labels come after %post: see labels())."""
+    into /.singularity.d, through inroot (labels come after %post: see labels()).
+    only: the --section names to write (None: all)."""
     for section, name, mode in SECTION_FILES:
-        if section in d.sections:
+        if section in d.sections and (only is None or section in only):
             if section == "help":
                 text = d.sections[section] + "\n"
             elif section == "environment":
@@ -231,10 +378,10 @@ LABELS_FILE = ".build.labels"  # where %post appends `KEY VALUE` lines ($APPTAIN
 GO_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
 
 
-def labels(d, root, reproducible=False):
+def labels(d, root, reproducible=False, own=True):
     """labels.json as Apptainer's assembler writes it: the base image's labels, then the
     lines %post appended to $APPTAINER_LABELS, then the build labels (replacing the
-    base's), then %labels."""
+    base's), then %labels (unless own is False: --section without labels)."""
     labels = {}
     try:
         old = root.read(".singularity.d/labels.json", 1 << 20, "the base image")
@@ -250,7 +397,7 @@ def labels(d, root, reproducible=False):
         root.remove(LABELS_FILE)
         labels.update(_label_lines(text.decode(errors="replace")))
     labels.update(build_labels(d, reproducible))
-    labels.update(_label_lines(d.sections.get("labels", "")))
+    labels.update(_label_lines(d.sections.get("labels", "") if own else ""))
     root.write(".singularity.d/labels.json", json.dumps(labels, indent="\t", sort_keys=True))
 
 

@@ -32,11 +32,11 @@ class Source:
     archive; ref: a registry reference; definition and base: a definition file and the
     Source its Bootstrap names (None for scratch)."""
 
-    __slots__ = ("kind", "path", "tag", "ref", "definition", "base")
+    __slots__ = ("kind", "path", "tag", "ref", "definition", "base", "stages")
 
     def __init__(self, kind, path=None, tag=None, ref=None, definition=None, base=None):
         self.kind, self.path, self.tag, self.ref = kind, path, tag, ref
-        self.definition, self.base = definition, base
+        self.definition, self.base, self.stages = definition, base, []  # stages: the earlier ones
 
     def to_dict(self):
         d = {k: getattr(self, k) for k in ("kind", "path", "tag", "ref")}
@@ -47,7 +47,8 @@ class Source:
         return d
 
 
-def classify(source, build_args=(), nested=False):
+def classify(source, build_args=(), nested=False, update=False):
+    """update: the last stage's bootstrap is not looked at (build --update skips it)."""
     if source.startswith(REGISTRY):
         return Source("registry", ref=source)
     for prefix, kind in ARCHIVES.items():
@@ -76,9 +77,17 @@ def classify(source, build_args=(), nested=False):
     from hpcrun.builders import deffile
 
     with open(path, encoding="utf-8") as f:
-        definition = deffile.parse(f.read(), source, build_args)
+        defs = deffile.parse_all(f.read(), source, build_args)
+    stages = [_definition(path, d, not update or i < len(defs) - 1) for i, d in enumerate(defs)]
+    stages[-1].stages = stages[:-1]  # a multi-stage file: the last stage becomes OUT
+    return stages[-1]
+
+
+def _definition(path, definition, with_base=True):
+    from hpcrun.builders import deffile
+
     agent = definition.header["bootstrap"].lower()
-    if agent == "scratch":
+    if agent == "scratch" or not with_base:
         base = None
     elif agent == "debootstrap":
         base = Source("debootstrap")

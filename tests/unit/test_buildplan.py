@@ -89,3 +89,44 @@ def test_dry_run_plan_is_json(srcs):
         "runscript",
         "test",
     ]
+
+
+def test_multistage_plan(tmp_path):
+    """build.go New/Full: every stage is bootstrapped and built in its own tree, in order;
+    only the last one is assembled (squash or sandbox); %files from comes before %setup."""
+    (tmp_path / "base.tar").write_bytes(b"x" * 100 + b"\0" * 412)
+    (tmp_path / "m.def").write_text(
+        "Bootstrap: localimage\nFrom: base.tar\nStage: build\n%post\n make\n%test\n true\n"
+        "Bootstrap: scratch\n%setup\n true\n%files from build\n /app /app\n%runscript\n /app\n"
+    )
+    p = plan(tmp_path / "m.def")
+    assert p.steps == ["stages", "mkroot", "metadata", "stagefiles", "setup", "sections", "labels", "squash"]
+    (stage,) = p.stages
+    assert (stage.name, stage.dir, stage.out) == ("build", "stage-0", None)
+    assert stage.steps == ["fetch", "unpack", "metadata", "sections", "post", "labels", "test"]
+    assert p.to_dict()["stages"][0]["steps"] == stage.steps
+    sub = plan(tmp_path / "m.def", SUBID, sandbox=True)
+    assert sub.stages[0].mapped == sub.mapped and sub.steps[-1] == "sandbox"
+
+
+def test_section_update_and_mksquashfs_plans(srcs):
+    """--section (RunSection), --update (the sandbox OUT copied, no bootstrap) and
+    --mksquashfs-args (-comp replaces --compress; probed first) decided in the plan."""
+    assert plan(srcs / "post.def", sections=["post"]).steps == [
+        "fetch",
+        "unpack",
+        "metadata",
+        "sections",
+        "post",
+        "labels",
+        "squash",
+    ]
+    assert "post" not in plan(srcs / "post.def", sections=[]).steps
+    up = plan(srcs / "post.def", sandbox=True, update=True)
+    assert up.steps[:2] == ["copy", "metadata"] and up.steps[-1] == "sandbox"
+    assert up.base().kind == "dir" and up.base().path == "/out/x.sif"
+    squashed = plan(srcs / "root.tar", mksquashfs_args=["-comp", "lz4"])
+    assert squashed.steps[0] == "probe" and squashed.compress is None
+    assert plan(srcs / "root.tar", mksquashfs_args=["-b", "4096"]).compress == "gzip"
+    assert plan(srcs / "dir", mksquashfs_args=["-b", "4096"]).direct
+    assert "probe" not in plan(srcs / "root.tar", sandbox=True, mksquashfs_args=["-b", "4096"]).steps

@@ -36,3 +36,61 @@ def test_used_build_args_and_build_labels(monkeypatch):
     assert labels["org.opencontainers.image.created"] == "1970-01-01T00:00:00Z"
     assert labels["org.label-schema.usage.singularity.deffile.from"] == "1"
     assert "org.label-schema.usage" not in labels  # no %help
+
+
+MULTI = """# comment before the first stage
+Bootstrap: scratch
+Stage: one
+%arguments
+    WHO=one
+%files
+    a {{ WHO }}.txt
+
+bootstrap: scratch
+Stage: two
+%files from one
+    /one.txt "/with space"
+%files
+    b
+%post
+    echo {{ WHO }}
+"""
+
+
+def test_parse_all_splits_stages_as_apptainer():
+    """pkg/build/types/parser/deffile.go All (testdata_multi/simple): a stage starts at
+    each line beginning `Bootstrap:` (any case); %arguments are per stage (MakeAllDefs);
+    the last stage carries the whole file and every stage's used {{ NAME }}."""
+    one, two = deffile.parse_all(MULTI, "m.def", ["WHO=cli"])
+    assert (one.stage, two.stage) == ("one", "two")
+    assert one.file_blocks == [(None, [("a", "cli.txt")])]
+    assert two.file_blocks == [("one", [("/one.txt", "/with space")]), (None, [("b", "")])]
+    assert deffile.host_files(two) == [("b", "")] and deffile.stage_files(two) == [("one", "/one.txt", "/with space")]
+    assert two.text == MULTI.replace("{{ WHO }}", "cli") and two.used == {"WHO"}
+    assert "echo cli" in two.sections["post"]
+    with pytest.raises(UsageError, match="has no value"):  # stage one's %arguments are its own
+        deffile.parse_all(MULTI, "m.def")
+    one, two = deffile.parse_all(MULTI.replace("Stage: two\n", "Stage: two\n%arguments\n WHO=two\n"), "m.def")
+    assert one.file_blocks[0][1] == [("a", "one.txt")] and "echo two" in two.sections["post"]
+
+
+def test_parse_all_single_stage_unchanged():
+    text = "From: x.sif\nBootstrap: localimage\n%files\n  a /b\n"
+    (d,) = deffile.parse_all(text, "s.def")
+    assert d.header == {"from": "x.sif", "bootstrap": "localimage"} and d.text == text
+    assert d.stage == "" and deffile.host_files(d) == [("a", "/b")]
+    assert deffile.host_files(parse("%files\n a\n")) == [("a", "")]  # parse() alone: no file_blocks
+
+
+def test_parse_all_errors_name_the_line_and_stage():
+    """build.go findStageIndex: "stage NAME was not found"; a later stage is not built yet."""
+    with pytest.raises(UsageError, match=r"m.def:5: unknown section %nope"):
+        deffile.parse_all("Bootstrap: scratch\nStage: a\n\nBootstrap: scratch\n%nope\n", "m.def")
+    with pytest.raises(UsageError, match="stage b was not found"):
+        deffile.parse_all("Bootstrap: scratch\n%files from b\n a\nBootstrap: scratch\nStage: b\n", "m.def")
+    with pytest.raises(UsageError, match="stage a was not found"):
+        deffile.parse_all("Bootstrap: scratch\nStage: a\n%files from a\n x\n", "m.def")
+    with pytest.raises(UsageError, match="two stages named a"):
+        deffile.parse_all("Bootstrap: scratch\nStage: a\nBootstrap: scratch\nStage: a\n", "m.def")
+    with pytest.raises(UsageError, match="not understood"):
+        deffile.parse_all("Bootstrap: scratch\n%files to x\n a\n", "m.def")

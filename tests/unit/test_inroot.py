@@ -204,3 +204,29 @@ def test_members_escaping_with_dotdot_are_refused(tree):
     root, canary = tree
     with inroot.Root(str(root)) as r, pytest.raises(ImageError, match="outside the image"):
         layers.apply(_tar([({"name": "../../x"}, b"x")]), r, "t", [])
+
+
+@pytest.mark.parametrize("link", LINKS)
+def test_copy_from_another_tree_resolves_in_each_root(tree, tmp_path, link):
+    """Root.copy_from (build %files from STAGE): the source resolved inside its own tree
+    (a link at the canary reads the stage's own file there), the destination inside this
+    one; links inside a copied directory stay links; the canary never changes."""
+    root, canary = tree
+    stage = tmp_path / "stage"
+    own = stage / str(canary).lstrip("/")
+    own.mkdir(parents=True)
+    (own / "file").write_text("the stage's own\n")
+    for name in ("abs", "rel", "chain", "p"):
+        os.symlink(os.readlink(root / name), stage / name)
+    os.makedirs(stage / "d")
+    os.symlink(str(canary / "file"), stage / "d" / "esc")
+    before = snapshot(canary)
+    with inroot.Root(str(stage)) as src, inroot.Root(str(root)) as dst:
+        dst.copy_from(src, f"{link}/file", f"{link}/copied")
+        dst.copy_from(src, "d", "/d")
+        with pytest.raises(FileNotFoundError):
+            dst.copy_from(src, f"{link}/missing", "/m")
+    assert snapshot(canary) == before
+    inside = root / str(canary).lstrip("/")
+    assert (inside / "copied").read_text() == "the stage's own\n"
+    assert os.readlink(root / "d" / "esc") == str(canary / "file")
