@@ -213,6 +213,24 @@ def _owner(path):
         return None
 
 
+def build_def_image(images, name, definition):
+    """Build WORK/NAME/NAME.sif as the test user from a definition file whose
+    `From: base.sif` is the busybox SIF: the stand-in for an image of Apptainer's e2e
+    test data. -> its path."""
+    d = os.path.join(WORK, name)
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    shutil.copy(images["sif"], os.path.join(d, "base.sif"))
+    with open(os.path.join(d, name + ".def"), "w") as f:
+        f.write(definition)
+    os.chown(d, user().pw_uid, user().pw_gid)
+    subprocess.run(["chmod", "-R", "a+rX", d], check=True)
+    out = os.path.join(d, name + ".sif")
+    r = hpcrun("build", "-F", out, os.path.join(d, name + ".def"), cwd=d, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out
+
+
 @pytest.fixture(autouse=True)
 def no_leaks():
     """Every integration test must leave no process of the test user and no temp tree."""

@@ -6,11 +6,10 @@ Where hpcrun's exit code differs on purpose (a usage error is 2, Apptainer's is 
 case says so and README's "Coming from Apptainer" lists it."""
 
 import os
-import shutil
 import subprocess
 
 import pytest
-from hpcrun_testlib import WORK, hpcrun, user
+from hpcrun_testlib import build_def_image, hpcrun, user
 
 E2E_DEF = """Bootstrap: localimage
 From: base.sif
@@ -31,17 +30,7 @@ From: base.sif
 
 @pytest.fixture(scope="module")
 def image(images):
-    d = os.path.join(WORK, "e2e-actions")
-    shutil.rmtree(d, ignore_errors=True)
-    os.makedirs(d)
-    shutil.copy(images["sif"], os.path.join(d, "base.sif"))
-    with open(os.path.join(d, "e2e.def"), "w") as f:
-        f.write(E2E_DEF)
-    os.chown(d, user().pw_uid, user().pw_gid)
-    subprocess.run(["chmod", "-R", "a+rX", d], check=True)
-    r = hpcrun("build", os.path.join(d, "e2e.sif"), os.path.join(d, "e2e.def"), cwd=d, timeout=180)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return os.path.join(d, "e2e.sif")
+    return build_def_image(images, "e2e-actions", E2E_DEF)
 
 
 RUN_CASES = [("NoCommand", [], 0), ("True", ["true"], 0), ("False", ["false"], 1)]

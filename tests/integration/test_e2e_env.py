@@ -8,7 +8,7 @@ import shutil
 import subprocess
 
 import pytest
-from hpcrun_testlib import WORK, hpcrun, user
+from hpcrun_testlib import WORK, build_def_image, hpcrun, user
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CUSTOM_PATH = DEFAULT_PATH + ":/go/bin:/usr/local/go/bin"
@@ -72,17 +72,7 @@ def test_apptainerEnvOption_ld_library_path(debian, name, opt, execopt, want):
 @pytest.fixture(scope="module")
 def e2e(images):
     """{'default': busybox SIF, 'custom': the e2e/testdata/Apptainer stand-in}"""
-    d = os.path.join(WORK, "e2e-env")
-    shutil.rmtree(d, ignore_errors=True)
-    os.makedirs(d)
-    shutil.copy(images["sif"], os.path.join(d, "base.sif"))
-    with open(os.path.join(d, "custom.def"), "w") as f:
-        f.write(CUSTOM_DEF)
-    os.chown(d, user().pw_uid, user().pw_gid)
-    subprocess.run(["chmod", "-R", "a+rX", d], check=True)
-    r = hpcrun("build", os.path.join(d, "custom.sif"), os.path.join(d, "custom.def"), cwd=d, timeout=180)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return {"default": images["sif"], "custom": os.path.join(d, "custom.sif")}
+    return {"default": images["sif"], "custom": build_def_image(images, "e2e-env", CUSTOM_DEF)}
 
 
 def echo(image, var, *opts, env=None):

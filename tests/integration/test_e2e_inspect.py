@@ -5,11 +5,10 @@ the SCIF app cases are in test_scif.py."""
 
 import json
 import os
-import shutil
 import subprocess
 
 import pytest
-from hpcrun_testlib import WORK, hpcrun, user
+from hpcrun_testlib import build_def_image, hpcrun
 
 INSPECTOR_DEF = """bootstrap: localimage
 from: base.sif
@@ -61,17 +60,8 @@ ENV_90 = 'export IMAGE_VAR=from_image\nexport OVERRIDDEN=image\n\nexport test="t
 @pytest.fixture(scope="module")
 def inspected(images):
     """{'SIF': path, 'Squash': path, 'Sandbox': path} of the inspector container."""
-    d = os.path.join(WORK, "e2e-inspect")
-    shutil.rmtree(d, ignore_errors=True)
-    os.makedirs(d)
-    shutil.copy(images["sif"], os.path.join(d, "base.sif"))
-    with open(os.path.join(d, "inspector_container.def"), "w") as f:
-        f.write(INSPECTOR_DEF)
-    os.chown(d, user().pw_uid, user().pw_gid)
-    subprocess.run(["chmod", "-R", "a+rX", d], check=True)
-    sif = os.path.join(d, "image.sif")
-    r = hpcrun("build", "-F", sif, os.path.join(d, "inspector_container.def"), cwd=d, timeout=180)
-    assert r.returncode == 0, r.stdout + r.stderr
+    sif = build_def_image(images, "e2e-inspect", INSPECTOR_DEF)
+    d = os.path.dirname(sif)
     from hpcrun.images import sif as sifmod
 
     squash = os.path.join(d, "image.sqs")

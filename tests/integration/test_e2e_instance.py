@@ -4,14 +4,12 @@ server on port $1 (busybox nc), its %runscript Apptainer's. Contain (-c -W DIR) 
 test_contain_parity.py; the SCIF app server in test_scif.py."""
 
 import os
-import shutil
 import signal
 import socket
-import subprocess
 import time
 
 import pytest
-from hpcrun_testlib import WORK, hpcrun, user, user_processes, wait_gone
+from hpcrun_testlib import build_def_image, hpcrun, user, user_processes, wait_gone
 
 PORT = 11372  # instanceStartPort
 
@@ -30,17 +28,7 @@ From: base.sif
 
 @pytest.fixture(scope="module")
 def image(images):
-    d = os.path.join(WORK, "e2e-instance")
-    shutil.rmtree(d, ignore_errors=True)
-    os.makedirs(d)
-    shutil.copy(images["sif"], os.path.join(d, "base.sif"))
-    with open(os.path.join(d, "e2e.def"), "w") as f:
-        f.write(E2E_DEF)
-    os.chown(d, user().pw_uid, user().pw_gid)
-    subprocess.run(["chmod", "-R", "a+rX", d], check=True)
-    r = hpcrun("build", os.path.join(d, "e2e.sif"), os.path.join(d, "e2e.def"), cwd=d, timeout=180)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return os.path.join(d, "e2e.sif")
+    return build_def_image(images, "e2e-instance", E2E_DEF)
 
 
 @pytest.fixture
