@@ -72,6 +72,8 @@ cgconf="CgroupPlugin=cgroup/v1
 ConstrainCores=yes
 ConstrainRAMSpace=no
 ConstrainDevices=no"
+# PMIx's per-step client directory on node-local storage: /tmp is the nodes' shared file system.
+mpiconf="PMIxCliTmpDirBase=/dev/shm"
 [ -s /etc/munge/munge.key ] || (dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null)
 chown munge: /etc/munge/munge.key /run/munge /var/lib/munge /var/log/munge 2>/dev/null || true
 chmod 0400 /etc/munge/munge.key
@@ -94,10 +96,12 @@ running=yes
 alive /run/slurmctld.pid slurmctld || running=no
 for k in $(seq "$nodes"); do alive "$state/node$k/slurmd.pid" slurmd || running=no; done
 if [ "$(cat /etc/slurm/slurm.conf 2>/dev/null)" != "$conf" ] ||
-    [ "$(cat /etc/slurm/cgroup.conf 2>/dev/null)" != "$cgconf" ] || [ $running = no ]; then
+    [ "$(cat /etc/slurm/cgroup.conf 2>/dev/null)" != "$cgconf" ] ||
+    [ "$(cat /etc/slurm/mpi.conf 2>/dev/null)" != "$mpiconf" ] || [ $running = no ]; then
     bash "$here/tests/slurm-down.sh" >/dev/null   # another configuration, or a daemon gone: start afresh
     echo "$conf" > /etc/slurm/slurm.conf
     echo "$cgconf" > /etc/slurm/cgroup.conf
+    echo "$mpiconf" > /etc/slurm/mpi.conf
     # The bridge, and one network namespace and veth pair per node.
     ip link add hpcslurm0 type bridge 2>/dev/null || true
     ip addr replace 10.77.0.1/24 dev hpcslurm0
