@@ -8,7 +8,7 @@ VENV=${HPCRUN_VENV:-/opt/hpcrun-venv}
 TEST_USER=${HPCRUN_TEST_USER:-hpctest}
 export HPCRUN_BIN=${HPCRUN_BIN:-$VENV/bin/hpcrun}   # the hpcrun the integration tests run
 bash "$here/tests/setup-host.sh"
-bash "$here/tests/slurm-up.sh"      # a real one-node Slurm for tests/batch
+bash "$here/tests/slurm-up.sh"      # a real three-node Slurm (proctrack/cgroup) for tests/batch
 cd "$here"
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
@@ -30,4 +30,9 @@ if ! "${as_user[@]}" test -r "$here/tests/unit/conftest.py" || { [ -d "$data" ] 
 fi
 (cd / && "${as_user[@]}" env -i PATH=/usr/bin:/bin HOME="$(getent passwd "$TEST_USER" | cut -d: -f6)" LANG=C.UTF-8 \
     PYTHONDONTWRITEBYTECODE=1 "${pytest[@]}" "$tree/tests/unit")
-exec "${pytest[@]}" tests/integration tests/batch "$@"
+"${pytest[@]}" tests/integration tests/batch "$@"
+# The second Slurm configuration (proctrack/linuxproc: keepers outlive steps, warm across
+# them): the tests where the two differ, then back to the default for whoever comes next.
+trap '[ -z "${base:-}" ] || rm -rf "$base"; bash "$here/tests/slurm-up.sh" >/dev/null' EXIT
+HPCRUN_SLURM_PROCTRACK=linuxproc "${pytest[@]}" tests/batch/test_slurm.py tests/batch/test_multinode.py \
+    -k "share or warm or concurrent or scancel or time_limit or three_nodes"

@@ -11,8 +11,8 @@ END_KEEPERS=${HPCRUN_EPILOG_END_KEEPERS:-0}
 user=${SLURM_JOB_USER:-}
 [ -n "$user" ] || exit 0
 log() { logger -t hpcrun-epilog "job ${SLURM_JOB_ID:-?}: $*" 2>/dev/null || true; }
-# Images this job staged with stage-image.sh (default directory /tmp; add the sites' own).
-for d in /tmp ${HPCRUN_STAGE_DIRS:-}; do
+# Images this job staged with stage-image.sh (in /tmp or /dev/shm; add the site's own).
+for d in /tmp /dev/shm ${HPCRUN_STAGE_DIRS:-}; do
     [ -n "${SLURM_JOB_ID:-}" ] || break
     for f in "$d/hpcrun-stage-$SLURM_JOB_ID-"*; do
         [ -f "$f" ] && [ "$(stat -c %U "$f")" = "$user" ] && rm -f "$f"

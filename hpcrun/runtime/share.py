@@ -18,6 +18,15 @@ its own.
 
 Everything lives in a run directory checked to be ours and private, and is reached
 through that directory's fd, never by a path another user could swap in meanwhile.
+
+Under Slurm's cgroup process tracking (proctrack/cgroup, task/cgroup) every process of a
+step, a keeper and its FUSE daemon included, is killed when the step ends, so a keeper
+started by one step must never serve another: the key then names the step's cgroup
+(`step_scope`), and each step has its own keeper on each node. Each of its tasks says BYE
+when its command is done; after as many BYEs as the step has tasks on the node
+(SLURM_GTIDS) the keeper removes its files, answers GONE and leaves, before Slurm's
+SIGKILL at the step's end could leave them behind. The node's name is in every key: a
+run directory on a shared /tmp never mixes two nodes.
 """
 
 import _socket  # not `socket`: its enum classes cost ~5 ms on every task's start
@@ -42,6 +51,8 @@ NS_FLAGS = {
     "pid": sc.CLONE_NEWPID,
 }
 DEAD = b"dead"  # a leaving keeper's answer, without fds: start a new one
+BYE = b"bye"  # a task of a step-scoped keeper whose command is done
+GONE = b"gone"  # the keeper's answer to BYE: that was its last task, its files are gone
 
 
 def run_dir(env, uid):
@@ -118,7 +129,28 @@ def container_id(plan, image):
     json would cost ~10 ms per start); the keeper sends the full key back to be compared."""
     st = os.fstat(image.fd) if image.fd is not None else os.stat(image.path)
     key = share_key(plan, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, image.offset)).encode()
+    key += f"\0{os.uname().nodename}\0{step_scope(os.environ) or ''}".encode()
     return f"{zlib.crc32(key):08x}{zlib.adler32(key):08x}", key
+
+
+def step_scope(env):
+    """The cgroup of our Slurm step when Slurm tracks steps by cgroup (its processes all
+    die with the step), else None (proctrack/linuxproc or pgid, or not in a step)."""
+    if "SLURM_STEP_ID" not in env:
+        return None
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        path = line.split(":", 2)[-1]
+        job = path.find("/job_")
+        step = path.find("/step_", job)
+        if job >= 0 and step > job and not path.startswith("/step_extern", step):
+            end = path.find("/", step + 1)  # a task_N below it is still the step's
+            return path if end < 0 else path[:end]
+    return None
 
 
 def run(plan, image, daemon, timer, verbose=False, quiet=False):
@@ -126,6 +158,7 @@ def run(plan, image, daemon, timer, verbose=False, quiet=False):
     command in it; returns its exit status. Without a private run directory the task
     runs in a container of its own."""
     cid, key = container_id(plan, image)
+    plan.step_tasks = 0 if key.endswith(b"\0") else step_tasks(os.environ)
     rundir, dirfd, lock, refused = _lock(cid)
     if refused and not quiet:
         where = f"sharing containers through {rundir}" if rundir else "not sharing this container"
@@ -154,7 +187,25 @@ def enter(plan, conn, fds, timer, whose):
     try:
         return launcher.enter(plan, None, timer)
     finally:
+        if getattr(plan, "step_tasks", 0):  # instances' plans have none
+            _bye(conn)
         conn.close()  # our reference; forked children hold theirs until they exit
+
+
+def step_tasks(env):
+    """How many tasks of our step run on this node (at least 1)."""
+    return max(1, len(env.get("SLURM_GTIDS", "").split(",")))
+
+
+def _bye(conn):
+    """Tell a step's keeper that we are done, and wait (briefly) for its answer: if we
+    were the step's last task here, its files are gone by then."""
+    try:
+        conn.settimeout(5)
+        conn.send(BYE)
+        conn.recv(16)
+    except OSError:
+        pass  # it is gone already
 
 
 def start_instance(plan, image, daemon, instance, verbose=False):
@@ -574,6 +625,8 @@ def _keeper(plan, image, daemon, rundir, dirfd, cid, key, report, verbose, insta
         sc.set_name("hpcrun-keeper")  # for ps, pkill and epilogs
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        if getattr(plan, "step_tasks", 0):  # Slurm's SIGTERM to the whole step (scancel, time
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # limit): we leave with the last task's BYE
         if instance:
             try:
                 init = _start_init(plan, instance, procfd, keep)
@@ -589,7 +642,8 @@ def _keeper(plan, image, daemon, rundir, dirfd, cid, key, report, verbose, insta
         _tell(report, b"ok")  # a task killed meanwhile can't hear it: serve whoever comes next
         os.close(report)
         try:
-            _serve(listener, dict(keep), key, files, None if instance else plan.share_idle, daemon_pid, init)
+            idle = None if instance else plan.share_idle
+            _serve(listener, dict(keep), key, files, idle, daemon_pid, init, getattr(plan, "step_tasks", 0))
         finally:
             _leave(listener, files)
         status = 0
@@ -640,11 +694,12 @@ class _Daemon:
         return not self.dead
 
 
-def _serve(listener, nsfds, key, files, idle, daemon_pid, init_pid=None):
+def _serve(listener, nsfds, key, files, idle, daemon_pid, init_pid=None, step_tasks=0):
     """Answer each task with the namespace fds. Returns when idle (holding the lock), or
     at once when the FUSE daemon is gone: its mount is dead, nobody may join it. An
     instance's keeper (idle None) returns when its init is gone, and a task may ask it
-    to signal its init ('signal N': `instance stop`)."""
+    to signal its init ('signal N': `instance stop`). A step's keeper (step_tasks) returns
+    after that many BYEs, holding the lock, with its files removed."""
     import select
     import socket
 
@@ -653,6 +708,7 @@ def _serve(listener, nsfds, key, files, idle, daemon_pid, init_pid=None):
     fuse = _Daemon(daemon_pid)
     init = _Daemon(init_pid)
     tasks = []
+    byes = 0
     wait = idle
     while fuse.alive() and init.alive():
         ready, _, _ = select.select([listener] + fuse.watch + init.watch + tasks, [], [], None if tasks else wait)
@@ -681,7 +737,14 @@ def _serve(listener, nsfds, key, files, idle, daemon_pid, init_pid=None):
                     msg = s.recv(16)
                 except OSError:
                     msg = b""
-                gone = not msg
+                gone = not msg or msg == BYE
+                byes += msg == BYE
+                if step_tasks and byes >= step_tasks and len(tasks) == 1 and files.try_lock():
+                    files.remove()  # our last task: nothing may stay for Slurm's SIGKILL
+                    _answer(s, GONE)
+                    return
+                if msg == BYE:
+                    _answer(s, b"ok")
                 if init_pid and msg.startswith(b"signal ") and msg[7:].isdigit() and init.alive():
                     os.kill(init_pid, int(msg[7:]))  # our unreaped child: the pid is still its
                 if gone:
@@ -699,6 +762,13 @@ def _accept(listener):
         conn.close()
         return None
     return conn
+
+
+def _answer(conn, data):
+    try:
+        conn.send(data)
+    except OSError:
+        pass
 
 
 def _refuse(conn):

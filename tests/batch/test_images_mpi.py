@@ -59,12 +59,28 @@ def test_mpi_hello_under_srun_pmix(slurm, mpi_image):
     )
     assert r.returncode == 0, r.stdout + r.stderr
     lines = sorted(ln for ln in r.stdout.splitlines() if ln.startswith("rank "))
-    assert [ln.split(":")[0] for ln in lines] == [
-        "rank 0 of 2 on " + os.uname().nodename.split(".")[0],
-        "rank 1 of 2 on " + os.uname().nodename.split(".")[0],
-    ]
+    node = lines[0].split(":")[0].split()[-1]  # srun -n 2: both ranks on one node
+    assert [ln.split(":")[0] for ln in lines] == [f"rank 0 of 2 on {node}", f"rank 1 of 2 on {node}"]
     assert all(ln.endswith("sum of ranks 1") for ln in lines)
     assert "PMIX ERROR" not in r.stderr  # the PMIx server directory is bound in
     # Both ranks joined one container (automatic in Slurm steps): one user namespace, so
     # Open MPI's cross-memory attach works between them.
     assert "different user namespaces" not in r.stderr, r.stderr
+
+
+def test_mpi_hello_across_two_nodes(slurm, mpi_image):
+    """Open MPI in the image, one rank on each of two nodes: TCP between the nodes' network
+    namespaces, PMIx from the host's Slurm."""
+    env = user_env({"PATH": f"{os.path.dirname(HPCRUN)}:/usr/bin:/bin"})
+    r = subprocess.run(
+        as_user(["srun", "--mpi=pmix", "-N", "2", "-n", "2", HPCRUN, "run", mpi_image]),
+        env=env,
+        cwd=os.path.join(WORK, "work"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = sorted(ln for ln in r.stdout.splitlines() if ln.startswith("rank "))
+    assert [ln.split(":")[0] for ln in lines] == ["rank 0 of 2 on node1", "rank 1 of 2 on node2"], r.stdout
+    assert all(ln.endswith("sum of ranks 1") for ln in lines), r.stdout

@@ -103,11 +103,12 @@ def test_scancel_leaves_nothing_behind(slurm, images, utmp):
         time.sleep(0.5)
 
 
-def test_check_as_a_job_step(slurm, images):
-    r = run(["srun", "-N", "1", HPCRUN, "check"])
+def test_check_on_every_node_as_one_step(slurm, nodes):
+    """hpcrun check as a job-wide preflight: one task per node, each reports its node."""
+    r = run(["srun", "-N", str(len(nodes)), "--ntasks-per-node=1", HPCRUN, "check"])
     assert r.returncode == 0, r.stdout + r.stderr
-    host = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
-    assert f"{host}: ok   unprivileged user namespaces" in r.stdout
+    for node in nodes:
+        assert f"{node}: ok   unprivileged user namespaces" in r.stdout, r.stdout
 
 
 NS = "echo $(readlink /proc/self/ns/user) $(readlink /proc/self/ns/mnt)"
@@ -191,9 +192,10 @@ def test_stage_image_with_sbcast(slurm, images, utmp):
     assert wait_gone(lambda: os.path.exists(staged[0]), 30), "the epilog did not remove the staged image"
 
 
-def test_pmix_steps_of_a_job_reuse_one_warm_container(slurm, images, utmp):
+def test_pmix_steps_of_a_job_reuse_one_warm_container(slurm, proctrack, images, utmp):
     """Each --mpi=pmix step has its own PMIx directory; its parent is bound, so the second
-    step joins the container the first left warm (and still sees its own directory)."""
+    step joins the container the first left warm (and still sees its own directory).
+    Under cgroup tracking a keeper dies with its step: each step starts its own."""
     os.chmod(utmp, 0o777)
     conf = os.path.join(str(utmp), "idle.yaml")
     with open(conf, "w") as f:
@@ -210,4 +212,30 @@ def test_pmix_steps_of_a_job_reuse_one_warm_container(slurm, images, utmp):
     seen = [ln.split("=", 1)[1] for ln in text.splitlines() if ln.startswith("sees=")]
     assert len(seen) == 2 and seen[0] != seen[1], text  # two steps, two PMIx directories
     said = [ln.split()[1:] for ln in text.splitlines() if "shared container" in ln]
-    assert [w[0] for w in said] == ["started", "joined"] and said[0][-1] == said[1][-1], text
+    if proctrack == "cgroup":
+        assert [w[0] for w in said] == ["started", "started"] and said[0][-1] != said[1][-1], text
+    else:
+        assert [w[0] for w in said] == ["started", "joined"] and said[0][-1] == said[1][-1], text
+
+
+def test_concurrent_steps_of_a_job_never_break_each_other(slurm, images, utmp):
+    """Under cgroup tracking every process of a step dies with it, its keeper and FUSE
+    daemon included. Step B starts while step A runs, A ends first, and B still reads
+    its image afterwards: B never depended on A's keeper."""
+    os.chmod(utmp, 0o777)
+    u, img, out = str(utmp), images["sif"], os.path.join(str(utmp), "steps.txt")
+    step = f"srun -n 1 --exact {HPCRUN} -v exec {img} sh -c"
+    job = (
+        f"{step} 'touch {u}/a-up; while [ ! -e {u}/b-up ]; do sleep 0.1; done; echo A-done' & a=$!; "
+        f"while [ ! -e {u}/a-up ]; do sleep 0.1; done; "
+        f"{step} 'touch {u}/b-up; while [ ! -e {u}/a-gone ]; do sleep 0.1; done; sleep 1; "
+        "cat /.singularity.d/labels.json >/dev/null && ls /bin/ >/dev/null && echo B-reads' & b=$!; "
+        f"wait $a; echo A=$?; touch {u}/a-gone; wait $b; echo B=$?"
+    )
+    r = run(["sbatch", "--wait", "-N", "1", "-n", "2", "-o", out, "--wrap", job], timeout=120)
+    with open(out) as f:
+        text = f.read()
+    assert r.returncode == 0, text
+    lines = text.splitlines()
+    assert {"A-done", "A=0", "B-reads", "B=0"} <= set(lines), text
+    assert wait_gone(lambda: user_processes(), 30), user_processes()
