@@ -36,7 +36,7 @@ class BuildPlan:
         return d
 
 
-def build_plan(out, source, idmap, sandbox=False, notest=False, compress="gzip", reproducible=False):
+def build_plan(out, source, idmap, sandbox=False, notest=False, compress="gzip", reproducible=False, fix_perms=False):
     """idmap: None when building as root, else the caller's map (mode 'subid' with a range,
     'root' for root mapped to the caller alone)."""
     subid = idmap is not None and idmap["mode"] == "subid"
@@ -47,7 +47,7 @@ def build_plan(out, source, idmap, sandbox=False, notest=False, compress="gzip",
     if source.kind == "dir" and not sandbox:
         steps = ["squash"]  # straight from the directory: nothing to add to it
     else:
-        steps = list(FILL["scratch" if base is None else base.kind]) + ["metadata"]
+        steps = list(FILL["scratch" if base is None else base.kind]) + ["fix_perms"] * fix_perms + ["metadata"]
         if source.kind == "definition":
             sections = source.definition.sections
             steps += [s for s in ("setup", "files") if sections.get(s)] + ["sections"]
