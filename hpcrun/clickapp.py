@@ -379,7 +379,9 @@ def pull(args, force, quiet, name, dir, reproducible, authfile, disable_cache=Fa
     from hpcrun.builders.registry import parse_ref
 
     if len(args) > 2 or len(args) == 2 and name:
-        raise click.UsageError("give at most OUT and REF" if not name else "give OUT or --name, not both")
+        from hpcrun.errors import UsageError  # one line, as every failure a user causes
+
+        raise UsageError("give at most OUT and REF" if not name else "give OUT or --name, not both")
     ref = args[-1]
     if len(args) == 2 or name:
         out = name or args[0]

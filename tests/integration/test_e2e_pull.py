@@ -197,6 +197,24 @@ def test_relative_name_in_dir(registry, bdir):
     verify(str(bdir / "test_container.sif"))
 
 
+def test_name(registry, bdir):
+    """--name OUT, alone and in --dir. OUT and --name both: hpcrun refuses (2); Apptainer
+    takes --name and ignores OUT."""
+    r = pull(bdir, "--name", "named.sif", docker(registry), env=cache_env("name"))
+    assert r.returncode == 0, r.stderr
+    verify(str(bdir / "named.sif"))
+    d = bdir / "pull_dir"
+    d.mkdir()
+    os.chown(d, user().pw_uid, user().pw_gid)
+    r = pull(bdir, "--dir", str(d), "--name", "named.sif", docker(registry), env=cache_env("name"))
+    assert r.returncode == 0, r.stderr
+    verify(str(d / "named.sif"))
+    r = pull(bdir, "--name", "other.sif", "out.sif", docker(registry), env=cache_env("name"))
+    assert r.returncode == 2 and "not both" in r.stderr, r.stderr
+    one_line(r)
+    assert sorted(os.listdir(bdir)) == ["named.sif", "pull_dir"]
+
+
 def test_dir_fail(registry, bdir):
     """testDockerPulls' Busybox1.28PullDirFail: OUT in a directory that does not exist."""
     r = pull(bdir, "/foo/sif.sif", docker(registry), env=cache_env("dirfail"))
