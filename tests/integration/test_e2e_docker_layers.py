@@ -16,7 +16,7 @@ import tarfile
 
 import pytest
 
-from hpcrun_testlib import WORK, hpcrun
+from hpcrun_testlib import HPCRUN, WORK, hpcrun
 from test_build import _base_layer, _blob
 from test_pull import start_registry
 
@@ -212,17 +212,22 @@ def definition(bdir, **header):
     return str(path)
 
 
-def test_testDockerDefFile(registry, bdir):
+def build_as(profile, *args, env=None):
+    """hpcrun build as the test user, or as root (Apptainer's RootProfile)."""
+    if profile == "user":
+        return hpcrun("build", *args, env=env, timeout=180)
+    root_env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": "/root", "LANG": "C.UTF-8"}
+    root_env.update(env or {"XDG_CACHE_HOME": os.path.join(WORK, "cache", "e2e-layers-root")})
+    return subprocess.run([HPCRUN, "build", *args], env=root_env, capture_output=True, text=True, timeout=180, cwd=WORK)
+
+
+@pytest.mark.parametrize("profile", ["root", "user"])
+def test_testDockerDefFile(registry, bdir, profile):
     """Apptainer bootstraps alpine, rockylinux:9 and ubuntu:22.04 from Docker Hub as root;
-    here the loopback registry's image, as the user."""
+    here the loopback registry's image, as root and as the user."""
     out = str(bdir / "container")
-    r = hpcrun(
-        "build",
-        out,
-        definition(bdir, Bootstrap="docker", From=f"{registry}/my-busybox:latest"),
-        env=cache_env("deffile"),
-        timeout=180,
-    )
+    d = definition(bdir, Bootstrap="docker", From=f"{registry}/my-busybox:latest")
+    r = build_as(profile, out, d, env=None if profile == "root" else cache_env("deffile"))
     assert r.returncode == 0, r.stderr
     image_verify(out)
 
@@ -234,19 +239,20 @@ REGISTRY_CASES = [
 ]
 
 
+@pytest.mark.parametrize("profile", ["root", "user"])
 @pytest.mark.parametrize("name,code,header", REGISTRY_CASES, ids=[c[0] for c in REGISTRY_CASES])
-def test_testDockerRegistry(registry, bdir, name, code, header):
+def test_testDockerRegistry(registry, bdir, name, code, header, profile):
     """`Registry:` and `Namespace:` put in front of `From:`, as Apptainer's. A missing
     image: 252 (Apptainer: 255)."""
     out = str(bdir / "container")
     d = definition(bdir, Bootstrap="docker", **header(registry))
-    r = hpcrun("build", "--disable-cache", "--no-https", out, d, timeout=180)
+    r = build_as(profile, "--disable-cache", "--no-https", out, d)
     assert r.returncode == code, r.stderr
     if code == 0:
         image_verify(out)
     else:
         assert "/not-a-namespace/my-busybox" in r.stderr and "404" in r.stderr, r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1
+        assert len(r.stderr.strip().splitlines()) == 1 and not os.path.exists(out)
 
 
 def test_testDockerCMDQuotes(registry):

@@ -265,6 +265,21 @@ def test_pulling_as_sandbox(registry, bdir, scheme):
     verify(str(out))
 
 
+def test_sandbox_over_a_link(registry, bdir):
+    """--force --sandbox where OUT is a symlink (to a directory of the user's): the link is
+    replaced by the sandbox, what it pointed to is left as it was."""
+    target = bdir / "target"
+    target.mkdir()
+    (target / "mine").write_text("x")
+    os.chown(target, user().pw_uid, user().pw_gid)
+    out = bdir / "sandbox"
+    os.symlink(target, out)
+    r = pull(bdir, "--force", "--sandbox", str(out), docker(registry), env=cache_env("sandbox-link"))
+    assert r.returncode == 0, r.stderr
+    assert not out.is_symlink() and (out / "bin" / "sh").exists()
+    assert os.listdir(target) == ["mine"]
+
+
 # ---- testPullDisableCacheCmd ----
 
 
