@@ -40,6 +40,7 @@ def build(
     update=False,
     sections=(),
     mksquashfs_args="",
+    fix_perms=False,
 ):
     """sandbox: OUT is a directory (Apptainer's --sandbox), all of it yours so `rm -rf`
     removes it. fakeroot: require a subuid range (else a ConfigError); without it the range
@@ -68,6 +69,7 @@ def build(
         update,
         run_sections,
         (mksquashfs_args or "").split(),
+        fix_perms,
     )
     if dry_run:
         import json
@@ -155,7 +157,8 @@ class Work:
 
     def __init__(self, out, idmap):
         self.out, self.idmap = out, idmap
-        self.where = os.path.dirname(out)
+        # OUT /dev/null (Apptainer's issue4943 check: build, keep nothing): work in $TMPDIR
+        self.where = _tmpdir() if out == os.devnull else os.path.dirname(out)
 
     def __enter__(self):
         try:
@@ -346,6 +349,13 @@ def step_unpack(plan, st):
     if lost and not plan.sandbox and not st.quiet:
         why = "their ids are outside your subuid range" if plan.owners else "keeping them needs a subuid range"
         sys.stderr.write(f"{errors.PROG}: note: {len(lost)} file(s) lose their owner ({why}), e.g. /{lost[0]}\n")
+
+
+def step_fix_perms(plan, st):
+    """--fix-perms: owner rwX on what the source put in the tree (Apptainer's FixPerms)."""
+    from hpcrun.builders import layers
+
+    _in_tree(plan, st, "--fix-perms", layers.fix_perms)
 
 
 def step_metadata(plan, st):
@@ -541,11 +551,22 @@ def _tool_failed(st, what, err):
     raise ImageError(f"{what}: {_last(err)}")
 
 
+def _tmpdir():
+    import tempfile
+
+    return tempfile.gettempdir()
+
+
 def _place(path, out, work):
     """rename path onto OUT. An OUT there (--force) goes into the work directory first if
-    it is a directory; a file or link is replaced by the rename itself, never followed."""
+    it is a directory; a file or link is replaced by the rename itself, never followed.
+    OUT /dev/null: the result stays in the work directory, removed with it (Apptainer
+    writes the image into the device)."""
+    if out == os.devnull:
+        return
     try:
-        if os.path.isdir(out) and not os.path.islink(out):
+        # a directory there, or anything where a directory goes (rename cannot swap kinds)
+        if os.path.lexists(out) and (os.path.isdir(out) and not os.path.islink(out) or os.path.isdir(path)):
             os.rename(out, os.path.join(work, "replaced"))
         os.rename(path, out)
     except OSError as e:

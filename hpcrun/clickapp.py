@@ -218,6 +218,7 @@ def build(
     update=False,
     section=(),
     mksquashfs_args=None,
+    fix_perms=False,
 ):
     """Build OUT (.sif, else squashfs; a directory with --sandbox) from SOURCE: a directory,
     a rootfs tarball, docker-archive:FILE, oci:DIR[:tag], oci-archive:FILE[:tag],
@@ -245,6 +246,7 @@ def build(
         update,
         section,
         mksquashfs_args,
+        fix_perms=fix_perms,
     )
 
 
@@ -371,7 +373,7 @@ def sif_dump(object_id, image):
 @app.command()
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @click.argument("args", nargs=-1, required=True, metavar="[OUT] REF")
-def pull(args, force, quiet, name, dir, reproducible, authfile, disable_cache=False):
+def pull(args, force, quiet, name, dir, reproducible, authfile, disable_cache=False, sandbox=False):
     """Pull REF (docker://HOST/REPO:TAG) into OUT (--name, else REPO_TAG.sif; in --dir).
 
     Private registries: credentials come from HPCRUN_DOCKER_USERNAME and
@@ -383,7 +385,9 @@ def pull(args, force, quiet, name, dir, reproducible, authfile, disable_cache=Fa
     from hpcrun.builders.registry import parse_ref
 
     if len(args) > 2 or len(args) == 2 and name:
-        raise click.UsageError("give at most OUT and REF" if not name else "give OUT or --name, not both")
+        from hpcrun.errors import UsageError  # one line, as every failure a user causes
+
+        raise UsageError("give at most OUT and REF" if not name else "give OUT or --name, not both")
     ref = args[-1]
     if len(args) == 2 or name:
         out = name or args[0]
@@ -391,10 +395,65 @@ def pull(args, force, quiet, name, dir, reproducible, authfile, disable_cache=Fa
         _host, repo, reference = parse_ref(ref)
         out = f"{repo.rsplit('/', 1)[-1]}_{reference.replace('sha256:', '')[:12]}.sif"
     if dir:
-        out = os.path.join(dir, out)
+        out = os.path.join(dir, out.lstrip("/"))  # as Go's filepath.Join: DIR/ABS, not ABS
     _authfile(authfile)
     _disable_cache(disable_cache)
-    return run_build(out, ref, force, quiet, reproducible=reproducible)
+    if ref.startswith("oras://") and _pull_sif(out, ref, force, quiet, sandbox):
+        return 0
+    run_build(out, ref, force, quiet, reproducible=reproducible, sandbox=sandbox)
+    if not sandbox:
+        _pull_mode(out)
+    return 0
+
+
+def _pull_sif(out, ref, force, quiet, sandbox):
+    """oras://REF that is a SIF artifact: its bytes as OUT (the SIF itself: its signatures
+    stay), or a sandbox made from it. False when REF is an OCI image."""
+    import os
+    from hpcrun.build import Work, _place, build as run_build
+    from hpcrun.builders import registry
+    from hpcrun.errors import UsageError
+
+    if os.path.lexists(out) and not force:
+        raise UsageError(f"{out} exists", "use --force to replace it")
+    with Work(os.path.abspath(out), None) as work:
+        sif = registry.pull_sif(ref, quiet, scratch=work.path)
+        if sif is None:
+            return False
+        if sandbox:
+            run_build(out, sif, force, quiet, sandbox=True)
+            return True
+        tmp = os.path.join(work.path, "image.sif")
+        try:
+            with open(sif, "rb") as src, open(tmp, "xb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+        except OSError as e:
+            from hpcrun import inroot
+
+            raise inroot.failure(e, f"cannot write {tmp}") from None
+        _place(tmp, out, work.path)
+    _pull_mode(out)
+    return True
+
+
+def _pull_mode(out):
+    """A pulled file's mode is 0777 less the umask, as Apptainer's (testPullUmask), also
+    when --force replaced a file of another mode."""
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    try:
+        fd = os.open(out, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return  # /dev/null, or gone: nothing of ours to set
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fchmod(fd, 0o777 & ~mask)
+    finally:
+        os.close(fd)
 
 
 @app.group()

@@ -882,9 +882,8 @@ def _make_tables():
             _o(
                 "--fix-perms",
                 "fix_perms",
-                help_="Refused: not supported.",
+                help_="Give the owner rwX on every file and directory of the unpacked source.",
                 env="FIXPERMS",
-                status="refused:not supported (sandboxes hpcrun writes are yours: chmod -R u+rwX fixes them)",
             ),
             _o(
                 "--json",
@@ -994,13 +993,7 @@ def _make_tables():
                 env="ALLOW_UNAUTHENTICATED",
                 status="noop:hpcrun checks no signatures (blobs are checked by digest)",
             ),
-            _o(
-                "--sandbox",
-                "sandbox",
-                help_="Refused: use build --sandbox.",
-                env="SANDBOX",
-                status="refused:use hpcrun build --sandbox DIR docker://REF",
-            ),
+            _o("--sandbox", "sandbox", help_="Pull as a sandbox directory.", env="SANDBOX"),
         ],
     )
 

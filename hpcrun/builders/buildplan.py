@@ -57,6 +57,7 @@ def build_plan(
     update=False,
     sections=None,
     mksquashfs_args=(),
+    fix_perms=False,
 ):
     """idmap: None when building as root, else the caller's map (mode 'subid' with a range,
     'root' for root mapped to the caller alone). sections: the --section names to run (None:
@@ -66,7 +67,7 @@ def build_plan(
     # Owners from tarballs, layers and %post are kept as root, or as root of a subuid
     # mapping; an unprivileged sandbox is handed over all the caller's instead.
     owners = idmap is None or subid and not sandbox
-    steps = _steps(source, sandbox, notest, sections, update)
+    steps = _steps(source, sandbox, notest, sections, update, fix_perms=fix_perms)
     extra = list(mksquashfs_args) if "squash" in steps else []
     common = dict(
         sandbox=sandbox,
@@ -105,14 +106,14 @@ def build_plan(
     return plan
 
 
-def _steps(source, sandbox, notest, sections, update=False, stage=False):
+def _steps(source, sandbox, notest, sections, update=False, stage=False, fix_perms=False):
     """The steps of one stage: fill, metadata, the definition's sections, then (the last
     stage only) squash or sandbox."""
     base = source.base if source.kind == "definition" else source
     if source.kind == "dir" and not sandbox and not stage:
         return ["squash"]  # straight from the directory: nothing to add to it
     steps = ["copy"] if update else list(FILL["scratch" if base is None else base.kind])
-    steps.append("metadata")
+    steps += ["fix_perms"] * fix_perms + ["metadata"]
     if source.kind == "definition":
         from hpcrun.builders import deffile
 

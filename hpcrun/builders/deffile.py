@@ -185,6 +185,9 @@ def source_of(d, defdir):
     if agent == "scratch":
         return None
     if agent in ("docker", "oras"):
+        # Apptainer's conveyorPacker_oci: Namespace:, then Registry:, put in front of From:
+        for key in ("namespace", "registry"):
+            frm = f"{d.header[key]}/{frm}" if d.header.get(key) and "://" not in frm else frm
         return frm if "://" in frm else f"{agent}://{frm}"
     path = frm if agent == "oci" and ":" in frm and not os.path.exists(os.path.join(defdir, frm)) else frm
     if not os.path.isabs(path.split(":")[0]):

@@ -183,3 +183,19 @@ def _ns(mtime):
     """A member's mtime (int or pax float, any size) as utime's (atime, mtime) in ns."""
     ns = max(-(1 << 62), min(1 << 62, int(mtime * 10**9)))
     return ns, ns
+
+
+def fix_perms(root):
+    """Owner rw on every regular file, rwx on every directory of root (an inroot.Root),
+    as Apptainer's --fix-perms; links are not followed, other kinds are left as they are."""
+
+    def on_file(dfd, name):
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        if stat.S_ISREG(st.st_mode):
+            inroot.set_attrs_at(dfd, name, mode=stat.S_IMODE(st.st_mode) | 0o600)
+
+    def on_leave(dfd, name):
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        inroot.set_attrs_at(dfd, name, mode=stat.S_IMODE(st.st_mode) | 0o700)
+
+    inroot.walk_at(root.fd, ".", on_file, on_leave)

@@ -418,18 +418,52 @@ def _pick(index, ref):
     raise ImageError(f"{ref}: no image for linux/{arch}")
 
 
-def pull(ref, quiet=True, scratch=None):
-    """-> (layer paths in the cache, image config). scratch: a private directory to
-    cache in when the user's cache is disabled or read-only (cache_for)."""
+# what `apptainer push`/`oras push` give a SIF's one layer (sic: Apptainer < 3.7 wrote "appliciation")
+SIF_LAYER_TYPES = ("application/vnd.sylabs.sif.layer.v1.sif", "appliciation/vnd.sylabs.sif.layer.tar")
+
+
+def _image_manifest(ref, quiet):
+    """-> (Registry, the manifest for this platform, its media type)."""
     host, repo, reference = parse_ref(ref)
     reg = Registry(host, repo, quiet)
-    cache = cache_for(scratch)
     manifest, mtype = reg.manifest(reference)
     for _ in range(3):
         if mtype in INDEX_TYPES or "manifests" in manifest:
             manifest, mtype = reg.manifest(_digest(_pick(manifest, ref)))  # by digest: verified
             continue
         break
+    return reg, manifest, mtype
+
+
+def _sif_layer(manifest):
+    """The descriptor of a SIF artifact's one layer (Apptainer's oras checks), else None."""
+    layers = manifest.get("layers")
+    if isinstance(layers, list) and len(layers) == 1 and isinstance(layers[0], dict):
+        return layers[0] if layers[0].get("mediaType") in SIF_LAYER_TYPES else None
+    return None
+
+
+def pull_sif(ref, quiet=True, scratch=None):
+    """oras://REF that is a SIF artifact -> the SIF's path in the cache (verified against its
+    digest, and a SIF), or None when REF is an OCI image (pull() it)."""
+    reg, manifest, _ = _image_manifest(ref, quiet)
+    layer = _sif_layer(manifest)
+    if layer is None:
+        return None
+    path = reg.blob(layer, cache_for(scratch))
+    with open(path, "rb") as f:
+        if f.read(42)[32:] != b"SIF_MAGIC\0":
+            raise ImageError(f"{ref}: the artifact is not a SIF image", "push a SIF file there")
+    return path
+
+
+def pull(ref, quiet=True, scratch=None):
+    """-> (layer paths in the cache, image config). scratch: a private directory to
+    cache in when the user's cache is disabled or read-only (cache_for)."""
+    reg, manifest, mtype = _image_manifest(ref, quiet)
+    cache = cache_for(scratch)
+    if _sif_layer(manifest) is not None:
+        raise ImageError(f"{ref}: a SIF artifact, not an OCI image", f"fetch it with `{errors.PROG} pull OUT {ref}`")
     if "config" not in manifest:
         raise ImageError(f"{ref}: unsupported manifest type {mtype or manifest.get('mediaType')!r}")
     layers = manifest.get("layers") or []
