@@ -4,12 +4,12 @@ ghcr.io/apptainer/docker-{cmd,entrypoint,cmd-entrypoint}; here the same configs 
 layouts the test writes (no Docker Hub here), built with `hpcrun build OUT oci:DIR`."""
 
 import gzip
-import json
 import os
 
 import pytest
 from hpcrun_testlib import WORK, hpcrun, user
-from test_build import _base_layer, _blob
+from test_build import _base_layer
+from test_e2e_docker_layers import write_layout
 
 WORDS = ["'quotes'", '"quotes"', "$DOLLAR", "s p a c e s"]
 CONFIGS = {
@@ -21,27 +21,6 @@ CMD = """CMD 'quotes' "quotes" $DOLLAR s p a c e s"""
 EP = """ENTRYPOINT 'quotes' "quotes" $DOLLAR s p a c e s"""
 
 
-def layout(path, images, config):
-    base = gzip.compress(_base_layer(images))
-    layers = [dict(_blob(path, base), mediaType="application/vnd.oci.image.layer.v1.tar+gzip")]
-    cfg = {"architecture": "amd64", "os": "linux", "config": dict(config, Env=["PATH=/bin:/usr/bin"])}
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": dict(_blob(path, json.dumps(cfg).encode()), mediaType="application/vnd.oci.image.config.v1+json"),
-        "layers": layers,
-    }
-    desc = dict(
-        _blob(path, json.dumps(manifest).encode()),
-        mediaType="application/vnd.oci.image.manifest.v1+json",
-        annotations={"org.opencontainers.image.ref.name": "latest"},
-    )
-    with open(os.path.join(path, "index.json"), "w") as f:
-        json.dump({"schemaVersion": 2, "manifests": [desc]}, f)
-    with open(os.path.join(path, "oci-layout"), "w") as f:
-        f.write('{"imageLayoutVersion": "1.0.0"}')
-
-
 @pytest.fixture(scope="module")
 def containers(images):
     import subprocess
@@ -50,8 +29,7 @@ def containers(images):
     top = os.path.join(WORK, "e2e-docker")
     for name, config in CONFIGS.items():
         d = os.path.join(top, name)
-        os.makedirs(d)
-        layout(d, images, config)
+        write_layout(d, [gzip.compress(_base_layer(images))], config)
         subprocess.run(["chmod", "-R", "a+rX", top], check=True)
         sif = os.path.join(WORK, "work", f"docker-{name}.sif")  # WORK/work: the test user's
         r = hpcrun("build", "-F", sif, f"oci:{d}", timeout=180)
