@@ -10,6 +10,8 @@
  * the task process after it has dropped to the user's uid/gids, just before it would
  * exec the command. We exec hpcrun instead, with the task's own argv and environment,
  * so nothing here has more privilege than the user running the command by hand.
+ * The one exception, `warm` below, runs as root in slurmstepd only to fork, join the
+ * extern step's cgroups and drop to the user for good, before it runs anything.
  *
  * With `warm` in plugstack.conf, slurm_spank_task_post_fork of every job's extern step
  * (PrologFlags=contain) starts one *job keeper* per node, as the user, in the extern
