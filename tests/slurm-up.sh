@@ -84,7 +84,7 @@ bash "$here/batch/slurm/spank/build.sh" /usr/local/lib/hpcrun/hpcrun_spank.so >/
 mkdir -p /etc/slurm/plugstack.conf.d
 include='include /etc/slurm/plugstack.conf.d/*.conf'
 grep -qxF "$include" /etc/slurm/plugstack.conf 2>/dev/null || echo "$include" >> /etc/slurm/plugstack.conf
-line='optional /usr/local/lib/hpcrun/hpcrun_spank.so hpcrun=/opt/hpcrun-venv/bin/hpcrun'
+line='optional /usr/local/lib/hpcrun/hpcrun_spank.so hpcrun=/opt/hpcrun-venv/bin/hpcrun warm'
 if [ "$(cat /etc/slurm/plugstack.conf.d/hpcrun.conf 2>/dev/null)" != "$line" ]; then
     echo "$line" > /etc/slurm/plugstack.conf.d/hpcrun.conf.new
     mv -f /etc/slurm/plugstack.conf.d/hpcrun.conf.new /etc/slurm/plugstack.conf.d/hpcrun.conf

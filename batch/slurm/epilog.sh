@@ -18,6 +18,17 @@ for d in /tmp /dev/shm ${HPCRUN_STAGE_DIRS:-}; do
         [ -f "$f" ] && [ "$(stat -c %U "$f")" = "$user" ] && rm -f "$f"
     done
 done
+# The job keeper (SPANK plugin's `warm`) and its job's keepers were killed with the job:
+# their sockets and locks, all named job-ID*, go. As the user: the directory is theirs,
+# so nothing in it can point root anywhere.
+uid=${SLURM_JOB_UID:-}
+if [ -n "${SLURM_JOB_ID:-}" ] && [ -n "$uid" ] && [ "$uid" != 0 ]; then
+    # shellcheck disable=SC2016  # expanded by the user's shell
+    setpriv --reuid="$uid" --regid="$(id -g "$uid")" --clear-groups -- sh -c '
+        cd "/dev/shm/hpcrun-$1" 2>/dev/null || exit 0
+        rm -f "job-$2.sock" "job-$2-"*
+        cd / && rmdir "/dev/shm/hpcrun-$1" 2>/dev/null' sh "$uid" "$SLURM_JOB_ID" || true
+fi
 # Anything else of the user's still running here (another job, a login) may be using what
 # follows: then touch nothing. (No squeue: Slurm advises against its commands in epilogs.)
 others=$(ps -u "$user" -o comm= 2>/dev/null | grep -vxE 'hpcrun-keeper|squashfuse_ll|squashfuse' | head -1)

@@ -27,6 +27,15 @@ when its command is done; after as many BYEs as the step has tasks on the node
 (SLURM_GTIDS) the keeper removes its files, answers GONE and leaves, before Slurm's
 SIGKILL at the step's end could leave them behind. The node's name is in every key: a
 run directory on a shared /tmp never mixes two nodes.
+
+Warm across steps under cgroup tracking: with `warm` in the SPANK plugin's plugstack
+line, every job has a *job keeper* on each node, in the job's extern step (killed only
+at the job's end), listening on JOB_DIR/job-JOBID.sock. A task that finds it asks it to
+start the keeper (it runs `hpcrun` again with the task's argv, environment and working
+directory, HPCRUN_JOB_SPAWN naming the connection to answer on), so the keeper lives in
+the extern step and outlives the step; the key names the job instead of the step, and
+the keeper's files, in the node-local JOB_DIR, are named job-JOBID-*, for the epilog to
+remove after the job's end killed them.
 """
 
 import _socket  # not `socket`: its enum classes cost ~5 ms on every task's start
@@ -53,6 +62,7 @@ NS_FLAGS = {
 DEAD = b"dead"  # a leaving keeper's answer, without fds: start a new one
 BYE = b"bye"  # a task of a step-scoped keeper whose command is done
 GONE = b"gone"  # the keeper's answer to BYE: that was its last task, its files are gone
+JOB_DIR = "/dev/shm/hpcrun-{uid}"  # node-local, where the SPANK plugin's job keeper listens
 
 
 def run_dir(env, uid):
@@ -124,12 +134,13 @@ def _unusable(path, uid, e):
     )
 
 
-def container_id(plan, image):
+def container_id(plan, image, scope=None):
     """(short id for file names, full key). The id is a cheap 64-bit checksum (hashlib and
-    json would cost ~10 ms per start); the keeper sends the full key back to be compared."""
+    json would cost ~10 ms per start); the keeper sends the full key back to be compared.
+    scope: what the keeper's life is bound to (default: our step's cgroup, if any)."""
     st = os.fstat(image.fd) if image.fd is not None else os.stat(image.path)
     key = share_key(plan, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, image.offset)).encode()
-    key += f"\0{os.uname().nodename}\0{step_scope(os.environ) or ''}".encode()
+    key += f"\0{os.uname().nodename}\0{scope or step_scope(os.environ) or ''}".encode()
     return f"{zlib.crc32(key):08x}{zlib.adler32(key):08x}", key
 
 
@@ -157,9 +168,20 @@ def run(plan, image, daemon, timer, verbose=False, quiet=False):
     """Join (or start, then join) the shared container for this plan and run the
     command in it; returns its exit status. Without a private run directory the task
     runs in a container of its own."""
-    cid, key = container_id(plan, image)
-    plan.step_tasks = 0 if key.endswith(b"\0") else step_tasks(os.environ)
-    rundir, dirfd, lock, refused = _lock(cid)
+    spawned = os.environ.pop("HPCRUN_JOB_SPAWN", "")
+    spawned = spawned if spawned.isdigit() else None  # set by the job keeper only
+    job = None if spawned else _job_keeper(os.environ)
+    where = None
+    if job or spawned:  # the keeper lives in the job's extern step, not in ours
+        jobid = os.environ["SLURM_JOB_ID"]
+        cid, key = container_id(plan, image, f"job {jobid}")
+        cid, where, plan.step_tasks = f"job-{jobid}-{cid}", JOB_DIR.format(uid=os.getuid()), 0
+        if spawned:
+            return _spawned(plan, image, daemon, where, cid, key, int(spawned), verbose)
+    else:
+        cid, key = container_id(plan, image)
+        plan.step_tasks = 0 if key.endswith(b"\0") else step_tasks(os.environ)
+    rundir, dirfd, lock, refused = _lock(cid, where)
     if refused and not quiet:
         where = f"sharing containers through {rundir}" if rundir else "not sharing this container"
         sys.stderr.write(f"{errors.PROG}: note: {', '.join(refused)}: {where}\n")
@@ -167,10 +189,15 @@ def run(plan, image, daemon, timer, verbose=False, quiet=False):
         plan.share = False  # as with --no-sharens
         return launcher.launch(plan, image, timer, verbose, daemon)
     try:
-        conn, fds, started = _join(plan, image, daemon, rundir, dirfd, cid, key, lock, verbose)
+        conn, fds, started = _join(plan, image, daemon, rundir, dirfd, cid, key, lock, verbose, job)
+    except _NoJobKeeper:  # it went away: a keeper in our step must not serve the job's others
+        conn = None
     finally:
         os.close(lock)
         os.close(dirfd)
+    if conn is None:
+        plan.share = False
+        return launcher.launch(plan, image, timer, verbose, daemon)
     if verbose:
         launcher.say(f"{'started' if started else 'joined'} shared container {cid}")
     timer("share")
@@ -190,6 +217,77 @@ def enter(plan, conn, fds, timer, whose):
         if getattr(plan, "step_tasks", 0):  # instances' plans have none
             _bye(conn)
         conn.close()  # our reference; forked children hold theirs until they exit
+
+
+class _NoJobKeeper(Exception):
+    pass
+
+
+def _job_keeper(env):
+    """The address of our job's keeper on this node (see the module's doc), or None: not
+    in a cgroup-tracked step, no job keeper, or a directory or socket not ours. Only
+    checked here; a task connects only when it must start a keeper, holding its lock
+    (the job keeper answers one connection at a time: one that waits for a lock held
+    by another task asking it would deadlock them)."""
+    job = env.get("SLURM_JOB_ID", "")
+    if not job.isdigit() or step_scope(env) is None:
+        return None
+    uid = os.getuid()
+    try:  # never made here: it is the job keeper's
+        fd = os.open(JOB_DIR.format(uid=uid), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st, sock = os.fstat(fd), os.lstat(f"job-{job}.sock", dir_fd=fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if st.st_uid != uid or st.st_mode & 0o777 != 0o700 or sock.st_uid != uid:
+        return None
+    return f"job-{job}.sock"
+
+
+def _ask_job_keeper(dirfd, name):
+    """Have the job keeper start our container's keeper (as a child of its own, in the
+    job's extern step): it runs this command again, which then only starts the keeper
+    (_spawned) and answers on the connection as a keeper's report would."""
+    argv = [sys.executable, "-I", "-m", "hpcrun", *sys.argv[1:]]
+    env = [f"{k}={v}" for k, v in os.environ.items()]
+    msg = b"".join(a.encode() + b"\0" for a in argv) + b"\0" + b"".join(e.encode() + b"\0" for e in env)
+    job = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+    try:
+        job.connect(f"/proc/self/fd/{dirfd}/{name}")
+        if _peer_uid(job) != os.getuid():
+            raise OSError
+    except OSError:
+        job.close()
+        raise _NoJobKeeper() from None
+    cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        job.sendmsg([msg], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack("i", cwd))])
+        answer = job.recv(4096)
+    except OSError:
+        answer = b""
+    finally:
+        os.close(cwd)
+        job.close()
+    _report(answer)
+
+
+def _spawned(plan, image, daemon, where, cid, key, fd, verbose):
+    """In the process the job keeper started for a task: start the keeper (the task
+    holds the lock meanwhile) and tell the task how that went, on fd."""
+    dirfd, why = _private_dir(where, os.getuid())
+    try:
+        if dirfd is None:
+            raise RuntimeSetupError(f"{where} {why}", "use --no-sharens")
+        _start_keeper(plan, image, daemon, where, dirfd, cid, key, None, verbose)
+        said = b"ok"
+    except HpcrunError as e:
+        said = f"{e.code} {e.line()}".encode()
+    _tell(fd, said)
+    return 0
 
 
 def step_tasks(env):
@@ -351,8 +449,9 @@ def _kill_init(pid):
         pass
 
 
-def _join(plan, image, daemon, rundir, dirfd, cid, key, lock, verbose):
-    """(connection, namespace fds, whether we started the keeper), holding the lock."""
+def _join(plan, image, daemon, rundir, dirfd, cid, key, lock, verbose, job=None):
+    """(connection, namespace fds, whether we started the keeper), holding the lock;
+    job: the job keeper's socket in the run directory, which then starts the keeper."""
     conn = _connect(dirfd, cid)
     fds = _receive(conn, key) if conn is not None else None
     if fds is not None:
@@ -362,7 +461,10 @@ def _join(plan, image, daemon, rundir, dirfd, cid, key, lock, verbose):
         _unlink(dirfd, cid + ".sock")
     _sweep(dirfd, cid)
     try:
-        _start_keeper(plan, image, daemon, rundir, dirfd, cid, key, lock, verbose)
+        if job:
+            _ask_job_keeper(dirfd, job)
+        else:
+            _start_keeper(plan, image, daemon, rundir, dirfd, cid, key, lock, verbose)
     except BaseException:
         _forget(rundir, dirfd, cid)  # we hold the lock: nobody else is using these
         raise
@@ -373,13 +475,17 @@ def _join(plan, image, daemon, rundir, dirfd, cid, key, lock, verbose):
     return conn, fds, True
 
 
-def _lock(cid):
+def _lock(cid, where=None):
     """(run directory, its fd, fd holding the container's flock, refused run directories);
     Nones but refused when there is no private run directory. A keeper removes the lock
     file (and the directory, when empty) as it leaves; a lock taken on a removed file is
-    worthless, so take it again on the new one."""
+    worthless, so take it again on the new one. where: that directory, not run_dir's."""
     for _ in range(100):
-        rundir, dirfd, refused = run_dir(os.environ, os.getuid())
+        if where:
+            dirfd, why = _private_dir(where, os.getuid())
+            rundir, refused = (where, []) if dirfd is not None else (None, [f"{where} {why}"])
+        else:
+            rundir, dirfd, refused = run_dir(os.environ, os.getuid())
         if dirfd is None:
             return None, None, None, refused
         try:
@@ -514,7 +620,8 @@ def _start_keeper(plan, image, daemon, rundir, dirfd, cid, key, lock, verbose, i
         code = 1
         try:
             os.close(r)
-            os.close(lock)  # the lock stays with the task; the keeper opens its own
+            if lock is not None:
+                os.close(lock)  # the lock stays with the task; the keeper opens its own
             os.setsid()  # not in the terminal's process group: ^C is for the task
             if os.fork() == 0:
                 _keeper(plan, image, daemon, rundir, dirfd, cid, key, w, verbose, instance)
@@ -523,7 +630,11 @@ def _start_keeper(plan, image, daemon, rundir, dirfd, cid, key, lock, verbose, i
             os._exit(code)
     os.close(w)
     os.waitpid(pid, 0)
-    answer = _read_all(r)
+    _report(_read_all(r))
+
+
+def _report(answer):
+    """A starting keeper's report: b"ok", or 'CODE LINE' raised as its error."""
     if answer.startswith(b"ok"):
         return
     code, _, line = answer.decode(errors="replace").partition(" ")

@@ -195,7 +195,7 @@ def test_stage_image_with_sbcast(slurm, images, utmp):
 def test_pmix_steps_of_a_job_reuse_one_warm_container(slurm, proctrack, images, utmp):
     """Each --mpi=pmix step has its own PMIx directory; its parent is bound, so the second
     step joins the container the first left warm (and still sees its own directory).
-    Under cgroup tracking a keeper dies with its step: each step starts its own."""
+    Under cgroup tracking the job keeper (SPANK `warm`) keeps it in the extern step."""
     os.chmod(utmp, 0o777)
     conf = os.path.join(str(utmp), "idle.yaml")
     with open(conf, "w") as f:
@@ -212,10 +212,8 @@ def test_pmix_steps_of_a_job_reuse_one_warm_container(slurm, proctrack, images, 
     seen = [ln.split("=", 1)[1] for ln in text.splitlines() if ln.startswith("sees=")]
     assert len(seen) == 2 and seen[0] != seen[1], text  # two steps, two PMIx directories
     said = [ln.split()[1:] for ln in text.splitlines() if "shared container" in ln]
-    if proctrack == "cgroup":
-        assert [w[0] for w in said] == ["started", "started"] and said[0][-1] != said[1][-1], text
-    else:
-        assert [w[0] for w in said] == ["started", "joined"] and said[0][-1] == said[1][-1], text
+    assert [w[0] for w in said] == ["started", "joined"] and said[0][-1] == said[1][-1], text
+    assert said[0][-1].startswith("job-") == (proctrack == "cgroup"), text  # cgroup: the job keeper's
 
 
 def test_concurrent_steps_of_a_job_never_break_each_other(slurm, images, utmp):
@@ -239,3 +237,76 @@ def test_concurrent_steps_of_a_job_never_break_each_other(slurm, images, utmp):
     lines = text.splitlines()
     assert {"A-done", "A=0", "B-reads", "B=0"} <= set(lines), text
     assert wait_gone(lambda: user_processes(), 30), user_processes()
+
+
+def node_has(node, *paths):
+    """Those of paths that exist on node (in its own mount namespace: its /dev/shm)."""
+    pid = subprocess.run(["pgrep", "-f", f"slurmd -N {node}$"], capture_output=True, text=True).stdout.split()[0]
+    found = subprocess.run(
+        ["nsenter", "-t", pid, "-m", "sh", "-c", 'for p; do [ -e "$p" ] && echo "$p"; done; true', "sh", *paths],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return found.split()
+
+
+def job_gone(jobid):
+    out = subprocess.run(["squeue", "-h", "-j", jobid], capture_output=True, text=True).stdout.strip()
+    return not out
+
+
+def leftovers(node):
+    """What a job with warm containers could leave: processes, the run directories."""
+    uid = user().pw_uid
+    return user_processes() + node_has(node, f"/dev/shm/hpcrun-{uid}", f"/tmp/hpcrun-{uid}")
+
+
+WARM_STEP = (
+    "srun -n 1 sh -c 't0=$(date +%s%N); {hpcrun} -v exec {img} readlink /proc/self/ns/mnt; "
+    "echo ms=$(( ($(date +%s%N) - t0) / 1000000 ))'"
+)
+
+
+def test_second_step_of_a_job_joins_the_warm_container(slurm, proctrack, images, utmp):
+    """Under cgroup tracking a step's keeper would die with the step; the job keeper (the
+    SPANK plugin's `warm`, in the job's extern step) starts it instead, so the second step
+    joins the container the first built (same mount namespace), and the job's end leaves
+    no process, socket, lock or directory on the node."""
+    os.chmod(utmp, 0o777)
+    out = os.path.join(str(utmp), "warm.txt")
+    step = WARM_STEP.format(hpcrun=HPCRUN, img=images["sif"])
+    r = run(["sbatch", "--wait", "-N", "1", "-w", "node2", "-o", out, "--wrap", f"{step} && {step}"])
+    with open(out) as f:
+        text = f.read()
+    assert r.returncode == 0, text + r.stderr
+    said = [ln.split()[1:] for ln in text.splitlines() if "shared container" in ln]
+    ns = [ln for ln in text.splitlines() if ln.startswith("mnt:")]
+    ms = [int(ln[3:]) for ln in text.splitlines() if ln.startswith("ms=")]
+    print(f"{proctrack}: first step's hpcrun {ms[0]} ms, second (warm) {ms[1]} ms")
+    assert [w[0] for w in said] == ["started", "joined"] and said[0][-1] == said[1][-1], text
+    assert len(ns) == 2 and ns[0] == ns[1], text  # one container: the same mount namespace
+    if proctrack == "cgroup":
+        assert said[0][-1].startswith("job-"), text  # kept by the job keeper, not a step
+        assert wait_gone(lambda: leftovers("node2"), 30), leftovers("node2")
+
+
+def test_scancel_of_a_warm_job_leaves_nothing(slurm, proctrack, images, utmp):
+    """scancel while the job keeper's keeper serves a running second step: every process
+    goes with the job, the epilog removes the sockets and locks they leave."""
+    os.chmod(utmp, 0o777)
+    u, img = str(utmp), images["sif"]
+    step = WARM_STEP.format(hpcrun=HPCRUN, img=img)
+    job = f"{step}; srun -n 1 {HPCRUN} exec {img} sh -c 'touch {u}/second-up; sleep 300'"
+    r = run(["sbatch", "-N", "1", "-w", "node3", "-o", "/dev/null", "--wrap", job])
+    assert r.returncode == 0, r.stderr
+    jobid = r.stdout.split()[-1]
+    try:
+        assert wait_gone(lambda: not os.path.exists(f"{u}/second-up"), 60)
+        uid = user().pw_uid
+        if proctrack == "cgroup":
+            assert node_has("node3", f"/dev/shm/hpcrun-{uid}/job-{jobid}.sock")
+    finally:
+        subprocess.run(["scancel", jobid], check=True)
+    assert wait_gone(lambda: not job_gone(jobid), 60)
+    assert wait_gone(lambda: leftovers("node3"), 30), leftovers("node3")
