@@ -82,5 +82,8 @@ def test_mpi_hello_across_two_nodes(slurm, mpi_image):
     )
     assert r.returncode == 0, r.stdout + r.stderr
     lines = sorted(ln for ln in r.stdout.splitlines() if ln.startswith("rank "))
-    assert [ln.split(":")[0] for ln in lines] == ["rank 0 of 2 on node1", "rank 1 of 2 on node2"], r.stdout
+    heads = [ln.split(":")[0] for ln in lines]  # which two nodes: whichever Slurm chose
+    assert [h.rsplit(" on ", 1)[0] for h in heads] == ["rank 0 of 2", "rank 1 of 2"], r.stdout
+    nodes = {h.rsplit(" on ", 1)[1] for h in heads}
+    assert len(nodes) == 2 and nodes <= {"node1", "node2", "node3"}, r.stdout
     assert all(ln.endswith("sum of ranks 1") for ln in lines), r.stdout
