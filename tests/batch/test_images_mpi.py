@@ -47,10 +47,12 @@ def test_debian_python_image(images):
     assert r.stdout.split() == ["3", user().pw_name]
 
 
-def test_mpi_hello_under_srun_pmix(slurm, mpi_image):
+def srun_mpi(mpi_image, *srun_args):
+    """`srun --mpi=pmix SRUN_ARGS hpcrun run IMAGE` as the test user -> (result, its rank
+    lines sorted); the step must succeed."""
     env = user_env({"PATH": f"{os.path.dirname(HPCRUN)}:/usr/bin:/bin"})
     r = subprocess.run(
-        as_user(["srun", "--mpi=pmix", "-n", "2", HPCRUN, "run", mpi_image]),
+        as_user(["srun", "--mpi=pmix", *srun_args, HPCRUN, "run", mpi_image]),
         env=env,
         cwd=os.path.join(WORK, "work"),
         capture_output=True,
@@ -58,7 +60,11 @@ def test_mpi_hello_under_srun_pmix(slurm, mpi_image):
         timeout=300,
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    lines = sorted(ln for ln in r.stdout.splitlines() if ln.startswith("rank "))
+    return r, sorted(ln for ln in r.stdout.splitlines() if ln.startswith("rank "))
+
+
+def test_mpi_hello_under_srun_pmix(slurm, mpi_image):
+    r, lines = srun_mpi(mpi_image, "-n", "2")
     node = lines[0].split(":")[0].split()[-1]  # srun -n 2: both ranks on one node
     assert [ln.split(":")[0] for ln in lines] == [f"rank 0 of 2 on {node}", f"rank 1 of 2 on {node}"]
     assert all(ln.endswith("sum of ranks 1") for ln in lines)
@@ -71,17 +77,7 @@ def test_mpi_hello_under_srun_pmix(slurm, mpi_image):
 def test_mpi_hello_across_two_nodes(slurm, mpi_image):
     """Open MPI in the image, one rank on each of two nodes: TCP between the nodes' network
     namespaces, PMIx from the host's Slurm."""
-    env = user_env({"PATH": f"{os.path.dirname(HPCRUN)}:/usr/bin:/bin"})
-    r = subprocess.run(
-        as_user(["srun", "--mpi=pmix", "-N", "2", "-n", "2", HPCRUN, "run", mpi_image]),
-        env=env,
-        cwd=os.path.join(WORK, "work"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
-    lines = sorted(ln for ln in r.stdout.splitlines() if ln.startswith("rank "))
+    r, lines = srun_mpi(mpi_image, "-N", "2", "-n", "2")
     heads = [ln.split(":")[0] for ln in lines]  # which two nodes: whichever Slurm chose
     assert [h.rsplit(" on ", 1)[0] for h in heads] == ["rank 0 of 2", "rank 1 of 2"], r.stdout
     nodes = {h.rsplit(" on ", 1)[1] for h in heads}

@@ -4,7 +4,7 @@ UTS and mount namespace), as the unprivileged test user."""
 import os
 import subprocess
 
-from test_slurm import run, script
+from test_slurm import run, staged_job
 
 from hpcrun_testlib import HPCRUN, user, user_processes, wait_gone
 
@@ -30,27 +30,9 @@ def test_ranks_on_three_nodes_see_their_node_and_rank(slurm, nodes, images):
 def test_stage_image_to_node_local_disk(slurm, images, utmp):
     """stage-image.sh sbcasts the image to each node's own /dev/shm (private to the node);
     every node's tasks run from there; the epilog removes it on every node."""
-    stage = script(utmp, "stage-image.sh")
-    out = os.path.join(str(utmp), "stage.txt")
-    r = run(
-        [
-            "sbatch",
-            "--wait",
-            "-N",
-            "3",
-            "--ntasks-per-node=1",
-            "-o",
-            out,
-            "--wrap",
-            f"IMG=$({stage} {images['sif']} /dev/shm) || exit 9; echo staged=$IMG; "
-            f"srun {HPCRUN} exec $IMG sh -c 'echo $(hostname) $HPCRUN_CONTAINER'",
-        ],
-        timeout=120,
+    text, staged = staged_job(
+        utmp, images["sif"], ["-N", "3", "--ntasks-per-node=1"], ["/dev/shm"], "echo $(hostname) $HPCRUN_CONTAINER"
     )
-    assert r.returncode == 0, r.stdout + r.stderr
-    with open(out) as f:
-        text = f.read()
-    staged = [ln.split("=", 1)[1] for ln in text.splitlines() if ln.startswith("staged=")]
     assert staged and staged[0].startswith("/dev/shm/hpcrun-stage-"), text
     assert sorted(ln for ln in text.splitlines() if ln.startswith("node")) == [
         f"node{k} {staged[0]}" for k in (1, 2, 3)

@@ -161,29 +161,25 @@ def test_time_limit_leaves_nothing_behind(slurm, images, utmp):
     assert not os.path.exists(f"/tmp/hpcrun-{user().pw_uid}")
 
 
-def test_stage_image_with_sbcast(slurm, images, utmp):
-    """batch/slurm/stage-image.sh copies the image node-locally once per job; the ranks run
-    the staged copy; the epilog removes it when the job ends."""
+def staged_job(utmp, image, sbatch_opts, stage_args, task):
+    """An sbatch job that stages IMAGE with batch/slurm/stage-image.sh (STAGE_ARGS after the
+    image), prints `staged=PATH`, then runs `srun hpcrun exec PATH sh -c TASK`.
+    -> (the job's output, the staged paths it printed); the job must succeed."""
     stage = script(utmp, "stage-image.sh")
     out = os.path.join(str(utmp), "stage.txt")
-    r = run(
-        [
-            "sbatch",
-            "--wait",
-            "-n",
-            "2",
-            "-o",
-            out,
-            "--wrap",
-            f"IMG=$({stage} {images['sif']}) || exit 9; echo staged=$IMG; "
-            f"srun {HPCRUN} exec $IMG sh -c 'echo rank=$SLURM_PROCID $HPCRUN_CONTAINER'",
-        ],
-        timeout=120,
-    )
+    staging = " ".join([stage, image, *stage_args])
+    wrap = f"IMG=$({staging}) || exit 9; echo staged=$IMG; srun {HPCRUN} exec $IMG sh -c '{task}'"
+    r = run(["sbatch", "--wait", *sbatch_opts, "-o", out, "--wrap", wrap], timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     with open(out) as f:
         text = f.read()
-    staged = [ln.split("=", 1)[1] for ln in text.splitlines() if ln.startswith("staged=")]
+    return text, [ln.split("=", 1)[1] for ln in text.splitlines() if ln.startswith("staged=")]
+
+
+def test_stage_image_with_sbcast(slurm, images, utmp):
+    """batch/slurm/stage-image.sh copies the image node-locally once per job; the ranks run
+    the staged copy; the epilog removes it when the job ends."""
+    text, staged = staged_job(utmp, images["sif"], ["-n", "2"], [], "echo rank=$SLURM_PROCID $HPCRUN_CONTAINER")
     assert staged and staged[0].startswith("/tmp/hpcrun-stage-") and staged[0].endswith("-busybox.sif"), text
     assert sorted(ln for ln in text.splitlines() if ln.startswith("rank=")) == [
         f"rank=0 {staged[0]}",
