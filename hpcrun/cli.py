@@ -29,7 +29,9 @@ def main(argv=None):
     if program:
         argv = sys.argv[1:]
         name = sys.argv[0].rpartition("/")[2]
-        if name in NAMES:
+        if name == "run-singularity":  # `./image.sif ARGS`: the first line of SIF images names it
+            argv = ["run"] + argv
+        elif name in NAMES:
             errors.PROG = name
     argv = list(argv)
     from hpcrun.options import NeedClick, fast_parse, global_options

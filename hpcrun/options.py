@@ -623,6 +623,9 @@ def apply_env(table, cmd, opts, env, note, origins=None):
     SINGULARITY_ one. note(level, text) reports; origins[dest] = the variable used."""
     from hpcrun.errors import UsageError
 
+    env = {k: v for k, v in env.items() if k.startswith(PREFIXES)}  # one pass, usually empty:
+    if not env:  # a miss in os.environ raises and catches a KeyError, ~200 of them per start
+        return
     changed = {o[1] for o in table if opts.get(o[1], _default(o[2])) != _default(o[2])}
     found = {}
     for rank, prefix in enumerate(PREFIXES):
