@@ -14,6 +14,7 @@ timed over interleaved shuffled rounds (medians, ms):
   imports fresh     5000 imports, fresh mount           hpcrun --no-sharens | ch-run | host | kernel
   imports warm      5000 imports, joined container      hpcrun --sharens    | ch-run | host dir
   imports dir       5000 imports, directory image       hpcrun DIR          | ch-run DIR | host
+                    (a distribution's layout: no overlay; ", overlay": mount points missing)
   read 1 / 2        1 GiB sequential read, 1 or 2 readers (MiB/s)           | ch-run | host | kernel
   loop              N `exec IMG true` in a row (total s): private, --sharens | ch-run
 
@@ -223,13 +224,14 @@ def common_rows(p, args, hpcrun, conf):
     join = ["env", f"HPCRUN_CONFIG={conf}", hpcrun, "exec", "--sharens"]
     host = as_call(pyargs[:3] + [tree + "/mods/importall.py"])
     rows = [
-        ("imports dir", {"hpcrun": as_call([hpcrun, "exec", tree] + pyargs),
-                         "ch-run": as_call(["ch-run", tree, "--"] + pyargs),
-                         "host": as_call(pyargs[:3] + [tree + "/mods/importall.py"])}, max(3, args.runs // 5)),
-        # every mount point in the image and no home (ch-run binds none): no overlay needed
-        ("imports dir --no-home", {"hpcrun": as_call([hpcrun, "exec", "--no-home", p["dir-tree"]] + pyargs),
-                                   "ch-run": as_call(["ch-run", p["dir-tree"], "--"] + pyargs),
-                                   "host": host}, max(3, args.runs // 5)),
+        # a distribution's layout (every mount point, an empty /home): no overlay, as ch-run
+        ("imports dir", {"hpcrun": as_call([hpcrun, "exec", p["dir-tree"]] + pyargs),
+                         "ch-run": as_call(["ch-run", p["dir-tree"], "--"] + pyargs),
+                         "host": host}, max(3, args.runs // 5)),
+        # the bare tree, without /etc/hosts and the like: the overlay makes the mount points
+        ("imports dir, overlay", {"hpcrun": as_call([hpcrun, "exec", tree] + pyargs),
+                                  "ch-run": as_call(["ch-run", tree, "--"] + pyargs),
+                                  "host": host}, max(3, args.runs // 5)),
     ]  # fmt: skip
     if "rd" in p:
         rd, t = p["rd"], p["rd-tree"]

@@ -226,8 +226,9 @@ def _container(plan, lower, timer, verbose):
     # the overlay is mounted: we own that tmpfs, while image directories owned by an
     # unmapped root would refuse us. Paths follow the image's symlinks, inside it.
     # --writable: the sandbox itself is the root and is never written to (_in_sandbox).
+    # A directory image that already has every mount point needs no overlay (_direct).
     upper = RW + "/upper"
-    ready = []
+    found = []  # (mount, its destination resolved in the image, whether it exists there)
     taken = set()  # resolved destinations: a default mount landing on an earlier one's is skipped
     for m in plan.mounts:
         if m.kind != "tmpfs" and not _source_ok(m):
@@ -246,21 +247,22 @@ def _container(plan, lower, timer, verbose):
         if m.optional and where in taken:
             continue
         taken.add(where)
+        found.append((m, comps, exists))
+    bound = plan.in_place or lower != IMAGE_DIR and _direct(plan, lower, found)
+    ready = []
+    for m, comps, exists in found:
         if exists:
             ready.append(m)
-        elif plan.in_place:
+        elif bound:
             ready += _in_sandbox(m, lower, comps)
         else:
             _make_point(upper, comps, m)
             ready.append(m)
-    identity = _write_identity(plan, lower, upper)
+    identity = _write_identity(plan, lower, upper, bound)
     if plan.cuda_driver:
         _cuda_check(plan, lower)
-    if plan.in_place:
-        sc.mount(lower, ROOT, None, sc.MS_BIND | sc.MS_REC, what=f"cannot bind the sandbox {plan.image}")
-        sc.mount(None, ROOT, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_NOSUID | sc.MS_NODEV | sc.current_flags(ROOT))
-        for src, comps in identity:  # generated files over the image's, the image unchanged
-            sc.mount(src, ROOT + "/" + "/".join(comps), None, sc.MS_BIND)
+    if bound:
+        _bind_root(plan, lower, identity)
     else:
         escaped = lower.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
         sc.mount(
@@ -271,11 +273,12 @@ def _container(plan, lower, timer, verbose):
             f"lowerdir={escaped},upperdir={RW}/upper,workdir={RW}/work",
             what="cannot mount the overlay root (kernel without unprivileged overlayfs? run `hpcrun check`)",
         )
-    ours = set() if plan.in_place else {os.stat(ROOT).st_dev}  # where missing mount points may be made
+    ours = set() if bound else {os.stat(ROOT).st_dev}  # where missing mount points may be made
     for m in ready:
         _apply(m, verbose, ours, plan.in_place)
-    if not plan.writable:
-        sc.mount(None, ROOT, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV)
+    if not plan.writable:  # a bound directory keeps the flags the kernel locked on it
+        ro = sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV
+        sc.mount(None, ROOT, None, ro | (sc.current_flags(ROOT) if bound else 0))
     timer("mounts")
 
     os.chdir(ROOT)
@@ -286,6 +289,48 @@ def _container(plan, lower, timer, verbose):
         sc.sethostname(plan.hostname)
     if plan.namespaces["net"]:
         _loopback_up()
+
+
+def _direct(plan, lower, found):
+    """Whether a read-only directory image can be the root as it is, bound, without an
+    overlay (as ch-run runs one): every mount point and identity file is there, but a home
+    whose top directory (/home) is empty, which a tmpfs then covers (_in_sandbox). Saves
+    the overlay's cost on every lookup; the view is the one the overlay would give."""
+    if plan.writable:
+        return False
+    for m, comps, exists in found:
+        if not exists and not (m.name == "home" and len(comps) > 1 and _empty_dir(lower, comps[0])):
+            return False
+    return all(safepath.canonical(lower, rel)[1] for rel, _line, _key in _identity_files(plan))
+
+
+def _empty_dir(lower, name):
+    try:
+        fd = safepath.open_in_root(lower, "/" + name)
+    except OSError:
+        return False
+    try:
+        return not os.listdir(safepath.fd_path(fd, PROC))  # an O_PATH fd: listed by its path
+    except OSError:  # not a directory
+        return False
+    finally:
+        os.close(fd)
+
+
+def _bind_root(plan, lower, identity):
+    """The image directory itself as the root (--writable: writable), the generated
+    identity files bound over the image's, which stays unchanged."""
+    sc.mount(lower, ROOT, None, sc.MS_BIND | sc.MS_REC, what=f"cannot bind the image directory {plan.image}")
+    sc.mount(None, ROOT, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_NOSUID | sc.MS_NODEV | sc.current_flags(ROOT))
+    ro = 0 if plan.writable else sc.MS_RDONLY  # as the root: a read-only one has a read-only passwd
+    for src, comps in identity:
+        fd = safepath.open_in_root(ROOT, "/" + "/".join(comps))  # the target stays inside the root
+        try:
+            target = safepath.fd_path(fd, PROC)
+            sc.mount(src, target, None, sc.MS_BIND, what=f"cannot bind /{'/'.join(comps)}")
+            sc.mount(None, os.readlink(target), None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_NOSUID | sc.MS_NODEV | ro)
+        finally:
+            os.close(fd)
 
 
 def _source_ok(m):
@@ -467,13 +512,19 @@ def _mount_in(dfd, name, fstype, flags, data):
         os.close(fd)
 
 
-def _write_identity(plan, lower, upper):
+def _identity_files(plan):
+    """(path, line, key) of the identity files to write; none for a caller without a safe
+    entry (plan.identity_lines: the image's file stays), unless root."""
+    pairs = (("/etc/passwd", plan.passwd_line, plan.user), ("/etc/group", plan.group_line, plan.group))
+    return [(rel, line, key) for rel, line, key in pairs if line is not None or plan.uid == 0]
+
+
+def _write_identity(plan, lower, upper, bound):
     """The caller's passwd/group entries after the image's own: written into the overlay's
-    upper layer; with --writable into our tmpfs, returned as (file, components) to bind."""
+    upper layer; for a bound root (no overlay) into our tmpfs, returned as (file,
+    components) to bind over the image's."""
     binds = []
-    for rel, line, key in (("/etc/passwd", plan.passwd_line, plan.user), ("/etc/group", plan.group_line, plan.group)):
-        if line is None and plan.uid != 0:
-            continue  # no safe entry for the caller (plan.identity_lines): the image's file stays
+    for rel, line, key in _identity_files(plan):
         comps, exists = safepath.canonical(lower, rel)
         old = []
         if exists:
@@ -489,7 +540,7 @@ def _write_identity(plan, lower, upper):
             line = "root:x:0:0:root:/root:/bin/sh" if rel == "/etc/passwd" else "root:x:0:"
             key = "root"
         text = "\n".join([ln for ln in old if ln.split(":", 1)[0] != key] + [line]) + "\n"
-        if plan.in_place:
+        if bound:
             if not exists:
                 continue  # nothing to bind it onto, and the sandbox is never written to
             path = f"{RW}/{os.path.basename(rel)}"
