@@ -108,13 +108,15 @@ def compile_hpcrun(hpcrun):
     """An editable install in a root-owned checkout has no .pyc the user could write:
     every start would compile hpcrun anew. Compile it (as root) so that the bench times
     what an installed hpcrun does."""
-    with open(hpcrun, "rb") as f:
+    main = os.path.join(os.path.dirname(os.path.realpath(hpcrun)), "hpcrun-main")  # its Python
+    with open(main if os.path.exists(main) else hpcrun, "rb") as f:
         py = f.readline()[2:].split()[0].decode()
     cp = subprocess.run(
         [py, "-c", "import hpcrun, os; print(os.path.dirname(hpcrun.__file__))"], capture_output=True, text=True
     )
-    if cp.returncode == 0:
-        sh(py, "-m", "compileall", "-q", cp.stdout.strip())
+    if cp.returncode != 0:
+        sys.exit(f"compare.py: cannot find hpcrun's package with {py}: {cp.stderr.strip()}")
+    sh(py, "-m", "compileall", "-q", cp.stdout.strip())
 
 
 def kernel_rows(p, comps, runs, with_read):

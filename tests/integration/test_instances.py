@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -91,9 +92,14 @@ def test_start_list_exec_sees_startscript_stop_leaves_nothing(inst_image, cleanu
     with open(f"/proc/{pid}/comm") as f:
         assert f.read().strip() == "hpcrun-init"
     # A joining task is in the instance's PID namespace: PID 1 is its init, the startscript runs.
-    ps = hpcrun("exec", "instance://web", "ps", "-o", "pid,args")
-    assert ps.returncode == 0, ps.stderr
-    assert any(line.split()[1:] == ["sleep", "1234"] for line in ps.stdout.splitlines()[1:]), ps.stdout
+    for _ in range(50):  # the startscript may not have reached its `exec sleep` yet
+        ps = hpcrun("exec", "instance://web", "ps", "-o", "pid,args")
+        assert ps.returncode == 0, ps.stderr
+        if any(line.split()[1:] == ["sleep", "1234"] for line in ps.stdout.splitlines()[1:]):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the startscript's sleep never ran: {ps.stdout}")
     assert ps.stdout.splitlines()[1].split()[0] == "1"
     r = hpcrun("instance", "stop", "web")
     assert r.returncode == 0, r.stderr
