@@ -352,6 +352,12 @@ def user_half(args, hpcrun):
 
 
 def _measure(args, hpcrun, p, kernel, conf):
+    import pwd
+
+    # From the user's home, as a job runs: hpcrun binds a working directory outside the
+    # home, /tmp and the site's scratch into the container (ch-run does not), and one the
+    # image lacks needs the overlay to make its mount point.
+    os.chdir(pwd.getpwuid(os.getuid()).pw_dir)
     todo = [(f"{row} / {c}", calls, n) for c in args.comps for row, calls, n in rows_for(p, c, args, hpcrun, conf)]
     todo += common_rows(p, args, hpcrun, conf)
     results = []
