@@ -170,7 +170,9 @@ def run(plan, image, daemon, timer, verbose=False, quiet=False):
     runs in a container of its own."""
     spawned = os.environ.pop("HPCRUN_JOB_SPAWN", "")
     spawned = spawned if spawned.isdigit() else None  # set by the job keeper only
-    job = None if spawned else _job_keeper(os.environ)
+    # A subuid map needs the setuid newuidmap, which the job keeper's no_new_privs (inherited
+    # by what it starts) disarms: such a container is kept by a keeper of our own step.
+    job = None if spawned or plan.idmap["mode"] == "subid" else _job_keeper(os.environ)
     where = None
     if job or spawned:  # the keeper lives in the job's extern step, not in ours
         jobid = os.environ["SLURM_JOB_ID"]

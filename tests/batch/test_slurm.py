@@ -287,6 +287,22 @@ def test_second_step_of_a_job_joins_the_warm_container(slurm, proctrack, images,
         assert wait_gone(lambda: leftovers("node2"), 30), leftovers("node2")
 
 
+def test_fakeroot_with_a_subuid_range_runs_in_a_warm_job(slurm, proctrack, images, utmp):
+    """--fakeroot with the user's subuid range maps it with the setuid newuidmap, which a
+    keeper started by the job keeper (no_new_privs, inherited) could not use: such a plan
+    shares within its step only. Both steps run as root inside, with the range mapped."""
+    os.chmod(utmp, 0o777)
+    out = os.path.join(str(utmp), "fakeroot.txt")
+    step = f"srun -n 1 {HPCRUN} exec --fakeroot {images['sif']} sh -c 'id -u; wc -l < /proc/self/uid_map'"
+    r = run(["sbatch", "--wait", "-N", "1", "-w", "node2", "-o", out, "--wrap", f"{step} && {step}"])
+    with open(out) as f:
+        text = f.read()
+    assert r.returncode == 0, text + r.stderr
+    assert text.split() == ["0", "2", "0", "2"], text  # root, and two lines: root and the range
+    if proctrack == "cgroup":
+        assert wait_gone(lambda: leftovers("node2"), 30), leftovers("node2")
+
+
 def test_scancel_of_a_warm_job_leaves_nothing(slurm, proctrack, images, utmp):
     """scancel while the job keeper's keeper serves a running second step: every process
     goes with the job, the epilog removes the sockets and locks they leave."""
