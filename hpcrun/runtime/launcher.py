@@ -295,7 +295,8 @@ def _direct(plan, lower, found):
     """Whether a read-only directory image can be the root as it is, bound, without an
     overlay (as ch-run runs one): every mount point and identity file is there, but a home
     whose top directory (/home) is empty, which a tmpfs then covers (_in_sandbox). Saves
-    the overlay's cost on every lookup; the view is the one the overlay would give."""
+    the overlay's cost on every lookup; the view is the overlay's, but that this /home is
+    owned by the caller."""
     if plan.writable:
         return False
     for m, comps, exists in found:
