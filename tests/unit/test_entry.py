@@ -36,8 +36,8 @@ def make_venv(top, install="editable", system_site=False):
     for name in ("hpcrun", "apptainer", "singularity", "run-singularity"):
         with open(os.path.join(SCRIPTS, "hpcrun")) as src, open(os.path.join(bindir, name), "w") as f:
             f.write(src.read())
-    for name in os.listdir(bindir):
-        os.chmod(os.path.join(bindir, name), 0o755)
+    for name in ("hpcrun-main", "hpcrun", "apptainer", "singularity", "run-singularity"):
+        os.chmod(os.path.join(bindir, name), 0o755)  # not python3: a link to the system's
     # a .pth file that site would run: the fast path never does
     with open(os.path.join(sp, "zz-marker.pth"), "w") as f:
         f.write(f"import os; open({os.path.join(top, 'site-ran')!r}, 'w').close()\n")
