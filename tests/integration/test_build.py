@@ -77,17 +77,13 @@ def _blob(layout, data):
     return {"digest": "sha256:" + digest, "size": len(data)}
 
 
-def make_oci_layout(path, images, tag="v1"):
-    base, top = gzip.compress(_base_layer(images)), _layer(TOP)
-    layers = [
-        dict(_blob(path, base), mediaType="application/vnd.oci.image.layer.v1.tar+gzip"),
-        dict(_blob(path, top), mediaType="application/vnd.oci.image.layer.v1.tar"),
-    ]
-    config = dict(_blob(path, json.dumps(CONFIG).encode()), mediaType="application/vnd.oci.image.config.v1+json")
+def write_oci_index(path, config, layers, tag):
+    """The rest of an OCI layout at path whose layer blobs are written (layers: their
+    descriptors): the config blob (bytes), the manifest, index.json naming it tag, oci-layout."""
     manifest = {
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": config,
+        "config": dict(_blob(path, config), mediaType="application/vnd.oci.image.config.v1+json"),
         "layers": layers,
     }
     mdesc = dict(
@@ -99,6 +95,15 @@ def make_oci_layout(path, images, tag="v1"):
         json.dump({"schemaVersion": 2, "manifests": [mdesc]}, f)
     with open(os.path.join(path, "oci-layout"), "w") as f:
         f.write('{"imageLayoutVersion": "1.0.0"}')
+
+
+def make_oci_layout(path, images, tag="v1"):
+    base, top = gzip.compress(_base_layer(images)), _layer(TOP)
+    layers = [
+        dict(_blob(path, base), mediaType="application/vnd.oci.image.layer.v1.tar+gzip"),
+        dict(_blob(path, top), mediaType="application/vnd.oci.image.layer.v1.tar"),
+    ]
+    write_oci_index(path, json.dumps(CONFIG).encode(), layers, tag)
 
 
 def make_docker_archive(path, images):

@@ -17,7 +17,7 @@ import tarfile
 import pytest
 
 from hpcrun_testlib import HPCRUN, WORK, hpcrun
-from test_build import _base_layer, _blob
+from test_build import _base_layer, _blob, write_oci_index
 from test_pull import start_registry
 
 
@@ -45,21 +45,7 @@ def write_layout(path, layers, config, tag="latest"):
     os.makedirs(path)
     descs = [dict(_blob(path, b), mediaType="application/vnd.oci.image.layer.v1.tar+gzip") for b in layers]
     cfg = {"architecture": "amd64", "os": "linux", "config": dict({"Env": ["PATH=/bin:/usr/bin"]}, **config)}
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": dict(_blob(path, json.dumps(cfg).encode()), mediaType="application/vnd.oci.image.config.v1+json"),
-        "layers": descs,
-    }
-    desc = dict(
-        _blob(path, json.dumps(manifest).encode()),
-        mediaType="application/vnd.oci.image.manifest.v1+json",
-        annotations={"org.opencontainers.image.ref.name": tag},
-    )
-    with open(os.path.join(path, "index.json"), "w") as f:
-        json.dump({"schemaVersion": 2, "manifests": [desc]}, f)
-    with open(os.path.join(path, "oci-layout"), "w") as f:
-        f.write('{"imageLayoutVersion": "1.0.0"}')
+    write_oci_index(path, json.dumps(cfg).encode(), descs, tag)
 
 
 def push(layout, host, name, tag="latest"):

@@ -17,7 +17,7 @@ import textwrap
 import pytest
 
 from hpcrun_testlib import HPCRUN, WORK, as_user, make_rootfs, user_env
-from test_build import _blob
+from test_build import _blob, write_oci_index
 from test_pull import start_registry
 
 VENV_BIN = os.path.dirname(HPCRUN)
@@ -67,22 +67,7 @@ def oci_layout(path, root):
         "os": "linux",
         "config": {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin"], "Cmd": ["/bin/sh"], "Labels": {"name": LABEL}},
     }
-    config = dict(_blob(path, json.dumps(cfg).encode()), mediaType="application/vnd.oci.image.config.v1+json")
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": config,
-        "layers": [layer],
-    }
-    mdesc = dict(
-        _blob(path, json.dumps(manifest).encode()),
-        mediaType="application/vnd.oci.image.manifest.v1+json",
-        annotations={"org.opencontainers.image.ref.name": "v1"},
-    )
-    with open(os.path.join(path, "index.json"), "w") as f:
-        json.dump({"schemaVersion": 2, "manifests": [mdesc]}, f)
-    with open(os.path.join(path, "oci-layout"), "w") as f:
-        f.write('{"imageLayoutVersion": "1.0.0"}')
+    write_oci_index(path, json.dumps(cfg).encode(), [layer], "v1")
 
 
 @pytest.fixture(scope="module")
