@@ -134,13 +134,13 @@ def _unusable(path, uid, e):
     )
 
 
-def container_id(plan, image, scope=None):
+def container_id(plan, image, scope):
     """(short id for file names, full key). The id is a cheap 64-bit checksum (hashlib and
     json would cost ~10 ms per start); the keeper sends the full key back to be compared.
-    scope: what the keeper's life is bound to (default: our step's cgroup, if any)."""
+    scope: what the keeper's life is bound to (a step's cgroup, a job), or None."""
     st = os.fstat(image.fd) if image.fd is not None else os.stat(image.path)
     key = share_key(plan, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, image.offset)).encode()
-    key += f"\0{os.uname().nodename}\0{scope or step_scope(os.environ) or ''}".encode()
+    key += f"\0{os.uname().nodename}\0{scope or ''}".encode()
     return f"{zlib.crc32(key):08x}{zlib.adler32(key):08x}", key
 
 
@@ -172,7 +172,8 @@ def run(plan, image, daemon, timer, verbose=False, quiet=False):
     spawned = spawned if spawned.isdigit() else None  # set by the job keeper only
     # A subuid map needs the setuid newuidmap, which the job keeper's no_new_privs (inherited
     # by what it starts) disarms: such a container is kept by a keeper of our own step.
-    job = None if spawned or plan.idmap["mode"] == "subid" else _job_keeper(os.environ)
+    scope = step_scope(os.environ)
+    job = None if spawned or plan.idmap["mode"] == "subid" else _job_keeper(os.environ, scope)
     where = None
     if job or spawned:  # the keeper lives in the job's extern step, not in ours
         jobid = os.environ["SLURM_JOB_ID"]
@@ -181,8 +182,8 @@ def run(plan, image, daemon, timer, verbose=False, quiet=False):
         if spawned:
             return _spawned(plan, image, daemon, where, cid, key, int(spawned), verbose)
     else:
-        cid, key = container_id(plan, image)
-        plan.step_tasks = 0 if key.endswith(b"\0") else step_tasks(os.environ)
+        cid, key = container_id(plan, image, scope)
+        plan.step_tasks = step_tasks(os.environ) if scope else 0
     rundir, dirfd, lock, refused = _lock(cid, where)
     if refused and not quiet:
         where = f"sharing containers through {rundir}" if rundir else "not sharing this container"
@@ -225,14 +226,14 @@ class _NoJobKeeper(Exception):
     pass
 
 
-def _job_keeper(env):
+def _job_keeper(env, scope):
     """The address of our job's keeper on this node (see the module's doc), or None: not
-    in a cgroup-tracked step, no job keeper, or a directory or socket not ours. Only
-    checked here; a task connects only when it must start a keeper, holding its lock
-    (the job keeper answers one connection at a time: one that waits for a lock held
-    by another task asking it would deadlock them)."""
+    in a cgroup-tracked step (scope, step_scope's, is None), no job keeper, or a directory
+    or socket not ours. Only checked here; a task connects only when it must start a
+    keeper, holding its lock (the job keeper answers one connection at a time: one that
+    waits for a lock held by another task asking it would deadlock them)."""
     job = env.get("SLURM_JOB_ID", "")
-    if not job.isdigit() or step_scope(env) is None:
+    if not job.isdigit() or scope is None:
         return None
     uid = os.getuid()
     try:  # never made here: it is the job keeper's
