@@ -410,6 +410,7 @@ def _pull_sif(out, ref, force, quiet, sandbox):
     """oras://REF that is a SIF artifact: its bytes as OUT (the SIF itself: its signatures
     stay), or a sandbox made from it. False when REF is an OCI image."""
     import os
+    import shutil
     from hpcrun.build import Work, _place, build as run_build
     from hpcrun.builders import registry
     from hpcrun.errors import UsageError
@@ -426,8 +427,7 @@ def _pull_sif(out, ref, force, quiet, sandbox):
         tmp = os.path.join(work.path, "image.sif")
         try:
             with open(sif, "rb") as src, open(tmp, "xb") as dst:
-                while chunk := src.read(1 << 20):
-                    dst.write(chunk)
+                shutil.copyfileobj(src, dst, 1 << 20)
         except OSError as e:
             from hpcrun import inroot
 
