@@ -59,7 +59,9 @@ MpiDefault=none
 ReturnToService=2
 KillWait=5
 InactiveLimit=0
-MinJobAge=30
+# a finished job's record lives 300 s (Slurm's default): sbatch --wait polls up to every 32 s and
+# returned 0 ("no longer found") for a job purged between two polls (the time-limit test)
+MinJobAge=300
 SlurmdTimeout=30
 NodeName=$names NodeHostname=$names CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$names Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:8
